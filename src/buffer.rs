@@ -1,0 +1,318 @@
+//! Message buffers and the plain-memory [`BufferPool`].
+//!
+//! A [`Buf`] is what [`Transport::alloc_buf`](crate::transport::Transport::alloc_buf)
+//! hands out: a zero-filled, writable buffer whose [`Buf::freeze`] turns it into
+//! [`Bytes`] *without copying*. The memory behind it is pluggable ([`BufStorage`]): the
+//! TCP transport uses recycled heap memory ([`HeapPool`]); the RDMA transport uses
+//! pre-registered memory, so a frozen buffer can be sent with no copy and no new
+//! registration. When the last `Bytes` that points into a buffer is dropped, the storage
+//! is dropped too and goes back to its pool.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::Bytes;
+
+use crate::transport::BufferPool;
+
+/// Memory that can back a [`Buf`].
+///
+/// Implementations return their memory to wherever it came from when dropped. The slice
+/// returned by `as_ref`/`as_mut` must not change address while the value lives (heap and
+/// registered memory both satisfy this), because frozen [`Bytes`] point into it.
+pub trait BufStorage: AsRef<[u8]> + AsMut<[u8]> + Send + Sync + 'static {}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]> + Send + Sync + 'static> BufStorage for T {}
+
+/// A writable message buffer from a [`BufferPool`].
+///
+/// Dereferences to `[u8]` of length [`len`](Buf::len); the memory may be larger
+/// ([`capacity`](Buf::capacity)). Use [`truncate`](Buf::truncate) or
+/// [`set_len`](Buf::set_len) to send fewer bytes than were allocated.
+pub struct Buf {
+    storage: Box<dyn BufStorage>,
+    len: usize,
+}
+
+impl Buf {
+    /// Wrap `storage`, exposing its first `len` bytes.
+    ///
+    /// # Panics
+    /// If `len` exceeds the storage's size.
+    pub fn from_storage(storage: Box<dyn BufStorage>, len: usize) -> Self {
+        let cap = storage.as_ref().as_ref().len();
+        assert!(
+            len <= cap,
+            "Buf length {len} exceeds storage of {cap} bytes"
+        );
+        Buf { storage, len }
+    }
+
+    /// The number of bytes that will be sent.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The size of the memory behind the buffer.
+    pub fn capacity(&self) -> usize {
+        self.storage.as_ref().as_ref().len()
+    }
+
+    /// Shorten the buffer to `len` bytes (no-op if it is already shorter).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Set the length to `len` bytes of the underlying memory.
+    ///
+    /// Bytes that become visible hold whatever the memory held (zero for fresh memory or
+    /// an earlier message from this process); they are always initialized.
+    ///
+    /// # Panics
+    /// If `len` exceeds [`capacity`](Buf::capacity).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity(), "Buf::set_len beyond capacity");
+        self.len = len;
+    }
+
+    /// Turn the buffer into [`Bytes`] without copying. The memory returns to its pool
+    /// when the last clone of the `Bytes` is dropped.
+    pub fn freeze(self) -> Bytes {
+        Bytes::from_owner(Frozen {
+            storage: self.storage,
+            len: self.len,
+        })
+    }
+}
+
+struct Frozen {
+    storage: Box<dyn BufStorage>,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Frozen {
+    fn as_ref(&self) -> &[u8] {
+        &(*self.storage).as_ref()[..self.len]
+    }
+}
+
+impl Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &(*self.storage).as_ref()[..self.len]
+    }
+}
+
+impl DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut (*self.storage).as_mut()[..self.len]
+    }
+}
+
+impl fmt::Debug for Buf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Buf")
+            .field("len", &self.len)
+            .field("capacity", &self.capacity())
+            .finish()
+    }
+}
+
+/// Smallest size class of the [`HeapPool`].
+const MIN_CLASS: usize = 4096;
+/// Number of power-of-two classes: 4 KiB .. 2 GiB.
+const CLASSES: usize = 20;
+
+/// A [`BufferPool`] over plain heap memory that recycles freed buffers.
+///
+/// Buffers are rounded up to power-of-two size classes (at least 4 KiB) and, when
+/// released, kept for reuse up to `max_cached_bytes` in total. Reused memory is re-zeroed
+/// by [`alloc`](BufferPool::alloc) up to the requested length, so callers never see stale
+/// bytes from an earlier message. Cloning the pool shares it.
+#[derive(Clone)]
+pub struct HeapPool {
+    inner: Arc<HeapInner>,
+}
+
+struct HeapInner {
+    classes: [Mutex<Vec<Vec<u8>>>; CLASSES],
+    cached: Mutex<usize>,
+    max_cached_bytes: usize,
+}
+
+impl HeapPool {
+    /// A pool that keeps at most `max_cached_bytes` of freed buffers for reuse.
+    pub fn new(max_cached_bytes: usize) -> Self {
+        HeapPool {
+            inner: Arc::new(HeapInner {
+                classes: std::array::from_fn(|_| Mutex::new(Vec::new())),
+                cached: Mutex::new(0),
+                max_cached_bytes,
+            }),
+        }
+    }
+
+    /// Bytes currently held for reuse.
+    pub fn cached_bytes(&self) -> usize {
+        *lock(&self.inner.cached)
+    }
+
+    /// A buffer of exactly `len` initialized bytes, recycled when possible. Its contents
+    /// are unspecified (zero or an earlier message); the receive path overwrites them.
+    pub(crate) fn take_uninit(&self, len: usize) -> PooledVec {
+        let Some(class) = class_of(len) else {
+            return PooledVec {
+                vec: vec![0; len],
+                len,
+                pool: Weak::new(),
+            };
+        };
+        let reused = lock(&self.inner.classes[class]).pop();
+        let vec = match reused {
+            Some(v) => {
+                *lock(&self.inner.cached) -= v.len();
+                v
+            }
+            None => vec![0; MIN_CLASS << class],
+        };
+        PooledVec {
+            vec,
+            len,
+            pool: Arc::downgrade(&self.inner),
+        }
+    }
+}
+
+impl Default for HeapPool {
+    /// A pool caching up to 64 MiB.
+    fn default() -> Self {
+        HeapPool::new(64 << 20)
+    }
+}
+
+impl fmt::Debug for HeapPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeapPool")
+            .field("cached_bytes", &self.cached_bytes())
+            .field("max_cached_bytes", &self.inner.max_cached_bytes)
+            .finish()
+    }
+}
+
+impl BufferPool for HeapPool {
+    fn alloc(&self, len: usize) -> Buf {
+        let mut v = self.take_uninit(len);
+        v.as_mut().fill(0);
+        Buf::from_storage(Box::new(v), len)
+    }
+}
+
+fn class_of(len: usize) -> Option<usize> {
+    let size = len.max(MIN_CLASS).checked_next_power_of_two()?;
+    let class = (size / MIN_CLASS).trailing_zeros() as usize;
+    (class < CLASSES).then_some(class)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Heap memory on loan from a [`HeapPool`]; returns there on drop.
+pub(crate) struct PooledVec {
+    vec: Vec<u8>,
+    len: usize,
+    pool: Weak<HeapInner>,
+}
+
+impl AsRef<[u8]> for PooledVec {
+    fn as_ref(&self) -> &[u8] {
+        &self.vec[..self.len]
+    }
+}
+
+impl AsMut<[u8]> for PooledVec {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.vec[..self.len]
+    }
+}
+
+impl Drop for PooledVec {
+    fn drop(&mut self) {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        let Some(class) = class_of(self.vec.len()) else {
+            return;
+        };
+        let size = self.vec.len();
+        {
+            let mut cached = lock(&pool.cached);
+            if *cached + size > pool.max_cached_bytes {
+                return;
+            }
+            *cached += size;
+        }
+        lock(&pool.classes[class]).push(std::mem::take(&mut self.vec));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_is_zeroed_and_freezes_without_copy() {
+        let pool = HeapPool::default();
+        let mut b = pool.alloc(100);
+        assert_eq!(b.len(), 100);
+        assert!(b.iter().all(|&x| x == 0));
+        b[0] = 7;
+        let ptr = b.as_ptr();
+        let bytes = b.freeze();
+        assert_eq!(bytes.len(), 100);
+        assert_eq!(bytes[0], 7);
+        assert_eq!(bytes.as_ptr(), ptr, "freeze must not copy");
+    }
+
+    #[test]
+    fn freed_buffers_are_reused_and_rezeroed() {
+        let pool = HeapPool::default();
+        let mut b = pool.alloc(5000);
+        b.fill(0xAB);
+        let ptr = b.as_ptr();
+        drop(b.freeze());
+        assert_eq!(pool.cached_bytes(), 8192);
+        let b2 = pool.alloc(6000);
+        assert_eq!(b2.as_ptr(), ptr, "memory of the same class is recycled");
+        assert!(b2.iter().all(|&x| x == 0));
+        assert_eq!(pool.cached_bytes(), 0);
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let pool = HeapPool::new(8192);
+        let a = pool.alloc(8192);
+        let b = pool.alloc(8192);
+        drop(a);
+        drop(b);
+        assert_eq!(pool.cached_bytes(), 8192);
+    }
+
+    #[test]
+    fn truncate_and_set_len() {
+        let pool = HeapPool::default();
+        let mut b = pool.alloc(10);
+        b.truncate(4);
+        assert_eq!(b.freeze().len(), 4);
+        let mut b = pool.alloc(0);
+        assert!(b.is_empty());
+        b.set_len(4096);
+        assert_eq!(b.len(), 4096);
+    }
+}

@@ -1,0 +1,3 @@
+//! Transport drivers: [`tcp`] (always) and `rdma` (feature `rdma`).
+
+pub mod tcp;

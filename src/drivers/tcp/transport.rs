@@ -1,0 +1,292 @@
+//! [`TcpTransport`]: one framed TCP connection.
+
+use std::fmt;
+use std::future::Future;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use event_listener::EventListener;
+use futures::{Sink, Stream};
+
+use super::config::TcpConfig;
+use super::recv::{Fatal, RecvSide};
+use super::send::{writer, SendSide};
+use crate::buffer::{Buf, HeapPool};
+use crate::codec::encode_header;
+use crate::error::{Error, ErrorKind, Result};
+use crate::runtime::{with_timeout, Runtime, TcpSocket};
+use crate::transport::{BufferPool, Transport};
+
+/// A message connection over TCP, framed with a 4-byte big-endian length prefix.
+///
+/// Runtime-agnostic: the socket, timers and the writer task come from the
+/// [`Runtime`] in its [`TcpConfig`] (by default tokio inside a tokio runtime, else the
+/// async-io adapter). Implements [`Transport`], and also
+/// `Stream<Item = io::Result<Bytes>>` (ending at the peer's orderly close) and
+/// `Sink<Bytes>`, like tokio-util's `Framed`.
+///
+/// ```no_run
+/// use net_rs::transport::Transport;
+/// use net_rs::drivers::tcp::TcpTransport;
+///
+/// #[tokio::main]
+/// async fn main() -> std::io::Result<()> {
+///     let transport = TcpTransport::connect("127.0.0.1:8080").await?;
+///     let buf = transport.alloc_buf(1024);
+///     transport.send(buf.freeze()).await?;
+///     Ok(())
+/// }
+/// ```
+pub struct TcpTransport {
+    shared: Arc<Shared>,
+    stream_slot: Option<usize>,
+    sink_space: Option<EventListener>,
+    sink_flush: Option<(u64, Option<EventListener>)>,
+}
+
+struct Shared {
+    send: Arc<SendSide>,
+    recv: RecvSide,
+    pool: HeapPool,
+    max: usize,
+    linger: std::time::Duration,
+    rt: Arc<dyn Runtime>,
+    local_addr: SocketAddr,
+    peer_addr: SocketAddr,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.send.abandon();
+    }
+}
+
+impl TcpTransport {
+    /// Connect to `addr` with the default [`TcpConfig`].
+    ///
+    /// Each address `addr` resolves to is tried in turn. A host name is resolved with the
+    /// system resolver, which blocks the calling thread; pass a [`SocketAddr`] (or a
+    /// literal such as `"127.0.0.1:8080"`) where that matters.
+    ///
+    /// # Errors
+    /// `ConnectionRefused`, `TimedOut` (after the connect timeout), `Unsupported` when no
+    /// async runtime is available, or the I/O error.
+    pub async fn connect(addr: impl ToSocketAddrs) -> Result<TcpTransport> {
+        Self::connect_with(addr, &TcpConfig::default()).await
+    }
+
+    /// Connect to `addr` with `config`.
+    ///
+    /// # Errors
+    /// As [`connect`](TcpTransport::connect).
+    pub async fn connect_with(
+        addr: impl ToSocketAddrs,
+        config: &TcpConfig,
+    ) -> Result<TcpTransport> {
+        let rt = config.resolve_runtime()?;
+        let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+        let mut last = Error::new(
+            ErrorKind::Io(std::io::ErrorKind::InvalidInput),
+            "connect: the address resolved to nothing",
+        );
+        for a in addrs {
+            let attempt = async { Ok(rt.tcp_connect(a, config.nodelay).await?) };
+            match with_timeout(&*rt, config.connect_timeout, "connect", attempt).await {
+                Ok(sock) => return Ok(Self::from_socket(sock, config, rt)),
+                Err(e) => {
+                    last = Error::with_source(
+                        e.kind(),
+                        format!("connect to {a}: {e}"),
+                        std::io::Error::new(e.io_kind(), e),
+                    )
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Wrap an already connected socket (from [`Runtime::tcp_connect`] or an
+    /// [`AsyncListener`](crate::runtime::AsyncListener)) and start its writer task on `rt`.
+    pub fn from_socket(sock: TcpSocket, config: &TcpConfig, rt: Arc<dyn Runtime>) -> TcpTransport {
+        let send = Arc::new(SendSide::new(config.send_buffer));
+        rt.spawn(Box::pin(writer(
+            send.clone(),
+            sock.writer,
+            rt.clone(),
+            config.linger,
+        )));
+        TcpTransport {
+            shared: Arc::new(Shared {
+                send,
+                recv: RecvSide::new(sock.reader, config.max_message_size, config.pool.clone()),
+                pool: config.pool.clone(),
+                max: config.max_message_size,
+                linger: config.linger,
+                rt,
+                local_addr: sock.local_addr,
+                peer_addr: sock.peer_addr,
+            }),
+            stream_slot: None,
+            sink_space: None,
+            sink_flush: None,
+        }
+    }
+
+    fn poll_recv(&self, cx: &mut Context<'_>, slot: &mut Option<usize>) -> Poll<Result<Bytes>> {
+        let (res, fatal) = self.shared.recv.poll_recv(cx, slot);
+        if let Fatal::CloseConnection = fatal {
+            self.shared.send.abort();
+        }
+        res
+    }
+}
+
+/// The future of [`TcpTransport::recv`]; owns nothing but its place in the wait list.
+struct Recv<'a> {
+    transport: &'a TcpTransport,
+    slot: Option<usize>,
+}
+
+impl Future for Recv<'_> {
+    type Output = Result<Bytes>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Bytes>> {
+        let this = &mut *self;
+        this.transport.poll_recv(cx, &mut this.slot)
+    }
+}
+
+impl Drop for Recv<'_> {
+    fn drop(&mut self) {
+        self.transport.shared.recv.cancel(&mut self.slot);
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send(&self, msg: Bytes) -> impl Future<Output = Result<()>> + Send + '_ {
+        let header = encode_header(msg.len(), self.shared.max);
+        async move { self.shared.send.send(header?, msg).await }
+    }
+
+    fn recv(&self) -> impl Future<Output = Result<Bytes>> + Send + '_ {
+        Recv {
+            transport: self,
+            slot: None,
+        }
+    }
+
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send + '_ {
+        let target = self.shared.send.accepted_total();
+        let mut listener = None;
+        futures::future::poll_fn(move |cx| self.shared.send.poll_flushed(cx, target, &mut listener))
+    }
+
+    fn shutdown(&self) -> impl Future<Output = Result<()>> + Send + '_ {
+        self.shared.send.shutdown();
+        let mut listener = None;
+        futures::future::poll_fn(move |cx| self.shared.send.poll_writer_done(cx, &mut listener))
+    }
+
+    fn close(&self) -> impl Future<Output = Result<()>> + Send + '_ {
+        async move {
+            let s = &self.shared;
+            let res = with_timeout(&*s.rt, Some(s.linger), "close", self.shutdown()).await;
+            s.send.abort();
+            s.recv.close(Error::closed("recv"));
+            res
+        }
+    }
+
+    fn alloc_buf(&self, len: usize) -> Buf {
+        self.shared.pool.alloc(len)
+    }
+
+    fn max_message_size(&self) -> usize {
+        self.shared.max
+    }
+
+    fn is_closed(&self) -> bool {
+        self.shared.send.is_closed() || self.shared.recv.is_failed()
+    }
+
+    fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.shared.local_addr)
+    }
+
+    fn peer_addr(&self) -> Result<SocketAddr> {
+        Ok(self.shared.peer_addr)
+    }
+}
+
+impl Stream for TcpTransport {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let mut slot = this.stream_slot.take();
+        let res = this.poll_recv(cx, &mut slot);
+        this.stream_slot = slot;
+        match res {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(b)) => Poll::Ready(Some(Ok(b))),
+            Poll::Ready(Err(e)) if e.kind() == ErrorKind::Closed => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+}
+
+impl Sink<Bytes> for TcpTransport {
+    type Error = std::io::Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.shared
+            .send
+            .poll_space(cx, &mut this.sink_space)
+            .map_err(Into::into)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Bytes) -> std::io::Result<()> {
+        let header = encode_header(item.len(), self.shared.max)?;
+        self.shared.send.try_enqueue(header, item, true)?;
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let (target, listener) = this
+            .sink_flush
+            .get_or_insert_with(|| (this.shared.send.accepted_total(), None));
+        let res = futures::ready!(this.shared.send.poll_flushed(cx, *target, listener));
+        this.sink_flush = None;
+        Poll::Ready(res.map_err(Into::into))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.shared.send.shutdown();
+        this.shared
+            .send
+            .poll_writer_done(cx, &mut this.sink_space)
+            .map_err(Into::into)
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        self.shared.recv.cancel(&mut self.stream_slot);
+    }
+}
+
+impl fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpTransport")
+            .field("local_addr", &self.shared.local_addr)
+            .field("peer_addr", &self.shared.peer_addr)
+            .field("max_message_size", &self.shared.max)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}

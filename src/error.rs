@@ -1,0 +1,253 @@
+//! The one error type of net-rs.
+//!
+//! [`Error`] is cheap to clone (an `Arc` inside), so a single connection failure can be
+//! handed to every operation that was waiting on that connection. Match on
+//! [`Error::kind`]; the `Display` text is for people and may change.
+//!
+//! Every `Error` converts into [`std::io::Error`] with a matching [`std::io::ErrorKind`],
+//! so `?` works in functions that return `std::io::Result`, and the original `Error` can be
+//! recovered with [`Error::from_io`] (or `io::Error::get_ref` + `downcast_ref`).
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+/// `Result` with [`Error`] as the error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, in a form code can match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// An operating-system or socket error not covered by a more precise kind.
+    Io(io::ErrorKind),
+    /// A deadline passed (connect timeout, checkout timeout, ...).
+    TimedOut,
+    /// Nobody listens at the address (TCP RST on connect, RDMA-CM reject).
+    ConnectionRefused,
+    /// The peer reset or lost the connection while it was in use.
+    ConnectionReset,
+    /// The connection was closed, locally or by the peer in an orderly way.
+    Closed,
+    /// The peer closed the connection in the middle of a message.
+    UnexpectedEof,
+    /// A message is larger than the configured maximum.
+    ///
+    /// On `send` this is reported before any byte is written and the connection stays
+    /// usable (io kind `InvalidInput`); for a received length prefix the connection is
+    /// closed (io kind `InvalidData`).
+    MessageTooLarge {
+        /// The size of the offending message in bytes.
+        size: u64,
+        /// The configured maximum in bytes.
+        max: usize,
+        /// `true` when the oversized message came from the peer.
+        received: bool,
+    },
+    /// The peer sent bytes that are not a valid frame.
+    InvalidData,
+    /// The operation or transport is not available here (no RDMA device, no rdma-core
+    /// libraries, no async runtime, ...).
+    Unsupported,
+    /// An RDMA work completion finished with this non-success status.
+    WorkCompletion {
+        /// The `ibv_wc_status` value.
+        status: u32,
+    },
+    /// Registering or allocating registered memory failed.
+    Registration,
+    /// The connection pool was closed.
+    PoolClosed,
+}
+
+impl ErrorKind {
+    /// The closest [`io::ErrorKind`].
+    pub fn io_kind(self) -> io::ErrorKind {
+        match self {
+            ErrorKind::Io(k) => k,
+            ErrorKind::TimedOut => io::ErrorKind::TimedOut,
+            ErrorKind::ConnectionRefused => io::ErrorKind::ConnectionRefused,
+            ErrorKind::ConnectionReset => io::ErrorKind::ConnectionReset,
+            ErrorKind::Closed => io::ErrorKind::NotConnected,
+            ErrorKind::UnexpectedEof => io::ErrorKind::UnexpectedEof,
+            ErrorKind::MessageTooLarge { received: true, .. } | ErrorKind::InvalidData => {
+                io::ErrorKind::InvalidData
+            }
+            ErrorKind::MessageTooLarge {
+                received: false, ..
+            } => io::ErrorKind::InvalidInput,
+            ErrorKind::Unsupported => io::ErrorKind::Unsupported,
+            ErrorKind::WorkCompletion { .. } => io::ErrorKind::ConnectionAborted,
+            ErrorKind::Registration => io::ErrorKind::OutOfMemory,
+            ErrorKind::PoolClosed => io::ErrorKind::NotConnected,
+        }
+    }
+}
+
+/// The error type of every fallible net-rs operation.
+#[derive(Clone)]
+pub struct Error {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    message: String,
+    source: Option<io::Error>,
+}
+
+impl Error {
+    /// A new error of `kind` with a human-readable `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            inner: Arc::new(Inner {
+                kind,
+                message: message.into(),
+                source: None,
+            }),
+        }
+    }
+
+    /// A new error of `kind` with a message and the underlying I/O error.
+    pub fn with_source(kind: ErrorKind, message: impl Into<String>, source: io::Error) -> Self {
+        Error {
+            inner: Arc::new(Inner {
+                kind,
+                message: message.into(),
+                source: Some(source),
+            }),
+        }
+    }
+
+    /// The `Closed` error for an operation on a closed connection.
+    pub(crate) fn closed(what: &str) -> Self {
+        Error::new(ErrorKind::Closed, format!("{what}: connection closed"))
+    }
+
+    /// What kind of error this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The [`io::ErrorKind`] this error maps to.
+    pub fn io_kind(&self) -> io::ErrorKind {
+        self.inner.kind.io_kind()
+    }
+
+    /// Whether this is a [`ErrorKind::TimedOut`].
+    pub fn is_timeout(&self) -> bool {
+        self.kind() == ErrorKind::TimedOut
+    }
+
+    /// Whether the connection this error came from can no longer be used.
+    ///
+    /// `false` only for errors that leave the connection intact, such as a `send` of a
+    /// message over the maximum size.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(
+            self.kind(),
+            ErrorKind::MessageTooLarge {
+                received: false,
+                ..
+            } | ErrorKind::TimedOut
+        )
+    }
+
+    /// Recover a net-rs error from an [`io::Error`] made by `From<Error>`, or wrap an
+    /// arbitrary I/O error.
+    pub fn from_io(err: io::Error) -> Self {
+        if err
+            .get_ref()
+            .is_some_and(|e| e.downcast_ref::<Error>().is_some())
+        {
+            let inner = err.into_inner().expect("checked above");
+            return *inner.downcast::<Error>().expect("checked above");
+        }
+        err.into()
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(err: io::Error) -> Self {
+        let kind = match err.kind() {
+            io::ErrorKind::TimedOut => ErrorKind::TimedOut,
+            io::ErrorKind::ConnectionRefused => ErrorKind::ConnectionRefused,
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => ErrorKind::ConnectionReset,
+            io::ErrorKind::UnexpectedEof => ErrorKind::UnexpectedEof,
+            io::ErrorKind::InvalidData => ErrorKind::InvalidData,
+            io::ErrorKind::Unsupported => ErrorKind::Unsupported,
+            k => ErrorKind::Io(k),
+        };
+        Error::with_source(kind, err.to_string(), err)
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(err: Error) -> Self {
+        io::Error::new(err.io_kind(), err)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.inner.kind)
+            .field("message", &self.inner.message)
+            .field("source", &self.inner.source)
+            .finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.inner.message)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_io_error() {
+        let e = Error::new(
+            ErrorKind::MessageTooLarge {
+                size: 10,
+                max: 5,
+                received: true,
+            },
+            "too big",
+        );
+        let io: io::Error = e.into();
+        assert_eq!(io.kind(), io::ErrorKind::InvalidData);
+        let back = Error::from_io(io);
+        assert!(matches!(
+            back.kind(),
+            ErrorKind::MessageTooLarge {
+                size: 10,
+                max: 5,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn io_kinds_map_to_matchable_kinds() {
+        let e: Error = io::Error::from(io::ErrorKind::ConnectionRefused).into();
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
+        let e: Error = io::Error::from(io::ErrorKind::BrokenPipe).into();
+        assert_eq!(e.kind(), ErrorKind::ConnectionReset);
+        assert!(std::error::Error::source(&e).is_some());
+    }
+}

@@ -1,0 +1,39 @@
+//! # net-rs
+//!
+//! One async message API ([`Transport`](transport::Transport)) over TCP and RDMA, built
+//! on a runtime-free core.
+//!
+//! * [`transport`]: the `Transport` and `BufferPool` traits.
+//! * [`drivers::tcp`]: length-prefixed messages over TCP.
+//! * [`runtime`]: the small boundary to async runtimes; [`adapters`] implement it for
+//!   tokio (feature `tokio`, default) and the async-io reactor shared by async-std and
+//!   smol (feature `async-std`), which also serves hand-written executors.
+//!
+//! ```no_run
+//! use net_rs::transport::Transport;
+//! use net_rs::drivers::tcp::TcpTransport;
+//!
+//! #[tokio::main]
+//! async fn main() -> std::io::Result<()> {
+//!     let transport = TcpTransport::connect("127.0.0.1:8080").await?;
+//!     let buf = transport.alloc_buf(1024);
+//!     transport.send(buf.freeze()).await?;
+//!     let reply = transport.recv().await?;
+//!     println!("{} bytes back", reply.len());
+//!     Ok(())
+//! }
+//! ```
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[path = "../adapters/mod.rs"]
+pub mod adapters;
+pub mod buffer;
+pub mod codec;
+pub mod drivers;
+pub mod error;
+pub mod runtime;
+pub mod transport;
+
+pub use error::{Error, ErrorKind, Result};

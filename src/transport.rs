@@ -1,0 +1,175 @@
+//! The API every net-rs transport implements: [`Transport`] and [`BufferPool`].
+//!
+//! A transport moves whole messages ([`Bytes`]) in order over one reliable connection.
+//! All methods take `&self`, so one task can send while another receives on the same
+//! transport: share it by reference or in an `Arc`.
+//!
+//! # Generic or `dyn`
+//! [`Transport`] returns `Send` futures (`impl Future + Send`), so generic code
+//! (`fn f(t: &impl Transport)`) pays no boxing. For a trait object, use
+//! [`DynTransport`]: every `Transport` implements it, its methods return boxed futures,
+//! and [`BoxTransport`] (`Box<dyn DynTransport>`) implements `Transport` again, so a
+//! boxed transport can go wherever a generic one can (for example into a
+//! [`ConnectionPool`](crate::pool::ConnectionPool)).
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+use crate::buffer::Buf;
+use crate::error::Result;
+
+/// A source of message buffers for one kind of transport.
+///
+/// The TCP pool is recycled heap memory; the RDMA pool hands out pre-registered memory,
+/// which the RDMA transport sends without copying once frozen into [`Bytes`].
+pub trait BufferPool: Send + Sync + fmt::Debug {
+    /// A zero-filled buffer of `len` bytes.
+    fn alloc(&self, len: usize) -> Buf;
+}
+
+/// A boxed, `Send` future, as returned by [`DynTransport`] and the runtime adapters.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A reliable, ordered, message-oriented connection.
+///
+/// # Cancellation
+/// * `recv` is cancel-safe: dropping its future (for example in `select!`) never loses or
+///   corrupts a message; the next `recv` returns it.
+/// * `send` either accepts the whole message or none of it. Its future resolves once the
+///   message is queued for transmission (it waits only when the transport's send buffer
+///   is full). Dropping it before it resolves means the message was not sent and no byte
+///   of it will be; once it has resolved, the message will be transmitted in order
+///   unless the connection fails. [`flush`](Transport::flush) waits until everything
+///   accepted so far has been handed to the network.
+pub trait Transport: Send + Sync + 'static {
+    /// Queue one message for transmission.
+    ///
+    /// # Errors
+    /// [`MessageTooLarge`](crate::ErrorKind::MessageTooLarge) (before anything is
+    /// written; the connection stays usable), [`Closed`](crate::ErrorKind::Closed) after
+    /// `shutdown`/`close`, or the error that broke the connection.
+    fn send(&self, msg: Bytes) -> impl Future<Output = Result<()>> + Send + '_;
+
+    /// Receive the next message.
+    ///
+    /// # Errors
+    /// [`Closed`](crate::ErrorKind::Closed) once the peer has shut down cleanly and every
+    /// message before that has been returned; `UnexpectedEof` if it closed mid-message;
+    /// `MessageTooLarge`/`InvalidData` for bad frames; or the I/O error that broke the
+    /// connection.
+    fn recv(&self) -> impl Future<Output = Result<Bytes>> + Send + '_;
+
+    /// Wait until every message accepted by `send` so far has been handed to the network.
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send + '_;
+
+    /// Flush, then tell the peer no more messages follow. Receiving still works.
+    fn shutdown(&self) -> impl Future<Output = Result<()>> + Send + '_;
+
+    /// Flush, shut down both directions and release the connection. Pending and later
+    /// operations fail with [`Closed`](crate::ErrorKind::Closed).
+    fn close(&self) -> impl Future<Output = Result<()>> + Send + '_;
+
+    /// A zero-filled buffer of `len` bytes from this transport's [`BufferPool`]; freeze it
+    /// into [`Bytes`] and pass it to [`send`](Transport::send).
+    fn alloc_buf(&self, len: usize) -> Buf;
+
+    /// The largest message this transport sends or accepts, in bytes.
+    fn max_message_size(&self) -> usize;
+
+    /// Whether the connection is closed or broken: further sends fail.
+    fn is_closed(&self) -> bool;
+
+    /// The local address of the connection.
+    fn local_addr(&self) -> Result<SocketAddr>;
+
+    /// The address of the peer.
+    fn peer_addr(&self) -> Result<SocketAddr>;
+}
+
+/// The object-safe form of [`Transport`]; implemented for every `Transport`.
+#[allow(missing_docs)]
+pub trait DynTransport: Send + Sync + 'static {
+    fn send_dyn(&self, msg: Bytes) -> BoxFuture<'_, Result<()>>;
+    fn recv_dyn(&self) -> BoxFuture<'_, Result<Bytes>>;
+    fn flush_dyn(&self) -> BoxFuture<'_, Result<()>>;
+    fn shutdown_dyn(&self) -> BoxFuture<'_, Result<()>>;
+    fn close_dyn(&self) -> BoxFuture<'_, Result<()>>;
+    fn alloc_buf_dyn(&self, len: usize) -> Buf;
+    fn max_message_size_dyn(&self) -> usize;
+    fn is_closed_dyn(&self) -> bool;
+    fn local_addr_dyn(&self) -> Result<SocketAddr>;
+    fn peer_addr_dyn(&self) -> Result<SocketAddr>;
+}
+
+impl<T: Transport> DynTransport for T {
+    fn send_dyn(&self, msg: Bytes) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.send(msg))
+    }
+    fn recv_dyn(&self) -> BoxFuture<'_, Result<Bytes>> {
+        Box::pin(self.recv())
+    }
+    fn flush_dyn(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.flush())
+    }
+    fn shutdown_dyn(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.shutdown())
+    }
+    fn close_dyn(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.close())
+    }
+    fn alloc_buf_dyn(&self, len: usize) -> Buf {
+        self.alloc_buf(len)
+    }
+    fn max_message_size_dyn(&self) -> usize {
+        self.max_message_size()
+    }
+    fn is_closed_dyn(&self) -> bool {
+        self.is_closed()
+    }
+    fn local_addr_dyn(&self) -> Result<SocketAddr> {
+        self.local_addr()
+    }
+    fn peer_addr_dyn(&self) -> Result<SocketAddr> {
+        self.peer_addr()
+    }
+}
+
+/// A type-erased transport; see [`DynTransport`].
+pub type BoxTransport = Box<dyn DynTransport>;
+
+impl Transport for BoxTransport {
+    fn send(&self, msg: Bytes) -> impl Future<Output = Result<()>> + Send + '_ {
+        (**self).send_dyn(msg)
+    }
+    fn recv(&self) -> impl Future<Output = Result<Bytes>> + Send + '_ {
+        (**self).recv_dyn()
+    }
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send + '_ {
+        (**self).flush_dyn()
+    }
+    fn shutdown(&self) -> impl Future<Output = Result<()>> + Send + '_ {
+        (**self).shutdown_dyn()
+    }
+    fn close(&self) -> impl Future<Output = Result<()>> + Send + '_ {
+        (**self).close_dyn()
+    }
+    fn alloc_buf(&self, len: usize) -> Buf {
+        (**self).alloc_buf_dyn(len)
+    }
+    fn max_message_size(&self) -> usize {
+        (**self).max_message_size_dyn()
+    }
+    fn is_closed(&self) -> bool {
+        (**self).is_closed_dyn()
+    }
+    fn local_addr(&self) -> Result<SocketAddr> {
+        (**self).local_addr_dyn()
+    }
+    fn peer_addr(&self) -> Result<SocketAddr> {
+        (**self).peer_addr_dyn()
+    }
+}

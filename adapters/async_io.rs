@@ -178,7 +178,9 @@ impl AsyncWrite for Half {
         Pin::new(&mut &*self.0).poll_flush(cx)
     }
 
+    /// Shuts down the write direction (FIN); async-io's own `poll_close` only flushes.
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut &*self.0).poll_close(cx)
+        ready!(Pin::new(&mut &*self.0).poll_flush(cx))?;
+        Poll::Ready(self.0.get_ref().shutdown(std::net::Shutdown::Write))
     }
 }

@@ -1,0 +1,549 @@
+//! The TCP behaviour suite, written once against `Arc<dyn Runtime>` and run under every
+//! runtime by `tcp_tokio.rs` and `tcp_async_io.rs`.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+use futures::future::{select, Either};
+use futures::{SinkExt, StreamExt};
+use net_rs::drivers::tcp::{TcpConfig, TcpListener, TcpTransport};
+use net_rs::runtime::Runtime;
+use net_rs::transport::{BoxTransport, Transport};
+use net_rs::ErrorKind;
+
+/// Fail the test instead of hanging.
+pub async fn deadline<T>(rt: &Arc<dyn Runtime>, fut: impl std::future::Future<Output = T>) -> T {
+    let fut = std::pin::pin!(fut);
+    match select(fut, rt.sleep(Duration::from_secs(30))).await {
+        Either::Left((v, _)) => v,
+        Either::Right(_) => panic!("test step hung for 30 s"),
+    }
+}
+
+fn spawn<T: Send + 'static>(
+    rt: &Arc<dyn Runtime>,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> oneshot::Receiver<T> {
+    let (tx, rx) = oneshot::channel();
+    rt.spawn(Box::pin(async move {
+        let _ = tx.send(fut.await);
+    }));
+    rx
+}
+
+fn config(rt: &Arc<dyn Runtime>) -> TcpConfig {
+    TcpConfig::default().runtime(rt.clone())
+}
+
+async fn pair(cfg: &TcpConfig) -> (TcpTransport, TcpTransport) {
+    let l = TcpListener::bind_with("127.0.0.1:0", cfg).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (c, s) = futures::join!(TcpTransport::connect_with(addr, cfg), l.accept());
+    (c.unwrap(), s.unwrap())
+}
+
+fn pattern(n: usize, seed: u8) -> Bytes {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// A raw blocking peer on a std thread: accepts one connection and runs `f` on it.
+/// Await `.join()` on the returned handle (it never blocks the runtime's thread).
+fn raw_peer(f: impl FnOnce(std::net::TcpStream) + Send + 'static) -> (SocketAddr, Peer) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        f(s);
+        let _ = tx.send(());
+    });
+    (addr, Peer(rx))
+}
+
+struct Peer(oneshot::Receiver<()>);
+
+impl Peer {
+    async fn join(self) -> Result<(), oneshot::Canceled> {
+        self.0.await
+    }
+}
+
+pub async fn echo_all_sizes(rt: Arc<dyn Runtime>) {
+    let max = (1 << 20) + 3;
+    let cfg = config(&rt).max_message_size(max);
+    let (c, s) = pair(&cfg).await;
+    let server = spawn(&rt, async move {
+        while let Ok(m) = s.recv().await {
+            s.send(m).await.unwrap();
+        }
+    });
+    for (i, n) in [0usize, 1, 64, 4095, 8193, 65536, 65537, 300_000, max]
+        .into_iter()
+        .enumerate()
+    {
+        let msg = pattern(n, i as u8);
+        deadline(&rt, c.send(msg.clone())).await.unwrap();
+        let back = deadline(&rt, c.recv()).await.unwrap();
+        assert_eq!(back.len(), n);
+        assert!(back == msg, "payload of {n} bytes came back changed");
+    }
+    deadline(&rt, c.close()).await.unwrap();
+    deadline(&rt, server).await.unwrap();
+}
+
+pub async fn seed_example_alloc_buf(rt: Arc<dyn Runtime>) {
+    let (c, s) = pair(&config(&rt)).await;
+    let mut buf = c.alloc_buf(1024);
+    buf[..4].copy_from_slice(b"ping");
+    c.send(buf.freeze()).await.unwrap();
+    let got = deadline(&rt, s.recv()).await.unwrap();
+    assert_eq!(got.len(), 1024);
+    assert_eq!(&got[..4], b"ping");
+    assert!(got[4..].iter().all(|&b| b == 0));
+}
+
+pub async fn many_small_messages_in_order(rt: Arc<dyn Runtime>) {
+    let (c, s) = pair(&config(&rt).send_buffer(4096)).await;
+    const N: u32 = 20_000;
+    let reader = spawn(&rt, async move {
+        for i in 0..N {
+            let m = s.recv().await.unwrap();
+            assert_eq!(m.len(), 4 + (i % 50) as usize);
+            assert_eq!(u32::from_be_bytes(m[..4].try_into().unwrap()), i);
+        }
+        s
+    });
+    for i in 0..N {
+        let mut v = i.to_be_bytes().to_vec();
+        v.resize(4 + (i % 50) as usize, 0xEE);
+        c.send(v.into()).await.unwrap();
+    }
+    deadline(&rt, c.flush()).await.unwrap();
+    let s = deadline(&rt, reader).await.unwrap();
+    drop(c);
+    let end = deadline(&rt, s.recv()).await.unwrap_err();
+    assert_eq!(end.kind(), ErrorKind::Closed);
+}
+
+pub async fn oversized_send_fails_before_writing(rt: Arc<dyn Runtime>) {
+    let cfg = config(&rt).max_message_size(1000);
+    let (c, s) = pair(&cfg).await;
+    let err = c.send(pattern(1001, 0)).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::MessageTooLarge {
+            size: 1001,
+            max: 1000,
+            received: false
+        }
+    );
+    assert_eq!(
+        std::io::Error::from(err).kind(),
+        std::io::ErrorKind::InvalidInput
+    );
+    assert!(
+        !c.is_closed(),
+        "an oversized send leaves the connection usable"
+    );
+    c.send(pattern(1000, 1)).await.unwrap();
+    let got = deadline(&rt, s.recv()).await.unwrap();
+    assert!(
+        got == pattern(1000, 1),
+        "the peer sees only the valid message"
+    );
+}
+
+pub async fn oversized_frame_is_rejected_and_closes(rt: Arc<dyn Runtime>) {
+    let (addr, peer) = raw_peer(|mut s| {
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        s.write_all(b"abc").unwrap();
+        s.write_all(&2000u32.to_be_bytes()).unwrap();
+        s.write_all(&[0u8; 2000]).ok();
+        // The receiver must close the connection: we read EOF (or a reset).
+        let mut buf = [0u8; 16];
+        let r = s.read(&mut buf);
+        assert!(matches!(r, Ok(0) | Err(_)), "connection still open: {r:?}");
+    });
+    let cfg = config(&rt).max_message_size(1024);
+    let c = TcpTransport::connect_with(addr, &cfg).await.unwrap();
+    assert_eq!(&deadline(&rt, c.recv()).await.unwrap()[..], b"abc");
+    let err = deadline(&rt, c.recv()).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::MessageTooLarge {
+            size: 2000,
+            max: 1024,
+            received: true
+        }
+    );
+    let text = err.to_string();
+    assert!(text.contains("2000") && text.contains("1024"), "{text}");
+    assert_eq!(
+        std::io::Error::from(err).kind(),
+        std::io::ErrorKind::InvalidData
+    );
+    assert!(c.is_closed());
+    assert!(deadline(&rt, c.recv()).await.is_err());
+    assert!(c.send(Bytes::from_static(b"x")).await.is_err());
+    drop(c);
+    deadline(&rt, peer.join())
+        .await
+        .expect("the raw peer panicked");
+}
+
+pub async fn garbage_length_prefix_is_rejected(rt: Arc<dyn Runtime>) {
+    let (addr, peer) = raw_peer(|mut s| {
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut buf = [0u8; 16];
+        let _ = s.read(&mut buf);
+    });
+    let c = TcpTransport::connect_with(addr, &config(&rt))
+        .await
+        .unwrap();
+    let err = deadline(&rt, c.recv()).await.unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::MessageTooLarge { received: true, .. }
+        ),
+        "{err:?}"
+    );
+    drop(c);
+    deadline(&rt, peer.join())
+        .await
+        .expect("the raw peer panicked");
+}
+
+pub async fn truncated_frame_gives_unexpected_eof(rt: Arc<dyn Runtime>) {
+    for (tail, big) in [(10usize, false), (70_000, true)] {
+        let (addr, peer) = raw_peer(move |mut s| {
+            s.write_all(&2u32.to_be_bytes()).unwrap();
+            s.write_all(b"ok").unwrap();
+            let claimed = if big { 100_000u32 } else { 100 };
+            s.write_all(&claimed.to_be_bytes()).unwrap();
+            s.write_all(&vec![1u8; tail]).unwrap();
+        });
+        let c = TcpTransport::connect_with(addr, &config(&rt))
+            .await
+            .unwrap();
+        assert_eq!(
+            &deadline(&rt, c.recv()).await.unwrap()[..],
+            b"ok",
+            "complete frames first"
+        );
+        let err = deadline(&rt, c.recv()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::UnexpectedEof, "{err}");
+        assert_eq!(
+            std::io::Error::from(err).kind(),
+            std::io::ErrorKind::UnexpectedEof
+        );
+        deadline(&rt, peer.join())
+            .await
+            .expect("the raw peer panicked");
+    }
+    // A peer that dies inside the length prefix.
+    let (addr, peer) = raw_peer(|mut s| s.write_all(&[0, 0]).unwrap());
+    let c = TcpTransport::connect_with(addr, &config(&rt))
+        .await
+        .unwrap();
+    let err = deadline(&rt, c.recv()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::UnexpectedEof);
+    deadline(&rt, peer.join())
+        .await
+        .expect("the raw peer panicked");
+}
+
+pub async fn orderly_shutdown_delivers_everything(rt: Arc<dyn Runtime>) {
+    let (c, mut s) = pair(&config(&rt)).await;
+    for i in 0..3u8 {
+        c.send(pattern(100 * i as usize, i)).await.unwrap();
+    }
+    deadline(&rt, c.shutdown()).await.unwrap();
+    assert!(
+        c.send(Bytes::new()).await.is_err(),
+        "no send after shutdown"
+    );
+    let mut got = Vec::new();
+    while let Some(m) = deadline(&rt, s.next()).await {
+        got.push(m.unwrap());
+    }
+    assert_eq!(got.len(), 3, "Stream ends after the peer's last message");
+    // The half-closed side can still receive.
+    s.send(Bytes::from_static(b"late")).await.unwrap();
+    assert_eq!(&deadline(&rt, c.recv()).await.unwrap()[..], b"late");
+}
+
+pub async fn recv_is_cancel_safe(rt: Arc<dyn Runtime>) {
+    let (c, s) = pair(&config(&rt)).await;
+    const N: u32 = 200;
+    let rt2 = rt.clone();
+    let sender = spawn(&rt, async move {
+        for i in 0..N {
+            s.send(Bytes::copy_from_slice(&i.to_be_bytes()))
+                .await
+                .unwrap();
+            if i % 10 == 0 {
+                rt2.sleep(Duration::from_millis(1)).await;
+            }
+        }
+        s
+    });
+    let mut next = 0u32;
+    let mut cancelled = 0;
+    while next < N {
+        let recv = std::pin::pin!(c.recv());
+        match select(recv, rt.sleep(Duration::from_micros(200))).await {
+            Either::Left((m, _)) => {
+                assert_eq!(u32::from_be_bytes(m.unwrap()[..].try_into().unwrap()), next);
+                next += 1;
+            }
+            Either::Right(_) => cancelled += 1,
+        }
+    }
+    assert!(
+        cancelled > 0,
+        "the timer never won; the test exercised nothing"
+    );
+    let _s = deadline(&rt, sender).await.unwrap();
+}
+
+pub async fn concurrent_receivers_share_the_stream(rt: Arc<dyn Runtime>) {
+    let (c, s) = pair(&config(&rt)).await;
+    let s = Arc::new(s);
+    const N: usize = 3000;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let s = s.clone();
+        tasks.push(spawn(&rt, async move {
+            let mut got = Vec::new();
+            loop {
+                match s.recv().await {
+                    Ok(m) if m.is_empty() => break,
+                    Ok(m) => got.push(u32::from_be_bytes(m[..].try_into().unwrap())),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            got
+        }));
+    }
+    for i in 0..N as u32 {
+        c.send(Bytes::copy_from_slice(&i.to_be_bytes()))
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        c.send(Bytes::new()).await.unwrap();
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let got = deadline(&rt, t).await.unwrap();
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "each receiver sees increasing ids"
+        );
+        all.extend(got);
+    }
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..N as u32).collect::<Vec<_>>(),
+        "every message exactly once"
+    );
+}
+
+pub async fn dropped_send_sends_nothing(rt: Arc<dyn Runtime>) {
+    let cfg = config(&rt).send_buffer(64 * 1024);
+    let (c, s) = pair(&cfg).await;
+    // Fill the socket buffers and our queue: the peer is not reading.
+    let chunk = pattern(60_000, 9);
+    let mut accepted = 0usize;
+    loop {
+        let send = std::pin::pin!(c.send(chunk.clone()));
+        match select(send, rt.sleep(Duration::from_millis(300))).await {
+            Either::Left((r, _)) => {
+                r.unwrap();
+                accepted += 1;
+                assert!(accepted < 10_000, "send never applied backpressure");
+            }
+            // The send waited for room and was dropped: this message must never arrive.
+            Either::Right(_) => break,
+        }
+    }
+    let sender = spawn(&rt, async move {
+        // Dropping a pending send must not have queued anything: "end" follows the
+        // accepted messages directly (it may itself wait for room).
+        c.send(Bytes::from_static(b"end")).await.unwrap();
+        c.flush().await.unwrap();
+        c
+    });
+    let mut n = 0;
+    loop {
+        let m = deadline(&rt, s.recv()).await.unwrap();
+        if &m[..] == b"end" {
+            break;
+        }
+        assert!(m == chunk);
+        n += 1;
+    }
+    assert_eq!(
+        n, accepted,
+        "exactly the accepted messages arrive before the marker"
+    );
+    let _c = deadline(&rt, sender).await.unwrap();
+}
+
+pub async fn send_and_recv_from_different_tasks(rt: Arc<dyn Runtime>) {
+    let (c, s) = pair(&config(&rt)).await;
+    let c = Arc::new(c);
+    let echo = spawn(&rt, async move {
+        while let Ok(m) = s.recv().await {
+            if s.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    const N: u32 = 2000;
+    let c2 = c.clone();
+    let sender = spawn(&rt, async move {
+        for i in 0..N {
+            c2.send(Bytes::copy_from_slice(&i.to_be_bytes()))
+                .await
+                .unwrap();
+        }
+    });
+    for i in 0..N {
+        let m = deadline(&rt, c.recv()).await.unwrap();
+        assert_eq!(u32::from_be_bytes(m[..].try_into().unwrap()), i);
+    }
+    deadline(&rt, sender).await.unwrap();
+    deadline(&rt, c.close()).await.unwrap();
+    deadline(&rt, echo).await.unwrap();
+}
+
+pub async fn close_fails_pending_recv(rt: Arc<dyn Runtime>) {
+    let (c, _s) = pair(&config(&rt)).await;
+    let c = Arc::new(c);
+    let c2 = c.clone();
+    let pending = spawn(&rt, async move { c2.recv().await });
+    rt.sleep(Duration::from_millis(50)).await;
+    deadline(&rt, c.close()).await.unwrap();
+    let err = deadline(&rt, pending).await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+    assert!(c.is_closed());
+    assert_eq!(
+        c.send(Bytes::new()).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+}
+
+pub async fn dead_peer_fails_pending_operations(rt: Arc<dyn Runtime>) {
+    let (addr, peer) = raw_peer(|s| {
+        std::thread::sleep(Duration::from_millis(100));
+        // Close with unread data pending makes the kernel send a reset.
+        drop(s);
+    });
+    let c = TcpTransport::connect_with(addr, &config(&rt))
+        .await
+        .unwrap();
+    c.send(pattern(10, 0)).await.unwrap();
+    let err = deadline(&rt, c.recv()).await.unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::Closed | ErrorKind::ConnectionReset),
+        "{err:?}"
+    );
+    deadline(&rt, peer.join())
+        .await
+        .expect("the raw peer panicked");
+    // Sending into a dead connection fails eventually instead of queueing forever.
+    let mut failed = false;
+    for _ in 0..200 {
+        if c.send(pattern(1000, 0)).await.is_err() || c.flush().await.is_err() {
+            failed = true;
+            break;
+        }
+        rt.sleep(Duration::from_millis(5)).await;
+    }
+    assert!(failed, "sends into a reset connection kept succeeding");
+    assert!(c.is_closed());
+}
+
+pub async fn connection_refused(rt: Arc<dyn Runtime>) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let err = TcpTransport::connect_with(("127.0.0.1", port), &config(&rt))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        err.to_string().contains(&port.to_string()),
+        "error names the address: {err}"
+    );
+    let io: std::io::Error = err.into();
+    assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+}
+
+pub async fn stream_and_sink(rt: Arc<dyn Runtime>) {
+    let (mut c, mut s) = pair(&config(&rt)).await;
+    let msgs: Vec<Bytes> = (0..500).map(|i| pattern(i % 300, i as u8)).collect();
+    let expect = msgs.clone();
+    let reader = spawn(&rt, async move {
+        let mut got = Vec::new();
+        while let Some(m) = s.next().await {
+            got.push(m.unwrap());
+        }
+        got
+    });
+    let mut items = futures::stream::iter(msgs.into_iter().map(Ok));
+    deadline(&rt, c.send_all(&mut items)).await.unwrap();
+    deadline(&rt, SinkExt::close(&mut c)).await.unwrap();
+    assert_eq!(deadline(&rt, reader).await.unwrap(), expect);
+}
+
+pub async fn dyn_transport(rt: Arc<dyn Runtime>) {
+    let (c, s) = pair(&config(&rt)).await;
+    let c: BoxTransport = Box::new(c);
+    let s: BoxTransport = Box::new(s);
+    async fn roundtrip(a: &impl Transport, b: &impl Transport) {
+        a.send(Bytes::from_static(b"dyn")).await.unwrap();
+        assert_eq!(&b.recv().await.unwrap()[..], b"dyn");
+    }
+    deadline(&rt, roundtrip(&c, &s)).await;
+    assert_eq!(
+        c.max_message_size(),
+        net_rs::drivers::tcp::DEFAULT_MAX_MESSAGE_SIZE
+    );
+    assert_eq!(c.local_addr().unwrap(), s.peer_addr().unwrap());
+}
+
+/// Expands to one `#[test]` per suite case, each run through `$run`.
+#[macro_export]
+macro_rules! tcp_suite {
+    ($run:path) => {
+        $crate::tcp_suite!(@each $run;
+            echo_all_sizes seed_example_alloc_buf many_small_messages_in_order
+            oversized_send_fails_before_writing oversized_frame_is_rejected_and_closes
+            garbage_length_prefix_is_rejected truncated_frame_gives_unexpected_eof
+            orderly_shutdown_delivers_everything recv_is_cancel_safe
+            concurrent_receivers_share_the_stream dropped_send_sends_nothing
+            send_and_recv_from_different_tasks close_fails_pending_recv
+            dead_peer_fails_pending_operations connection_refused stream_and_sink dyn_transport);
+    };
+    (@each $run:path; $($name:ident)*) => {
+        $(
+            #[test]
+            fn $name() {
+                $run(|rt| Box::pin(crate::tcp_suite::$name(rt)));
+            }
+        )*
+    };
+}

@@ -1,4 +1,5 @@
 //! Wire compatibility with tokio-util's `LengthDelimitedCodec` (default settings), both
+#![cfg(feature = "tokio")]
 //! ways: net-rs talks to a `Framed` peer and a `Framed` peer talks to net-rs.
 
 use bytes::Bytes;

@@ -1,4 +1,5 @@
 //! The TCP suite under tokio: current-thread and multi-thread runtimes.
+#![cfg(feature = "tokio")]
 
 mod tcp_suite;
 

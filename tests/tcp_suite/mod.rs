@@ -542,7 +542,7 @@ macro_rules! tcp_suite {
         $(
             #[test]
             fn $name() {
-                $run(|rt| Box::pin(crate::tcp_suite::$name(rt)));
+                $run(|rt| Box::pin($crate::tcp_suite::$name(rt)));
             }
         )*
     };

@@ -189,14 +189,12 @@ impl Transport for TcpTransport {
         futures::future::poll_fn(move |cx| self.shared.send.poll_writer_done(cx, &mut listener))
     }
 
-    fn close(&self) -> impl Future<Output = Result<()>> + Send + '_ {
-        async move {
-            let s = &self.shared;
-            let res = with_timeout(&*s.rt, Some(s.linger), "close", self.shutdown()).await;
-            s.send.abort();
-            s.recv.close(Error::closed("recv"));
-            res
-        }
+    async fn close(&self) -> Result<()> {
+        let s = &self.shared;
+        let res = with_timeout(&*s.rt, Some(s.linger), "close", self.shutdown()).await;
+        s.send.abort();
+        s.recv.close(Error::closed("recv"));
+        res
     }
 
     fn alloc_buf(&self, len: usize) -> Buf {

@@ -1,0 +1,568 @@
+//! netperf: a perftest-style benchmark of net-rs next to tokio-util's `Framed` and a
+//! raw blocking `std::net::TcpStream`, measured in the same run on loopback.
+//!
+//! ```text
+//! cargo run --release --example netperf                       # everything, ~1 minute
+//! cargo run --release --example netperf -- --sizes 64,1048576 --duration-ms 1000
+//! cargo run --release --example netperf -- --only latency --impl netrs,raw
+//! ```
+//!
+//! Latency: ping-pong round trips of one message (median and p99). Throughput: one
+//! side streams messages for the duration, then an empty end marker; the receiver
+//! checks every size, counts, and answers with the count; the time runs until that
+//! answer arrives. Every cell runs on a fresh connection. Client and server each use
+//! their own thread (a current-thread tokio runtime for net-rs and `Framed`, plain
+//! blocking I/O for the raw baseline).
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use net_rs::drivers::tcp::{TcpConfig, TcpListener, TcpTransport};
+use net_rs::transport::Transport;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+const MAX: usize = 16 << 20;
+
+/// Command-line options.
+#[derive(Debug, Clone)]
+pub struct Args {
+    sizes: Vec<usize>,
+    duration: Duration,
+    latency: bool,
+    throughput: bool,
+    impls: Vec<Impl>,
+    transport: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Impl {
+    NetRs,
+    Framed,
+    Raw,
+}
+
+impl Impl {
+    fn name(self) -> &'static str {
+        match self {
+            Impl::NetRs => "net-rs",
+            Impl::Framed => "Framed",
+            Impl::Raw => "raw std",
+        }
+    }
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: netperf [--sizes 64,1024,...] [--duration-ms N] [--only latency|throughput]\n\
+         \x20              [--impl netrs,framed,raw] [--transport tcp|rdma]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        sizes: vec![64, 1024, 16 << 10, 64 << 10, 1 << 20],
+        duration: Duration::from_millis(500),
+        latency: true,
+        throughput: true,
+        impls: vec![Impl::NetRs, Impl::Framed, Impl::Raw],
+        transport: "tcp".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--sizes" => {
+                a.sizes = val()
+                    .split(',')
+                    .map(|s| s.trim().parse().unwrap_or_else(|_| usage()))
+                    .collect()
+            }
+            "--duration-ms" => {
+                a.duration = Duration::from_millis(val().parse().unwrap_or_else(|_| usage()))
+            }
+            "--only" => match val().as_str() {
+                "latency" => a.throughput = false,
+                "throughput" => a.latency = false,
+                _ => usage(),
+            },
+            "--impl" => {
+                a.impls = val()
+                    .split(',')
+                    .map(|s| match s {
+                        "netrs" | "net-rs" => Impl::NetRs,
+                        "framed" => Impl::Framed,
+                        "raw" => Impl::Raw,
+                        _ => usage(),
+                    })
+                    .collect()
+            }
+            "--transport" => a.transport = val(),
+            "-h" | "--help" => usage(),
+            _ => usage(),
+        }
+    }
+    if a.sizes.iter().any(|&s| s == 0 || s > MAX) {
+        eprintln!("sizes must be between 1 and {MAX}");
+        std::process::exit(2);
+    }
+    a
+}
+
+fn main() {
+    let args = parse_args();
+    match args.transport.as_str() {
+        "tcp" => run_tcp(&args),
+        "rdma" => {
+            eprintln!("netperf: this build of net-rs has no RDMA transport yet (see README)");
+            std::process::exit(1);
+        }
+        _ => usage(),
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown kernel".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores, Linux {kernel}")
+}
+
+fn fmt_size(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
+}
+
+struct Lat {
+    median_us: f64,
+    p99_us: f64,
+    n: usize,
+}
+
+struct Thr {
+    msgs_per_s: f64,
+    mb_per_s: f64,
+}
+
+fn run_tcp(args: &Args) {
+    println!(
+        "netperf: TCP over loopback, {} per cell",
+        humantime(args.duration)
+    );
+    println!("machine: {}", machine());
+    println!(
+        "client and server on separate threads; net-rs and Framed on current-thread tokio runtimes"
+    );
+    let mut lat64: Vec<(Impl, f64)> = Vec::new();
+    let mut thr: Vec<(usize, Impl, f64, f64)> = Vec::new();
+    if args.latency {
+        println!("\nping-pong latency (round trip, µs)");
+        println!(
+            "{:>8} | {:>10} | {:>8} | {:>8} | {:>8}",
+            "size", "impl", "median", "p99", "trips"
+        );
+        for &size in &args.sizes {
+            for &imp in &args.impls {
+                let r = latency(imp, size, args.duration);
+                println!(
+                    "{:>8} | {:>10} | {:>8.1} | {:>8.1} | {:>8}",
+                    fmt_size(size),
+                    imp.name(),
+                    r.median_us,
+                    r.p99_us,
+                    r.n
+                );
+                if size == 64 {
+                    lat64.push((imp, r.median_us));
+                }
+            }
+        }
+    }
+    if args.throughput {
+        println!("\none-way streaming throughput");
+        println!(
+            "{:>8} | {:>10} | {:>12} | {:>10}",
+            "size", "impl", "msgs/s", "MB/s"
+        );
+        for &size in &args.sizes {
+            for &imp in &args.impls {
+                let r = throughput(imp, size, args.duration);
+                println!(
+                    "{:>8} | {:>10} | {:>12.0} | {:>10.1}",
+                    fmt_size(size),
+                    imp.name(),
+                    r.msgs_per_s,
+                    r.mb_per_s
+                );
+                thr.push((size, imp, r.msgs_per_s, r.mb_per_s));
+            }
+        }
+    }
+    println!("\ntargets (ratios from this run)");
+    let get = |size: usize, imp: Impl| {
+        thr.iter()
+            .find(|t| t.0 == size && t.1 == imp)
+            .map(|t| (t.2, t.3))
+    };
+    if let (Some(n), Some(f)) = (get(64, Impl::NetRs), get(64, Impl::Framed)) {
+        let r = n.0 / f.0;
+        println!(
+            "  64 B streaming msg/s, net-rs / Framed: {r:.2}x (target >= 2x) {}",
+            verdict(r >= 2.0)
+        );
+    }
+    if let (Some(n), Some(w)) = (get(1 << 20, Impl::NetRs), get(1 << 20, Impl::Raw)) {
+        let r = n.1 / w.1;
+        println!(
+            "  1 MiB streaming MB/s, net-rs / raw: {r:.2}x (target >= 0.9x) {}",
+            verdict(r >= 0.9)
+        );
+    }
+    let l = |imp| lat64.iter().find(|x| x.0 == imp).map(|x| x.1);
+    if let (Some(n), Some(w)) = (l(Impl::NetRs), l(Impl::Raw)) {
+        let r = n / w;
+        println!(
+            "  64 B ping-pong median RTT, net-rs / raw: {r:.2}x (target <= 1.1x) {}",
+            verdict(r <= 1.1)
+        );
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn humantime(d: Duration) -> String {
+    format!("{} ms", d.as_millis())
+}
+
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn payload(size: usize) -> Bytes {
+    (0..size).map(|i| i as u8).collect::<Vec<u8>>().into()
+}
+
+fn stats(mut rtts: Vec<Duration>) -> Lat {
+    rtts.sort_unstable();
+    let at = |q: f64| rtts[((rtts.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    Lat {
+        median_us: at(0.5),
+        p99_us: at(0.99),
+        n: rtts.len(),
+    }
+}
+
+/// Runs `server` on its own thread for one connection; returns the address.
+fn serve<F: FnOnce(std::net::TcpListener) + Send + 'static>(
+    server: F,
+) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    (addr, std::thread::spawn(move || server(l)))
+}
+
+/// Runs a net-rs server on its own thread and current-thread runtime.
+fn serve_netrs<F, Fut>(server: F) -> (SocketAddr, std::thread::JoinHandle<()>)
+where
+    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        current_thread().block_on(async move {
+            let l = TcpListener::bind_with("127.0.0.1:0", &config())
+                .await
+                .unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            server(l).await
+        })
+    });
+    (rx.recv().expect("server started"), h)
+}
+
+fn config() -> TcpConfig {
+    TcpConfig::default().max_message_size(MAX)
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX)
+        .new_codec()
+}
+
+fn latency(imp: Impl, size: usize, dur: Duration) -> Lat {
+    let msg = payload(size);
+    let warmup = 200;
+    match imp {
+        Impl::NetRs => {
+            let (addr, h) = serve_netrs(|l| async move {
+                let c = l.accept().await.unwrap();
+                while let Ok(m) = c.recv().await {
+                    c.send(m).await.unwrap();
+                }
+            });
+            let rtts = current_thread().block_on(async move {
+                let t = TcpTransport::connect_with(addr, &config()).await.unwrap();
+                let mut rtts = Vec::new();
+                let end = Instant::now() + dur;
+                let mut i = 0;
+                while Instant::now() < end || rtts.is_empty() {
+                    let t0 = Instant::now();
+                    t.send(msg.clone()).await.unwrap();
+                    let r = t.recv().await.unwrap();
+                    assert_eq!(r.len(), size);
+                    if i >= warmup {
+                        rtts.push(t0.elapsed());
+                    }
+                    i += 1;
+                }
+                t.close().await.unwrap();
+                rtts
+            });
+            h.join().unwrap();
+            stats(rtts)
+        }
+        Impl::Framed => {
+            let (addr, h) = serve(|l| {
+                current_thread().block_on(async move {
+                    l.set_nonblocking(true).unwrap();
+                    let l = tokio::net::TcpListener::from_std(l).unwrap();
+                    let (s, _) = l.accept().await.unwrap();
+                    s.set_nodelay(true).unwrap();
+                    let mut f = Framed::new(s, codec());
+                    while let Some(Ok(m)) = f.next().await {
+                        f.send(m.freeze()).await.unwrap();
+                    }
+                })
+            });
+            let rtts = current_thread().block_on(async move {
+                let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut f = Framed::new(s, codec());
+                let mut rtts = Vec::new();
+                let end = Instant::now() + dur;
+                let mut i = 0;
+                while Instant::now() < end || rtts.is_empty() {
+                    let t0 = Instant::now();
+                    f.send(msg.clone()).await.unwrap();
+                    let r = f.next().await.unwrap().unwrap();
+                    assert_eq!(r.len(), size);
+                    if i >= warmup {
+                        rtts.push(t0.elapsed());
+                    }
+                    i += 1;
+                }
+                rtts
+            });
+            h.join().unwrap();
+            stats(rtts)
+        }
+        Impl::Raw => {
+            let (addr, h) = serve(|l| {
+                let (s, _) = l.accept().unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut w = BufWriter::new(s);
+                let mut buf = Vec::new();
+                while read_frame(&mut r, &mut buf).is_ok() {
+                    write_frame(&mut w, &buf).unwrap();
+                    w.flush().unwrap();
+                }
+            });
+            let s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_nodelay(true).unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = BufWriter::new(s);
+            let mut buf = Vec::new();
+            let mut rtts = Vec::new();
+            let end = Instant::now() + dur;
+            let mut i = 0;
+            while Instant::now() < end || rtts.is_empty() {
+                let t0 = Instant::now();
+                write_frame(&mut w, &msg).unwrap();
+                w.flush().unwrap();
+                read_frame(&mut r, &mut buf).unwrap();
+                assert_eq!(buf.len(), size);
+                if i >= warmup {
+                    rtts.push(t0.elapsed());
+                }
+                i += 1;
+            }
+            drop((r, w));
+            h.join().unwrap();
+            stats(rtts)
+        }
+    }
+}
+
+fn write_frame(w: &mut impl Write, payload: &[u8]) -> std::io::Result<()> {
+    w.write_all(&(payload.len() as u32).to_be_bytes())?;
+    w.write_all(payload)
+}
+
+fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut h = [0u8; 4];
+    r.read_exact(&mut h)?;
+    buf.resize(u32::from_be_bytes(h) as usize, 0);
+    r.read_exact(buf)
+}
+
+fn throughput(imp: Impl, size: usize, dur: Duration) -> Thr {
+    let msg = payload(size);
+    let (count, elapsed) = match imp {
+        Impl::NetRs => {
+            let (addr, h) = serve_netrs(move |l| async move {
+                let c = l.accept().await.unwrap();
+                let mut n = 0u64;
+                loop {
+                    let m = c.recv().await.unwrap();
+                    if m.is_empty() {
+                        break;
+                    }
+                    assert_eq!(m.len(), size);
+                    n += 1;
+                }
+                c.send(Bytes::copy_from_slice(&n.to_be_bytes()))
+                    .await
+                    .unwrap();
+                c.close().await.unwrap();
+            });
+            let r = current_thread().block_on(async move {
+                let t = TcpTransport::connect_with(addr, &config()).await.unwrap();
+                let t0 = Instant::now();
+                let end = t0 + dur;
+                let mut sent = 0u64;
+                while Instant::now() < end {
+                    for _ in 0..64 {
+                        t.send(msg.clone()).await.unwrap();
+                    }
+                    sent += 64;
+                }
+                t.send(Bytes::new()).await.unwrap();
+                t.flush().await.unwrap();
+                let reply = t.recv().await.unwrap();
+                let got = u64::from_be_bytes(reply[..].try_into().unwrap());
+                assert_eq!(got, sent, "receiver counted every message");
+                (got, t0.elapsed())
+            });
+            h.join().unwrap();
+            r
+        }
+        Impl::Framed => {
+            let (addr, h) = serve(move |l| {
+                current_thread().block_on(async move {
+                    l.set_nonblocking(true).unwrap();
+                    let l = tokio::net::TcpListener::from_std(l).unwrap();
+                    let (s, _) = l.accept().await.unwrap();
+                    s.set_nodelay(true).unwrap();
+                    let mut f = Framed::new(s, codec());
+                    let mut n = 0u64;
+                    loop {
+                        let m = f.next().await.unwrap().unwrap();
+                        if m.is_empty() {
+                            break;
+                        }
+                        assert_eq!(m.len(), size);
+                        n += 1;
+                    }
+                    f.send(Bytes::copy_from_slice(&n.to_be_bytes()))
+                        .await
+                        .unwrap();
+                })
+            });
+            let r = current_thread().block_on(async move {
+                let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut f = Framed::new(s, codec());
+                let t0 = Instant::now();
+                let end = t0 + dur;
+                let mut sent = 0u64;
+                while Instant::now() < end {
+                    for _ in 0..64 {
+                        f.send(msg.clone()).await.unwrap();
+                    }
+                    sent += 64;
+                }
+                f.send(Bytes::new()).await.unwrap();
+                let reply = f.next().await.unwrap().unwrap();
+                let got = u64::from_be_bytes(reply[..].try_into().unwrap());
+                assert_eq!(got, sent, "receiver counted every message");
+                (got, t0.elapsed())
+            });
+            h.join().unwrap();
+            r
+        }
+        Impl::Raw => {
+            let (addr, h) = serve(move |l| {
+                let (s, _) = l.accept().unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut r = BufReader::with_capacity(64 << 10, s.try_clone().unwrap());
+                let mut w = BufWriter::new(s);
+                let mut buf = Vec::new();
+                let mut n = 0u64;
+                loop {
+                    read_frame(&mut r, &mut buf).unwrap();
+                    if buf.is_empty() {
+                        break;
+                    }
+                    assert_eq!(buf.len(), size);
+                    n += 1;
+                }
+                write_frame(&mut w, &n.to_be_bytes()).unwrap();
+                w.flush().unwrap();
+            });
+            let s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_nodelay(true).unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = BufWriter::with_capacity(64 << 10, s);
+            let t0 = Instant::now();
+            let end = t0 + dur;
+            let mut sent = 0u64;
+            while Instant::now() < end {
+                for _ in 0..64 {
+                    write_frame(&mut w, &msg).unwrap();
+                }
+                sent += 64;
+            }
+            write_frame(&mut w, &[]).unwrap();
+            w.flush().unwrap();
+            let mut buf = Vec::new();
+            read_frame(&mut r, &mut buf).unwrap();
+            let got = u64::from_be_bytes(buf[..].try_into().unwrap());
+            assert_eq!(got, sent, "receiver counted every message");
+            let e = t0.elapsed();
+            h.join().unwrap();
+            (got, e)
+        }
+    };
+    let secs = elapsed.as_secs_f64();
+    Thr {
+        msgs_per_s: count as f64 / secs,
+        mb_per_s: count as f64 * size as f64 / secs / 1e6,
+    }
+}

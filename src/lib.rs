@@ -5,6 +5,7 @@
 //!
 //! * [`transport`]: the `Transport` and `BufferPool` traits.
 //! * [`drivers::tcp`]: length-prefixed messages over TCP.
+//! * [`pool`]: a connection pool with reconnection policies, for any transport.
 //! * [`runtime`]: the small boundary to async runtimes; [`adapters`] implement it for
 //!   tokio (feature `tokio`, default) and the async-io reactor shared by async-std and
 //!   smol (feature `async-std`), which also serves hand-written executors.
@@ -33,6 +34,7 @@ pub mod buffer;
 pub mod codec;
 pub mod drivers;
 pub mod error;
+pub mod pool;
 pub mod runtime;
 pub mod transport;
 

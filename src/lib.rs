@@ -39,3 +39,8 @@ pub mod runtime;
 pub mod transport;
 
 pub use error::{Error, ErrorKind, Result};
+
+/// The README's code examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -209,6 +209,8 @@ impl BufferPool for HeapPool {
     fn alloc(&self, len: usize) -> Buf {
         let mut v = self.take_uninit(len);
         v.as_mut().fill(0);
+        // Expose the whole size class, so `Buf::set_len` can grow into it.
+        v.len = v.vec.len();
         Buf::from_storage(Box::new(v), len)
     }
 }
@@ -312,6 +314,7 @@ mod tests {
         assert_eq!(b.freeze().len(), 4);
         let mut b = pool.alloc(0);
         assert!(b.is_empty());
+        assert_eq!(b.capacity(), 4096);
         b.set_len(4096);
         assert_eq!(b.len(), 4096);
     }

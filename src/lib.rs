@@ -35,6 +35,7 @@ pub mod codec;
 pub mod drivers;
 pub mod error;
 pub mod pool;
+pub mod reactor;
 pub mod runtime;
 pub mod transport;
 

@@ -5,6 +5,8 @@
 //!
 //! * [`transport`]: the `Transport` and `BufferPool` traits.
 //! * [`drivers::tcp`]: length-prefixed messages over TCP.
+//! * [`reactor`] and [`mem`]: the runtime-free completion reactor and the memory slab
+//!   that the RDMA driver (not yet included) builds on.
 //! * [`pool`]: a connection pool with reconnection policies, for any transport.
 //! * [`runtime`]: the small boundary to async runtimes; [`adapters`] implement it for
 //!   tokio (feature `tokio`, default) and the async-io reactor shared by async-std and
@@ -25,7 +27,8 @@
 //! }
 //! ```
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
-#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_op_in_unsafe_fn, unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[path = "../adapters/mod.rs"]
@@ -34,6 +37,9 @@ pub mod buffer;
 pub mod codec;
 pub mod drivers;
 pub mod error;
+// The only module with `unsafe`: it hands out disjoint slots of large regions.
+#[allow(unsafe_code)]
+pub mod mem;
 pub mod pool;
 pub mod reactor;
 pub mod runtime;

@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_io::{Async, Timer};
 use futures::io::{AsyncRead, AsyncWrite};
 
-use crate::runtime::{AsyncListener, Runtime, TcpSocket};
+use crate::runtime::{AsyncListener, Runtime, SocketOptions, TcpSocket};
 use crate::transport::BoxFuture;
 
 type Spawner = dyn Fn(BoxFuture<'static, ()>) + Send + Sync;
@@ -91,28 +91,32 @@ impl Runtime for AsyncIoRuntime {
     fn tcp_connect(
         &self,
         addr: SocketAddr,
-        nodelay: bool,
+        opts: SocketOptions,
     ) -> BoxFuture<'static, io::Result<TcpSocket>> {
         Box::pin(async move {
             let stream = Async::<TcpStream>::connect(addr).await?;
-            socket(stream, nodelay)
+            socket(stream, opts)
         })
     }
 
-    fn tcp_bind(&self, addr: SocketAddr, nodelay: bool) -> io::Result<Box<dyn AsyncListener>> {
+    fn tcp_bind(
+        &self,
+        addr: SocketAddr,
+        opts: SocketOptions,
+    ) -> io::Result<Box<dyn AsyncListener>> {
         let listener = Async::<TcpListener>::bind(addr)?;
-        Ok(Box::new(Listener { listener, nodelay }))
+        Ok(Box::new(Listener { listener, opts }))
     }
 }
 
-fn socket(stream: Async<TcpStream>, nodelay: bool) -> io::Result<TcpSocket> {
-    stream.get_ref().set_nodelay(nodelay)?;
+fn socket(stream: Async<TcpStream>, opts: SocketOptions) -> io::Result<TcpSocket> {
+    stream.get_ref().set_nodelay(opts.nodelay)?;
     let local_addr = stream.get_ref().local_addr()?;
     let peer_addr = stream.get_ref().peer_addr()?;
     let stream = Arc::new(stream);
     Ok(TcpSocket {
-        reader: Box::new(Half(stream.clone())),
-        writer: Box::new(Half(stream)),
+        reader: Box::new(Half(stream.clone(), opts.busy_poll)),
+        writer: Box::new(Half(stream, Duration::ZERO)),
         local_addr,
         peer_addr,
     })
@@ -121,7 +125,7 @@ fn socket(stream: Async<TcpStream>, nodelay: bool) -> io::Result<TcpSocket> {
 #[derive(Debug)]
 struct Listener {
     listener: Async<TcpListener>,
-    nodelay: bool,
+    opts: SocketOptions,
 }
 
 impl AsyncListener for Listener {
@@ -129,7 +133,7 @@ impl AsyncListener for Listener {
         loop {
             match self.listener.get_ref().accept() {
                 Ok((stream, _)) => {
-                    return Poll::Ready(Async::new(stream).and_then(|s| socket(s, self.nodelay)))
+                    return Poll::Ready(Async::new(stream).and_then(|s| socket(s, self.opts)))
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready!(self.listener.poll_readable(cx))?;
@@ -144,8 +148,8 @@ impl AsyncListener for Listener {
     }
 }
 
-/// One direction of a shared `Async<TcpStream>`.
-struct Half(Arc<Async<TcpStream>>);
+/// One direction of a shared `Async<TcpStream>`, with the read busy-poll window.
+struct Half(Arc<Async<TcpStream>>, Duration);
 
 impl AsyncRead for Half {
     fn poll_read(
@@ -153,7 +157,14 @@ impl AsyncRead for Half {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut &*self.0).poll_read(cx, buf)
+        if let Poll::Ready(r) = Pin::new(&mut &*self.0).poll_read(cx, buf) {
+            return Poll::Ready(r);
+        }
+        if self.1.is_zero() {
+            return Poll::Pending;
+        }
+        let sock = self.0.get_ref();
+        crate::runtime::busy_read(self.1, || std::io::Read::read(&mut &*sock, buf))
     }
 }
 

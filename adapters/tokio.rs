@@ -10,7 +10,7 @@ use std::time::Duration;
 use ::tokio::io::ReadBuf;
 use ::tokio::runtime::Handle;
 
-use crate::runtime::{AsyncListener, Runtime, TcpSocket};
+use crate::runtime::{AsyncListener, Runtime, SocketOptions, TcpSocket};
 use crate::transport::BoxFuture;
 
 /// [`Runtime`] on a tokio runtime handle.
@@ -62,33 +62,40 @@ impl Runtime for TokioRuntime {
     fn tcp_connect(
         &self,
         addr: SocketAddr,
-        nodelay: bool,
+        opts: SocketOptions,
     ) -> BoxFuture<'static, io::Result<TcpSocket>> {
         Box::pin(Entered {
             handle: self.handle.clone(),
             fut: Box::pin(async move {
                 let stream = ::tokio::net::TcpStream::connect(addr).await?;
-                socket(stream, nodelay)
+                socket(stream, opts)
             }),
         })
     }
 
-    fn tcp_bind(&self, addr: SocketAddr, nodelay: bool) -> io::Result<Box<dyn AsyncListener>> {
+    fn tcp_bind(
+        &self,
+        addr: SocketAddr,
+        opts: SocketOptions,
+    ) -> io::Result<Box<dyn AsyncListener>> {
         let _guard = self.handle.enter();
         let std = std::net::TcpListener::bind(addr)?;
         std.set_nonblocking(true)?;
         let listener = ::tokio::net::TcpListener::from_std(std)?;
-        Ok(Box::new(Listener { listener, nodelay }))
+        Ok(Box::new(Listener { listener, opts }))
     }
 }
 
-fn socket(stream: ::tokio::net::TcpStream, nodelay: bool) -> io::Result<TcpSocket> {
-    stream.set_nodelay(nodelay)?;
+fn socket(stream: ::tokio::net::TcpStream, opts: SocketOptions) -> io::Result<TcpSocket> {
+    stream.set_nodelay(opts.nodelay)?;
     let local_addr = stream.local_addr()?;
     let peer_addr = stream.peer_addr()?;
     let (r, w) = stream.into_split();
     Ok(TcpSocket {
-        reader: Box::new(Compat(r)),
+        reader: Box::new(Reader {
+            half: r,
+            busy_poll: opts.busy_poll,
+        }),
         writer: Box::new(Compat(w)),
         local_addr,
         peer_addr,
@@ -98,17 +105,46 @@ fn socket(stream: ::tokio::net::TcpStream, nodelay: bool) -> io::Result<TcpSocke
 #[derive(Debug)]
 struct Listener {
     listener: ::tokio::net::TcpListener,
-    nodelay: bool,
+    opts: SocketOptions,
 }
 
 impl AsyncListener for Listener {
     fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<TcpSocket>> {
         let (stream, _) = ready!(self.listener.poll_accept(cx))?;
-        Poll::Ready(socket(stream, self.nodelay))
+        Poll::Ready(socket(stream, self.opts))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+}
+
+/// The read half, with optional busy-polling.
+struct Reader {
+    half: ::tokio::net::tcp::OwnedReadHalf,
+    busy_poll: Duration,
+}
+
+impl futures::io::AsyncRead for Reader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut rb = ReadBuf::new(buf);
+        if let Poll::Ready(r) =
+            ::tokio::io::AsyncRead::poll_read(Pin::new(&mut self.half), cx, &mut rb)
+        {
+            return Poll::Ready(r.map(|()| rb.filled().len()));
+        }
+        if self.busy_poll.is_zero() {
+            return Poll::Pending;
+        }
+        // tokio answers from its cached readiness until the reactor runs; read the
+        // socket directly (it is non-blocking) until data comes or the window closes.
+        // The waker registered above stays valid either way.
+        let sock = socket2::SockRef::from(self.half.as_ref());
+        crate::runtime::busy_read(self.busy_poll, || io::Read::read(&mut &*sock, buf))
     }
 }
 

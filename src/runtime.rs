@@ -52,6 +52,33 @@ impl fmt::Debug for TcpSocket {
     }
 }
 
+/// Options applied to every TCP socket a [`Runtime`] connects or accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SocketOptions {
+    /// Set `TCP_NODELAY`.
+    pub nodelay: bool,
+    /// When a read finds no data, keep retrying it without blocking for this long
+    /// before waiting for readiness (zero: never). Trades a busy core for latency.
+    pub busy_poll: Duration,
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        SocketOptions {
+            nodelay: true,
+            busy_poll: Duration::ZERO,
+        }
+    }
+}
+
+impl SocketOptions {
+    /// Options with `TCP_NODELAY` as given and the given busy-poll window.
+    pub fn new(nodelay: bool, busy_poll: Duration) -> Self {
+        SocketOptions { nodelay, busy_poll }
+    }
+}
+
 /// A bound, listening TCP socket of some runtime.
 pub trait AsyncListener: Send + Sync + fmt::Debug {
     /// Poll for the next incoming connection.
@@ -73,16 +100,16 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
         Instant::now()
     }
 
-    /// Connect a TCP socket to `addr` (with `TCP_NODELAY` set when `nodelay`).
+    /// Connect a TCP socket to `addr`, applying `opts`.
     fn tcp_connect(
         &self,
         addr: SocketAddr,
-        nodelay: bool,
+        opts: SocketOptions,
     ) -> BoxFuture<'static, io::Result<TcpSocket>>;
 
-    /// Bind a listening TCP socket to `addr`. Accepted sockets get `TCP_NODELAY` when
-    /// `nodelay`.
-    fn tcp_bind(&self, addr: SocketAddr, nodelay: bool) -> io::Result<Box<dyn AsyncListener>>;
+    /// Bind a listening TCP socket to `addr`; accepted sockets get `opts`.
+    fn tcp_bind(&self, addr: SocketAddr, opts: SocketOptions)
+        -> io::Result<Box<dyn AsyncListener>>;
 }
 
 /// The runtime to use when none is given explicitly.
@@ -111,6 +138,26 @@ pub fn default_runtime() -> Result<Arc<dyn Runtime>> {
         "no async runtime: call from inside a tokio runtime (feature `tokio`), enable \
          feature `async-std` (async-std, smol, any executor), or pass a Runtime explicitly",
     ))
+}
+
+/// Retry a non-blocking `read` for up to `window`: `Ready` with its result, or
+/// `Pending` if it kept finding no data (the caller has registered its waker already).
+pub(crate) fn busy_read(
+    window: Duration,
+    mut read: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    let start = Instant::now();
+    loop {
+        match read() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => return Poll::Ready(r),
+        }
+        if start.elapsed() >= window {
+            return Poll::Pending;
+        }
+        std::hint::spin_loop();
+    }
 }
 
 /// Run `fut` with a deadline from `rt`; `None` means no deadline.

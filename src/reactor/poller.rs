@@ -100,10 +100,11 @@ where
         self.buf.clear();
         let n = self.source.poll(&mut self.buf, self.config.batch.max(1))?;
         if n > 0 {
-            (self.handler)(&self.buf);
+            // Count first: the handler wakes futures, whose owners may read the stats.
             self.stats
                 .completions
                 .fetch_add(n as u64, Ordering::Relaxed);
+            (self.handler)(&self.buf);
         }
         Ok(n)
     }

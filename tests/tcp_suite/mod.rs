@@ -99,6 +99,44 @@ pub async fn echo_all_sizes(rt: Arc<dyn Runtime>) {
     deadline(&rt, server).await.unwrap();
 }
 
+pub async fn latency_mode_keeps_every_guarantee(rt: Arc<dyn Runtime>) {
+    let cfg = config(&rt).busy_poll(Duration::from_micros(300));
+    let (c, s) = pair(&cfg).await;
+    let server = spawn(&rt, async move {
+        while let Ok(m) = s.recv().await {
+            s.send(m).await.unwrap();
+        }
+    });
+    for (i, n) in [0usize, 5, 70_000, 1 << 20].into_iter().enumerate() {
+        let msg = pattern(n, i as u8);
+        deadline(&rt, c.send(msg.clone())).await.unwrap();
+        assert!(deadline(&rt, c.recv()).await.unwrap() == msg);
+    }
+    for i in 0..500u32 {
+        c.send(Bytes::copy_from_slice(&i.to_be_bytes()))
+            .await
+            .unwrap();
+        let m = deadline(&rt, c.recv()).await.unwrap();
+        assert_eq!(u32::from_be_bytes(m[..].try_into().unwrap()), i);
+    }
+    // Streaming in latency mode: order and completeness still hold.
+    for i in 0..5000u32 {
+        c.send(Bytes::copy_from_slice(&i.to_be_bytes()))
+            .await
+            .unwrap();
+    }
+    for i in 0..5000u32 {
+        let m = deadline(&rt, c.recv()).await.unwrap();
+        assert_eq!(u32::from_be_bytes(m[..].try_into().unwrap()), i);
+    }
+    deadline(&rt, c.shutdown()).await.unwrap();
+    deadline(&rt, server).await.unwrap();
+    assert_eq!(
+        deadline(&rt, c.recv()).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+}
+
 pub async fn seed_example_alloc_buf(rt: Arc<dyn Runtime>) {
     let (c, s) = pair(&config(&rt)).await;
     let mut buf = c.alloc_buf(1024);
@@ -530,7 +568,7 @@ pub async fn dyn_transport(rt: Arc<dyn Runtime>) {
 macro_rules! tcp_suite {
     ($run:path) => {
         $crate::tcp_suite!(@each $run;
-            echo_all_sizes seed_example_alloc_buf many_small_messages_in_order
+            echo_all_sizes latency_mode_keeps_every_guarantee seed_example_alloc_buf many_small_messages_in_order
             oversized_send_fails_before_writing oversized_frame_is_rejected_and_closes
             garbage_length_prefix_is_rejected truncated_frame_gives_unexpected_eof
             orderly_shutdown_delivers_everything recv_is_cancel_safe

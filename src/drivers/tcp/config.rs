@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::buffer::HeapPool;
 use crate::error::Result;
-use crate::runtime::{default_runtime, Runtime};
+use crate::runtime::{default_runtime, Runtime, SocketOptions};
 
 /// The default maximum message size: 8 MiB, the same as tokio-util's
 /// `LengthDelimitedCodec`.
@@ -29,6 +29,7 @@ pub struct TcpConfig {
     pub(crate) connect_timeout: Option<Duration>,
     pub(crate) linger: Duration,
     pub(crate) nodelay: bool,
+    pub(crate) busy_poll: Duration,
     pub(crate) pool: HeapPool,
     pub(crate) runtime: Option<Arc<dyn Runtime>>,
 }
@@ -41,6 +42,7 @@ impl Default for TcpConfig {
             connect_timeout: Some(Duration::from_secs(10)),
             linger: Duration::from_secs(10),
             nodelay: true,
+            busy_poll: Duration::ZERO,
             pool: HeapPool::default(),
             runtime: None,
         }
@@ -81,6 +83,22 @@ impl TcpConfig {
         self
     }
 
+    /// Latency mode (default off, zero). When set, `send` writes a message to the socket
+    /// right away if nothing else is queued, and `recv`, finding no data, keeps retrying
+    /// the read without blocking for up to `window` before it waits for readiness. This
+    /// saves the writer-task hop and the wake-up after `epoll` per message, at the cost
+    /// of a core spinning while it waits and of other tasks on the same executor thread
+    /// waiting up to `window` per empty read. Streaming throughput is lower in this
+    /// mode (no batching while the socket keeps up).
+    pub fn busy_poll(mut self, window: Duration) -> Self {
+        self.busy_poll = window;
+        self
+    }
+
+    pub(crate) fn socket_options(&self) -> SocketOptions {
+        SocketOptions::new(self.nodelay, self.busy_poll)
+    }
+
     /// The pool that `alloc_buf` and large receives take memory from (default: a fresh
     /// [`HeapPool`] per config, shared by the connections made with it).
     pub fn buffer_pool(mut self, pool: HeapPool) -> Self {
@@ -116,6 +134,7 @@ impl fmt::Debug for TcpConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("linger", &self.linger)
             .field("nodelay", &self.nodelay)
+            .field("busy_poll", &self.busy_poll)
             .field("runtime", &self.runtime)
             .finish_non_exhaustive()
     }

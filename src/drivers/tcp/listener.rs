@@ -56,7 +56,7 @@ impl TcpListener {
             "bind: the address resolved to nothing",
         );
         for a in addr.to_socket_addrs()? {
-            match rt.tcp_bind(a, config.nodelay) {
+            match rt.tcp_bind(a, config.socket_options()) {
                 Ok(inner) => {
                     return Ok(TcpListener {
                         inner,

@@ -6,6 +6,12 @@
 //! stream of small messages costs a few syscalls per batch instead of one per message.
 //! Frames up to [`COALESCE`] bytes are copied into one contiguous staging buffer (a
 //! memcpy is cheaper than an iovec); larger payloads are queued as they are (no copy).
+//!
+//! The socket and the batch being written live in the `pen`, a mutex that whoever
+//! writes holds: normally the writer task. In latency mode (`TcpConfig::busy_poll`),
+//! `send` takes the pen itself when it is free and writes at once, waking the writer
+//! task only if the socket could not take everything. Both paths write through
+//! [`SendSide::poll_drain`], so frames leave in order whoever writes them.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -32,11 +38,31 @@ const STAGING: usize = 64 * 1024;
 
 pub(crate) struct SendSide {
     state: Mutex<SendState>,
+    pen: Mutex<Pen>,
+    /// Latency mode: write from `send` when the pen is free.
+    inline: bool,
     /// Notified when queue space frees up or the send side fails or closes.
     space: Event,
     /// Notified when bytes reach the socket or the writer exits.
     progress: Event,
     limit: usize,
+}
+
+/// What the writer holds: the socket and the bytes taken from the queue and not yet
+/// fully written.
+pub(crate) struct Pen {
+    sock: Option<TcpWriter>,
+    batch: VecDeque<Bytes>,
+}
+
+/// What draining the queue came to.
+enum Drained {
+    /// Everything queued was written.
+    Empty,
+    /// The queue is empty and shut down: FIN was sent.
+    Finished,
+    /// Stop: aborted, or the socket failed.
+    Stop(Result<()>),
 }
 
 #[derive(Default)]
@@ -62,13 +88,22 @@ fn lock(m: &Mutex<SendState>) -> MutexGuard<'_, SendState> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn lock_pen(m: &Mutex<Pen>) -> MutexGuard<'_, Pen> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl SendSide {
-    pub(crate) fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize, sock: TcpWriter, inline: bool) -> Self {
         SendSide {
             state: Mutex::new(SendState {
                 staging: BytesMut::with_capacity(STAGING),
                 ..SendState::default()
             }),
+            pen: Mutex::new(Pen {
+                sock: Some(sock),
+                batch: VecDeque::new(),
+            }),
+            inline,
             space: Event::new(),
             progress: Event::new(),
             limit,
@@ -104,12 +139,110 @@ impl SendSide {
         }
         st.queued += len;
         st.accepted_total += len as u64;
+        if self.inline && st.writer.is_some() {
+            // The writer task is parked: nothing is being written. Write now.
+            drop(st);
+            self.write_inline();
+            return Ok(None);
+        }
         let writer = st.writer.take();
         drop(st);
         if let Some(w) = writer {
             w.wake();
         }
         Ok(None)
+    }
+
+    /// Latency mode: write what is queued from the caller's thread if the pen is
+    /// free; hand whatever the socket does not take to the writer task.
+    fn write_inline(&self) {
+        let done = match self.pen.try_lock() {
+            Ok(mut pen) => {
+                let mut cx = Context::from_waker(Waker::noop());
+                matches!(
+                    self.poll_drain(&mut pen, &mut cx, false),
+                    Poll::Ready(Drained::Empty)
+                )
+            }
+            Err(_) => false,
+        };
+        if !done {
+            let writer = lock(&self.state).writer.take();
+            if let Some(w) = writer {
+                w.wake();
+            }
+        }
+    }
+
+    /// Write queued bytes until the queue is empty, the socket would block, or the
+    /// send side stops. `finish` sends FIN once empty and shut down (the writer task
+    /// does; inline writers leave that to it).
+    fn poll_drain(&self, pen: &mut Pen, cx: &mut Context<'_>, finish: bool) -> Poll<Drained> {
+        loop {
+            {
+                let mut st = lock(&self.state);
+                if st.abort {
+                    return Poll::Ready(Drained::Stop(Ok(())));
+                }
+                if pen.batch.is_empty() {
+                    pen.batch.extend(st.chunks.drain(..));
+                    if !st.staging.is_empty() {
+                        let tail = st.staging.split().freeze();
+                        pen.batch.push_back(tail);
+                        if st.staging.capacity() < STAGING / 4 {
+                            st.staging.reserve(STAGING);
+                        }
+                    }
+                }
+                if pen.batch.is_empty() && !(finish && st.shutdown) {
+                    return Poll::Ready(Drained::Empty);
+                }
+            }
+            let Some(sock) = pen.sock.as_mut() else {
+                return Poll::Ready(Drained::Stop(Ok(())));
+            };
+            if pen.batch.is_empty() {
+                // Shut down and everything written: send FIN. A peer that already
+                // reset the connection makes this fail; nothing is lost by ignoring
+                // that, every message was written.
+                let _ = futures::ready!(Pin::new(sock).poll_close(cx));
+                return Poll::Ready(Drained::Finished);
+            }
+            let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
+            let mut k = 0;
+            for b in pen.batch.iter().take(MAX_IOV) {
+                iov[k] = IoSlice::new(b);
+                k += 1;
+            }
+            let n = match futures::ready!(Pin::new(sock).poll_write_vectored(cx, &iov[..k])) {
+                Ok(0) => {
+                    return Poll::Ready(Drained::Stop(Err(Error::new(
+                        crate::ErrorKind::ConnectionReset,
+                        "send: the socket accepted no bytes",
+                    ))))
+                }
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Drained::Stop(Err(e.into()))),
+            };
+            let mut left = n;
+            while left > 0 {
+                let front = pen.batch.front_mut().expect("wrote more than was queued");
+                if front.len() <= left {
+                    left -= front.len();
+                    pen.batch.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+            {
+                let mut st = lock(&self.state);
+                st.queued -= n;
+                st.written_total += n as u64;
+            }
+            self.space.notify(usize::MAX);
+            self.progress.notify(usize::MAX);
+        }
     }
 
     /// Ready when a message of any size could be queued now (the `Sink::poll_ready` test).
@@ -257,111 +390,36 @@ impl SendSide {
     }
 }
 
-enum Next {
-    Write,
-    Finish,
-    Stop,
-}
-
-/// The writer task: drains the queue into `sock` until shut down or failed.
-pub(crate) async fn writer(
-    side: Arc<SendSide>,
-    mut sock: TcpWriter,
-    rt: Arc<dyn Runtime>,
-    linger: Duration,
-) {
-    let mut batch: VecDeque<Bytes> = VecDeque::new();
+/// The writer task: drains the queue into the socket until shut down or failed.
+pub(crate) async fn writer(side: Arc<SendSide>, rt: Arc<dyn Runtime>, linger: Duration) {
     let mut deadline: Option<crate::transport::BoxFuture<'static, ()>> = None;
-    let result: Result<()> = loop {
-        let next = futures::future::poll_fn(|cx| {
-            let mut st = lock(&side.state);
-            if st.abort {
-                return Poll::Ready(Next::Stop);
-            }
-            if batch.is_empty() {
-                batch.extend(st.chunks.drain(..));
-                if !st.staging.is_empty() {
-                    let tail = st.staging.split().freeze();
-                    batch.push_back(tail);
-                    if st.staging.capacity() < STAGING / 4 {
-                        st.staging.reserve(STAGING);
-                    }
-                }
-            }
-            if !batch.is_empty() {
-                return Poll::Ready(Next::Write);
-            }
-            if st.shutdown {
-                return Poll::Ready(Next::Finish);
-            }
-            st.writer = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await;
-        match next {
-            Next::Stop => break Ok(()),
-            Next::Finish => {
-                let closed = futures::future::poll_fn(|cx| Pin::new(&mut sock).poll_close(cx));
-                // A peer that already reset the connection makes this fail; nothing is
-                // lost by ignoring that here, every message was written.
-                let _ = closed.await;
-                break Ok(());
-            }
-            Next::Write => {}
-        }
+    let result: Result<()> = futures::future::poll_fn(|cx| loop {
         if deadline.is_none() && lock(&side.state).abandoned {
             deadline = Some(rt.sleep(linger));
         }
-        let written = futures::future::poll_fn(|cx| {
-            if let Some(d) = deadline.as_mut() {
-                if d.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
+        if let Some(d) = deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        let mut pen = lock_pen(&side.pen);
+        match side.poll_drain(&mut pen, cx, true) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Drained::Finished) => return Poll::Ready(Ok(())),
+            Poll::Ready(Drained::Stop(r)) => return Poll::Ready(r),
+            Poll::Ready(Drained::Empty) => {
+                drop(pen);
+                let mut st = lock(&side.state);
+                if st.chunks.is_empty() && st.staging.is_empty() && !st.shutdown && !st.abort {
+                    st.writer = Some(cx.waker().clone());
+                    return Poll::Pending;
                 }
-            }
-            if lock(&side.state).abort {
-                return Poll::Ready(None);
-            }
-            let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
-            let mut n = 0;
-            for b in batch.iter().take(MAX_IOV) {
-                iov[n] = IoSlice::new(b);
-                n += 1;
-            }
-            Pin::new(&mut sock)
-                .poll_write_vectored(cx, &iov[..n])
-                .map(Some)
-        })
-        .await;
-        let n = match written {
-            None => break Ok(()),
-            Some(Ok(0)) => {
-                break Err(Error::new(
-                    crate::ErrorKind::ConnectionReset,
-                    "send: the socket accepted no bytes",
-                ))
-            }
-            Some(Ok(n)) => n,
-            Some(Err(e)) => break Err(e.into()),
-        };
-        let mut left = n;
-        while left > 0 {
-            let front = batch.front_mut().expect("wrote more than was queued");
-            if front.len() <= left {
-                left -= front.len();
-                batch.pop_front();
-            } else {
-                front.advance(left);
-                left = 0;
+                // More arrived (or a shutdown) since the drain: go round again.
             }
         }
-        {
-            let mut st = lock(&side.state);
-            st.queued -= n;
-            st.written_total += n as u64;
-        }
-        side.space.notify(usize::MAX);
-        side.progress.notify(usize::MAX);
-    };
+    })
+    .await;
+    let sock = lock_pen(&side.pen).sock.take();
     let mut st = lock(&side.state);
     st.writer_done = true;
     st.shutdown = true;

@@ -93,7 +93,7 @@ impl TcpTransport {
             "connect: the address resolved to nothing",
         );
         for a in addrs {
-            let attempt = async { Ok(rt.tcp_connect(a, config.nodelay).await?) };
+            let attempt = async { Ok(rt.tcp_connect(a, config.socket_options()).await?) };
             match with_timeout(&*rt, config.connect_timeout, "connect", attempt).await {
                 Ok(sock) => return Ok(Self::from_socket(sock, config, rt)),
                 Err(e) => {
@@ -111,13 +111,9 @@ impl TcpTransport {
     /// Wrap an already connected socket (from [`Runtime::tcp_connect`] or an
     /// [`AsyncListener`](crate::runtime::AsyncListener)) and start its writer task on `rt`.
     pub fn from_socket(sock: TcpSocket, config: &TcpConfig, rt: Arc<dyn Runtime>) -> TcpTransport {
-        let send = Arc::new(SendSide::new(config.send_buffer));
-        rt.spawn(Box::pin(writer(
-            send.clone(),
-            sock.writer,
-            rt.clone(),
-            config.linger,
-        )));
+        let inline = !config.busy_poll.is_zero();
+        let send = Arc::new(SendSide::new(config.send_buffer, sock.writer, inline));
+        rt.spawn(Box::pin(writer(send.clone(), rt.clone(), config.linger)));
         TcpTransport {
             shared: Arc::new(Shared {
                 send,

@@ -38,7 +38,7 @@ impl Default for TcpConfig {
     fn default() -> Self {
         TcpConfig {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
-            send_buffer: 1 << 20,
+            send_buffer: 4 << 20,
             connect_timeout: Some(Duration::from_secs(10)),
             linger: Duration::from_secs(10),
             nodelay: true,
@@ -57,7 +57,8 @@ impl TcpConfig {
         self
     }
 
-    /// Bytes that `send` may queue ahead of the socket before it waits (default 1 MiB).
+    /// Bytes that `send` may queue ahead of the socket before it waits (default 4 MiB,
+    /// so a few large messages can wait behind the one being written).
     /// A message larger than this is still accepted when the queue is empty.
     pub fn send_buffer(mut self, bytes: usize) -> Self {
         self.send_buffer = bytes.max(1);

@@ -2,6 +2,7 @@
 //! minimal executor written here (embedding in a custom executor).
 #![cfg(feature = "async-std")]
 
+mod common;
 mod tcp_suite;
 
 use std::future::Future;
@@ -11,28 +12,14 @@ use std::sync::Arc;
 use net_rs::adapters::async_io::AsyncIoRuntime;
 use net_rs::runtime::Runtime;
 
-type Case = fn(Arc<dyn Runtime>) -> Pin<Box<dyn Future<Output = ()>>>;
+use common::Case;
 
 mod async_std_runtime {
-    use super::*;
-    fn run(case: Case) {
-        let rt: Arc<dyn Runtime> = Arc::new(AsyncIoRuntime::with_spawner(|task| {
-            async_std::task::spawn(task);
-        }));
-        async_std::task::block_on(case(rt));
-    }
-    crate::tcp_suite!(run);
+    crate::tcp_suite!(crate::common::run_async_std);
 }
 
 mod smol_runtime {
-    use super::*;
-    fn run(case: Case) {
-        let rt: Arc<dyn Runtime> = Arc::new(AsyncIoRuntime::with_spawner(|task| {
-            smol::spawn(task).detach()
-        }));
-        smol::block_on(case(rt));
-    }
-    crate::tcp_suite!(run);
+    crate::tcp_suite!(crate::common::run_smol);
 }
 
 /// The default runtime when no tokio runtime runs: the shared async-io adapter.

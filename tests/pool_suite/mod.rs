@@ -10,32 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::channel::oneshot;
-use futures::future::{select, Either};
 use net_rs::drivers::tcp::TcpConfig;
 use net_rs::pool::{ConnectionPool, PoolConfig, ReconnectPolicy, TcpConnector};
 use net_rs::runtime::Runtime;
 use net_rs::transport::Transport;
 use net_rs::ErrorKind;
 
-pub async fn deadline<T>(rt: &Arc<dyn Runtime>, fut: impl std::future::Future<Output = T>) -> T {
-    let fut = std::pin::pin!(fut);
-    match select(fut, rt.sleep(Duration::from_secs(30))).await {
-        Either::Left((v, _)) => v,
-        Either::Right(_) => panic!("test step hung for 30 s"),
-    }
-}
-
-fn spawn<T: Send + 'static>(
-    rt: &Arc<dyn Runtime>,
-    fut: impl std::future::Future<Output = T> + Send + 'static,
-) -> oneshot::Receiver<T> {
-    let (tx, rx) = oneshot::channel();
-    rt.spawn(Box::pin(async move {
-        let _ = tx.send(fut.await);
-    }));
-    rx
-}
+pub use crate::common::{deadline, spawn};
 
 /// A blocking echo server on std threads that can be stopped (closing every
 /// connection) and started again on the same port.

@@ -16,25 +16,7 @@ use net_rs::runtime::Runtime;
 use net_rs::transport::{BoxTransport, Transport};
 use net_rs::ErrorKind;
 
-/// Fail the test instead of hanging.
-pub async fn deadline<T>(rt: &Arc<dyn Runtime>, fut: impl std::future::Future<Output = T>) -> T {
-    let fut = std::pin::pin!(fut);
-    match select(fut, rt.sleep(Duration::from_secs(30))).await {
-        Either::Left((v, _)) => v,
-        Either::Right(_) => panic!("test step hung for 30 s"),
-    }
-}
-
-fn spawn<T: Send + 'static>(
-    rt: &Arc<dyn Runtime>,
-    fut: impl std::future::Future<Output = T> + Send + 'static,
-) -> oneshot::Receiver<T> {
-    let (tx, rx) = oneshot::channel();
-    rt.spawn(Box::pin(async move {
-        let _ = tx.send(fut.await);
-    }));
-    rx
-}
+pub use crate::common::{deadline, spawn};
 
 fn config(rt: &Arc<dyn Runtime>) -> TcpConfig {
     TcpConfig::default().runtime(rt.clone())

@@ -251,21 +251,31 @@ impl SendSide {
         cx: &mut Context<'_>,
         listener: &mut Option<EventListener>,
     ) -> Poll<Result<()>> {
+        self.poll_until(cx, &self.space, listener, |st| {
+            if let Some(e) = &st.error {
+                Some(Err(e.clone()))
+            } else if st.shutdown {
+                Some(Err(Error::closed("send")))
+            } else {
+                (st.queued < self.limit).then_some(Ok(()))
+            }
+        })
+    }
+
+    /// Check → listen → re-check on `event` until `check` gives a value.
+    fn poll_until<T>(
+        &self,
+        cx: &mut Context<'_>,
+        event: &Event,
+        listener: &mut Option<EventListener>,
+        mut check: impl FnMut(&SendState) -> Option<T>,
+    ) -> Poll<T> {
         loop {
-            {
-                let st = lock(&self.state);
-                if let Some(e) = &st.error {
-                    return Poll::Ready(Err(e.clone()));
-                }
-                if st.shutdown {
-                    return Poll::Ready(Err(Error::closed("send")));
-                }
-                if st.queued < self.limit {
-                    return Poll::Ready(Ok(()));
-                }
+            if let Some(v) = check(&lock(&self.state)) {
+                return Poll::Ready(v);
             }
             match listener {
-                None => *listener = Some(self.space.listen()),
+                None => *listener = Some(event.listen()),
                 Some(l) => {
                     futures::ready!(Pin::new(l).poll(cx));
                     *listener = None;
@@ -302,27 +312,15 @@ impl SendSide {
         target: u64,
         listener: &mut Option<EventListener>,
     ) -> Poll<Result<()>> {
-        loop {
-            {
-                let st = lock(&self.state);
-                if let Some(e) = &st.error {
-                    return Poll::Ready(Err(e.clone()));
-                }
-                if st.written_total >= target {
-                    return Poll::Ready(Ok(()));
-                }
-                if st.writer_done {
-                    return Poll::Ready(Err(Error::closed("flush")));
-                }
+        self.poll_until(cx, &self.progress, listener, |st| {
+            if let Some(e) = &st.error {
+                Some(Err(e.clone()))
+            } else if st.written_total >= target {
+                Some(Ok(()))
+            } else {
+                st.writer_done.then(|| Err(Error::closed("flush")))
             }
-            match listener {
-                None => *listener = Some(self.progress.listen()),
-                Some(l) => {
-                    futures::ready!(Pin::new(l).poll(cx));
-                    *listener = None;
-                }
-            }
-        }
+        })
     }
 
     /// Ready once the writer has exited (after `shutdown`/`abort`).
@@ -331,24 +329,12 @@ impl SendSide {
         cx: &mut Context<'_>,
         listener: &mut Option<EventListener>,
     ) -> Poll<Result<()>> {
-        loop {
-            {
-                let st = lock(&self.state);
-                if st.writer_done {
-                    return Poll::Ready(match &st.error {
-                        Some(e) => Err(e.clone()),
-                        None => Ok(()),
-                    });
-                }
-            }
-            match listener {
-                None => *listener = Some(self.progress.listen()),
-                Some(l) => {
-                    futures::ready!(Pin::new(l).poll(cx));
-                    *listener = None;
-                }
-            }
-        }
+        self.poll_until(cx, &self.progress, listener, |st| {
+            st.writer_done.then(|| match &st.error {
+                Some(e) => Err(e.clone()),
+                None => Ok(()),
+            })
+        })
     }
 
     /// Stop accepting messages; the writer sends FIN after what is queued.

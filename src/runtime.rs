@@ -140,6 +140,7 @@ pub fn default_runtime() -> Result<Arc<dyn Runtime>> {
     ))
 }
 
+#[cfg(any(feature = "tokio", feature = "async-std"))]
 /// Retry a non-blocking `read` for up to `window`: `Ready` with its result, or
 /// `Pending` if it kept finding no data (the caller has registered its waker already).
 pub(crate) fn busy_read(

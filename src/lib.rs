@@ -6,7 +6,8 @@
 //! * [`transport`]: the `Transport` and `BufferPool` traits.
 //! * [`drivers::tcp`]: length-prefixed messages over TCP.
 //! * [`reactor`] and [`mem`]: the runtime-free completion reactor and the memory slab
-//!   that the RDMA driver (not yet included) builds on.
+//!   that the RDMA driver builds on; `drivers::rdma` (feature `rdma`) has its first
+//!   layer, the device context with registered memory.
 //! * [`pool`]: a connection pool with reconnection policies, for any transport.
 //! * [`runtime`]: the small boundary to async runtimes; [`adapters`] implement it for
 //!   tokio (feature `tokio`, default) and the async-io reactor shared by async-std and
@@ -37,7 +38,7 @@ pub mod buffer;
 pub mod codec;
 pub mod drivers;
 pub mod error;
-// The only module with `unsafe`: it hands out disjoint slots of large regions.
+// `unsafe` is allowed here (disjoint slots of large regions) and in the RDMA driver only.
 #[allow(unsafe_code)]
 pub mod mem;
 pub mod pool;

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Build the RDMA device tests on the host and run them in one boot of the Soft-RoCE VM
+# (../shared/softroce/softroce-vm.sh: a QEMU guest with a real rxe device). Inside the
+# guest NET_RS_RDMA_TESTS=1 makes the tests fail, not skip, without a device.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+vm=../shared/softroce/softroce-vm.sh
+[ -x "$vm" ] || { echo "rdma-vm: $vm not found (the CI checkout has ../shared beside it)" >&2; exit 1; }
+
+cargo test --features rdma --tests --no-run --message-format=json \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    exe = m.get("executable")
+    if exe and m.get("profile", {}).get("test") and "/rdma_" in m.get("target", {}).get("src_path", ""):
+        print(exe)
+' > target/rdma-tests.txt
+[ -s target/rdma-tests.txt ] || { echo "rdma-vm: no rdma test binaries were built" >&2; exit 1; }
+
+cat > target/rdma-run.sh <<'GUEST'
+#!/bin/sh
+set -u
+echo "guest: device ${SOFTROCE_DEV:-?} at ${SOFTROCE_IP:-?}"
+rc=0
+while read -r t; do
+  echo "guest: running $t"
+  "$t" --test-threads=1 || rc=1
+done < target/rdma-tests.txt
+exit $rc
+GUEST
+chmod +x target/rdma-run.sh
+"$vm" -t 900 -e NET_RS_RDMA_TESTS=1 -e RUST_BACKTRACE=1 "$PWD" target/rdma-run.sh

@@ -1,0 +1,173 @@
+//! A verbs device context with a protection domain and registered memory.
+
+use std::cell::UnsafeCell;
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sideway::ibverbs::device::{DeviceInfo, DeviceList};
+use sideway::ibverbs::device_context::DeviceContext;
+use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::protection_domain::ProtectionDomain;
+use sideway::ibverbs::AccessFlags;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::mem::{Region, RegionSource, Slab};
+
+/// An open RDMA device with one protection domain.
+#[derive(Clone)]
+pub struct RdmaContext {
+    name: String,
+    ctx: Arc<DeviceContext>,
+    pd: Arc<ProtectionDomain>,
+    registrations: Arc<AtomicU64>,
+}
+
+fn unsupported(what: &str, detail: impl fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        format!("RDMA unavailable: {what} ({detail})"),
+    )
+}
+
+impl RdmaContext {
+    /// Open the device called `name`, or the first device if `name` is `None`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`] when rdma-core is not installed, the kernel has no
+    /// RDMA support, no device exists or the named one does not; the message says which.
+    pub fn open(name: Option<&str>) -> Result<RdmaContext> {
+        let list = DeviceList::new().map_err(|e| {
+            unsupported(
+                "cannot list verbs devices; is rdma-core (libibverbs1, ibverbs-providers) \
+                 installed and the kernel built with RDMA?",
+                e,
+            )
+        })?;
+        let names: Vec<String> = list.iter().map(|d| d.name()).collect();
+        let index = match name {
+            None if names.is_empty() => {
+                return Err(unsupported(
+                    "no RDMA device found",
+                    "add one with `rdma link add rxe0 type rxe netdev <if>` for Soft-RoCE",
+                ))
+            }
+            None => 0,
+            Some(want) => names.iter().position(|n| n == want).ok_or_else(|| {
+                unsupported(&format!("no RDMA device named {want}"), names.join(", "))
+            })?,
+        };
+        let device = list
+            .get(index)
+            .ok_or_else(|| unsupported("device list changed while opening", index))?;
+        let ctx = device
+            .open()
+            .map_err(|e| unsupported(&format!("cannot open {}", names[index]), e))?;
+        let pd = ctx.alloc_pd().map_err(|e| {
+            Error::new(
+                ErrorKind::Registration,
+                format!(
+                    "cannot allocate a protection domain on {}: {e}",
+                    names[index]
+                ),
+            )
+        })?;
+        Ok(RdmaContext {
+            name: names[index].clone(),
+            ctx,
+            pd,
+            registrations: Arc::default(),
+        })
+    }
+
+    /// The device's name (e.g. `rxe0`, `mlx5_0`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The sideway device context.
+    pub fn device_context(&self) -> &Arc<DeviceContext> {
+        &self.ctx
+    }
+
+    /// Memory registrations made through this context so far.
+    pub fn registrations(&self) -> u64 {
+        self.registrations.load(Ordering::Relaxed)
+    }
+
+    /// A slab of registered memory: power-of-two classes from `min_class` to
+    /// `max_class` bytes, registered `region_size` bytes at a time.
+    pub fn slab(&self, min_class: usize, max_class: usize, region_size: usize) -> Slab {
+        Slab::new(
+            Registered {
+                pd: self.pd.clone(),
+                registrations: self.registrations.clone(),
+            },
+            min_class,
+            max_class,
+            region_size,
+        )
+    }
+}
+
+impl fmt::Debug for RdmaContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RdmaContext")
+            .field("device", &self.name)
+            .field("registrations", &self.registrations())
+            .finish()
+    }
+}
+
+/// Makes regions of registered memory.
+struct Registered {
+    pd: Arc<ProtectionDomain>,
+    registrations: Arc<AtomicU64>,
+}
+
+/// Heap memory registered with a protection domain. Field order matters: the MR is
+/// dropped (deregistered) before the memory it names is freed.
+struct RegisteredRegion {
+    mr: Arc<MemoryRegion>,
+    mem: Box<[UnsafeCell<u8>]>,
+}
+
+// SAFETY: the bytes are reached only through the slab, which gives each slot to one
+// owner at a time; the region itself never touches them. `MemoryRegion` is Send + Sync.
+unsafe impl Sync for RegisteredRegion {}
+
+// SAFETY: `mem` is a heap allocation owned by the region: it stays valid and at one
+// address until the region drops, after `mr` (declared first) has been deregistered.
+// `UnsafeCell` makes writes through the pointer sound.
+unsafe impl Region for RegisteredRegion {
+    fn ptr(&self) -> *mut u8 {
+        UnsafeCell::raw_get(self.mem.as_ptr())
+    }
+    fn len(&self) -> usize {
+        self.mem.len()
+    }
+    fn key(&self) -> u32 {
+        self.mr.lkey()
+    }
+}
+
+impl RegionSource for Registered {
+    fn region(&self, len: usize) -> io::Result<Arc<dyn Region>> {
+        let mem: Box<[UnsafeCell<u8>]> = (0..len).map(|_| UnsafeCell::new(0)).collect();
+        let ptr = UnsafeCell::raw_get(mem.as_ptr()) as usize;
+        // SAFETY: `ptr..ptr+len` is the heap block `mem`, which the returned region owns
+        // together with the MR; the MR is dropped first (field order), so the device
+        // never names freed memory, and the block never moves (boxed slice).
+        let mr = unsafe {
+            self.pd.reg_mr(
+                ptr,
+                len,
+                AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead,
+            )
+        }
+        .map_err(|e| io::Error::other(format!("ibv_reg_mr of {len} bytes failed: {e}")))?;
+        self.registrations.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(RegisteredRegion { mr, mem }))
+    }
+}

@@ -91,6 +91,11 @@ impl RdmaContext {
         &self.ctx
     }
 
+    /// The protection domain everything of this context is created in.
+    pub fn protection_domain(&self) -> &Arc<ProtectionDomain> {
+        &self.pd
+    }
+
     /// Memory registrations made through this context so far.
     pub fn registrations(&self) -> u64 {
         self.registrations.load(Ordering::Relaxed)

@@ -4,7 +4,9 @@
 //! (with a clear [`Unsupported`](crate::ErrorKind::Unsupported) error when there is no
 //! device or no rdma-core) and gives a [`Slab`](crate::mem::Slab) over memory
 //! registered with it, so buffers are registered once per large region, never per
-//! message. The connection layer (RDMA-CM, queue pairs, receive credits, the
+//! message; [`poller::CqSource`] feeds a completion queue to the reactor's
+//! [`Poller`](crate::reactor::Poller). The connection layer (RDMA-CM, queue pairs, receive credits, the
 //! `Transport` impl) comes next; see the README.
 
 pub mod context;
+pub mod poller;

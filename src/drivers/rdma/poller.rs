@@ -1,0 +1,150 @@
+//! A completion queue as a [`CompletionSource`] for the reactor's poller thread.
+//!
+//! Polling drains the CQ without a syscall. Arming calls `ibv_req_notify_cq`; waiting
+//! `poll(2)`s the completion channel's file descriptor (non-blocking) with a timeout,
+//! then takes and acknowledges the event with `ibv_get_cq_event` /
+//! `ibv_ack_cq_events` (sideway 0.4.3 wraps neither, so they come from
+//! `rdma-mummy-sys`). Every event is acknowledged as soon as it is taken, so destroying
+//! the CQ never blocks on unacknowledged events.
+
+use std::fmt;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sideway::ibverbs::completion::{
+    BasicCompletionQueue, CompletionChannel, CompletionQueue, PollCompletionQueueError,
+};
+
+use super::context::RdmaContext;
+use crate::error::{Error, ErrorKind, Result};
+use crate::reactor::{Completion, CompletionSource};
+
+/// The verbs opcode bit that marks receive completions (`IBV_WC_RECV` and up).
+const WC_RECV: u32 = 128;
+
+/// A completion queue with its own completion channel.
+pub struct CqSource {
+    cq: Arc<BasicCompletionQueue>,
+    channel: Arc<CompletionChannel>,
+}
+
+impl CqSource {
+    /// A CQ of `entries` entries on `ctx`, with a non-blocking completion channel.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Registration`] if the channel or CQ cannot be created.
+    pub fn new(ctx: &RdmaContext, entries: u32) -> Result<CqSource> {
+        let dev = ctx.device_context();
+        let fail = |what: &str, e: &dyn fmt::Display| {
+            Error::new(
+                ErrorKind::Registration,
+                format!("{what} on {}: {e}", ctx.name()),
+            )
+        };
+        let channel = CompletionChannel::new(dev)
+            .map_err(|e| fail("cannot create a completion channel", &e))?;
+        channel
+            .set_nonblocking(true)
+            .map_err(|e| fail("cannot make the completion channel non-blocking", &e))?;
+        let cq = dev
+            .create_cq_builder()
+            .setup_cqe(entries)
+            .setup_comp_channel(&channel, 0)
+            .build()
+            .map_err(|e| fail("cannot create a completion queue", &e))?;
+        Ok(CqSource { cq, channel })
+    }
+
+    /// The CQ, to attach queue pairs to.
+    pub fn cq(&self) -> &Arc<BasicCompletionQueue> {
+        &self.cq
+    }
+}
+
+impl fmt::Debug for CqSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CqSource")
+            .field("channel_fd", &self.channel.as_raw_fd())
+            .finish()
+    }
+}
+
+impl CompletionSource for CqSource {
+    fn poll(&mut self, out: &mut Vec<Completion>, _max: usize) -> io::Result<usize> {
+        let poller = match self.cq.start_poll() {
+            Ok(p) => p,
+            Err(PollCompletionQueueError::CompletionQueueEmpty) => return Ok(0),
+            Err(e) => return Err(io::Error::other(format!("ibv_poll_cq failed: {e}"))),
+        };
+        let before = out.len();
+        // One `ibv_poll_cq` filled the poller's batch; take all of it (what is not taken
+        // would be lost).
+        for wc in poller {
+            let opcode = wc.opcode();
+            out.push(Completion {
+                wr_id: wc.wr_id(),
+                status: wc.status(),
+                opcode,
+                byte_len: wc.byte_len(),
+                imm: (opcode & WC_RECV != 0).then(|| wc.imm_data()),
+            });
+        }
+        Ok(out.len() - before)
+    }
+
+    fn arm(&mut self) -> io::Result<()> {
+        // SAFETY: `self.cq` keeps the CQ alive for the duration of the call.
+        let rc = unsafe { rdma_mummy_sys::ibv_req_notify_cq(self.cq.cq().as_ptr(), 0) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc.abs()));
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, timeout: Duration) -> io::Result<bool> {
+        let mut fds = libc::pollfd {
+            fd: self.channel.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `fds` is one valid, initialized pollfd that outlives the call.
+        let n = unsafe { libc::poll(&mut fds, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        let mut cq = std::ptr::null_mut();
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: the channel is alive (`self.channel`) and non-blocking; `cq`/`ctx` are
+        // valid out-pointers. The event's CQ is ours, the only one on this channel.
+        let rc = unsafe {
+            rdma_mummy_sys::ibv_get_cq_event(
+                self.channel.comp_channel().as_ptr(),
+                &mut cq,
+                &mut ctx,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        // SAFETY: `cq` was just returned by `ibv_get_cq_event` for our live CQ; one
+        // event was taken, one is acknowledged.
+        unsafe { rdma_mummy_sys::ibv_ack_cq_events(cq, 1) };
+        Ok(true)
+    }
+}

@@ -81,6 +81,27 @@ impl RdmaContext {
         })
     }
 
+    /// A context over an already open device (for example the one RDMA-CM resolved an
+    /// address to).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Registration`] if no protection domain can be allocated.
+    pub fn from_device(ctx: Arc<DeviceContext>) -> Result<RdmaContext> {
+        let name = "device resolved by RDMA-CM".to_string();
+        let pd = ctx.alloc_pd().map_err(|e| {
+            Error::new(
+                ErrorKind::Registration,
+                format!("cannot allocate a protection domain: {e}"),
+            )
+        })?;
+        Ok(RdmaContext {
+            name,
+            ctx,
+            pd,
+            registrations: Arc::default(),
+        })
+    }
+
     /// The device's name (e.g. `rxe0`, `mlx5_0`).
     pub fn name(&self) -> &str {
         &self.name

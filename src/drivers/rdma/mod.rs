@@ -5,8 +5,10 @@
 //! device or no rdma-core) and gives a [`Slab`](crate::mem::Slab) over memory
 //! registered with it, so buffers are registered once per large region, never per
 //! message; [`poller::CqSource`] feeds a completion queue to the reactor's
-//! [`Poller`](crate::reactor::Poller). The connection layer (RDMA-CM, queue pairs, receive credits, the
-//! `Transport` impl) comes next; see the README.
+//! [`Poller`](crate::reactor::Poller); [`cm`] connects reliable-connected queue pairs
+//! with RDMA-CM. The message layer (receive credits, fragmentation, the `Transport` impl) comes
+//! next; see the README.
 
+pub mod cm;
 pub mod context;
 pub mod poller;

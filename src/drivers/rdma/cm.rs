@@ -1,0 +1,313 @@
+//! Connection setup with RDMA-CM: reliable-connected queue pairs between two hosts.
+//!
+//! [`connect_qp`] and [`CmListener`] run the RDMA-CM handshake (address and route
+//! resolution, connect/accept, the QP's INIT → RTR → RTS transitions from
+//! `rdma_init_qp_attr`) on the calling thread, waiting on the event channel's file
+//! descriptor with a deadline, and hand back a [`CmConnection`]: the identifier, a
+//! context on the resolved device, a completion queue for the reactor and the connected
+//! queue pair. Receives can be posted by the `before_connect` hook before the peer can
+//! send. This is the connection layer the RDMA `Transport` will sit on.
+//!
+//! Errors: no listener gives [`ConnectionRefused`](ErrorKind::ConnectionRefused), a
+//! passed deadline [`TimedOut`](ErrorKind::TimedOut), no RDMA support
+//! [`Unsupported`](ErrorKind::Unsupported).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair, QueuePairState};
+use sideway::rdmacm::communication_manager::{
+    ConnectionParameter, Event, EventChannel, EventType, GetEventErrorKind, Identifier, PortSpace,
+};
+
+use super::context::RdmaContext;
+use super::poller::CqSource;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Work requests each queue's side may have outstanding.
+pub const QUEUE_DEPTH: u32 = 512;
+
+/// A connected RC queue pair and what it needs.
+pub struct CmConnection {
+    /// The connected queue pair. Dropped first.
+    pub qp: BasicQueuePair,
+    /// The completion queue of both directions, to run a poller on (take it).
+    pub source: Option<CqSource>,
+    /// The device context the connection lives on.
+    pub context: RdmaContext,
+    id: Arc<Identifier>,
+    _channel: Arc<EventChannel>,
+}
+
+impl CmConnection {
+    /// Start an orderly disconnect (the peer sees `Disconnected`).
+    ///
+    /// # Errors
+    /// The RDMA-CM error, if any.
+    pub fn disconnect(&self) -> Result<()> {
+        self.id
+            .disconnect()
+            .map_err(|e| Error::new(ErrorKind::ConnectionReset, format!("rdma_disconnect: {e}")))
+    }
+}
+
+impl fmt::Debug for CmConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CmConnection")
+            .field("qp_number", &self.qp.qp_number())
+            .finish_non_exhaustive()
+    }
+}
+
+fn cm_error(kind: ErrorKind, what: &str, e: impl fmt::Display) -> Error {
+    Error::new(kind, format!("{what}: {e}"))
+}
+
+fn channel() -> Result<Arc<EventChannel>> {
+    let ch = EventChannel::new().map_err(|e| {
+        cm_error(
+            ErrorKind::Unsupported,
+            "RDMA unavailable: cannot create an RDMA-CM event channel (is librdmacm1 installed \
+             and the kernel built with RDMA?)",
+            e,
+        )
+    })?;
+    ch.set_nonblocking(true)
+        .map_err(|e| cm_error(ErrorKind::Io(e.kind()), "RDMA-CM channel", e))?;
+    Ok(ch)
+}
+
+fn ms(d: Duration) -> Duration {
+    d.clamp(Duration::from_millis(1), Duration::from_secs(3600))
+}
+
+/// The next event on `ch`, waiting until `deadline`.
+fn next_event(ch: &Arc<EventChannel>, deadline: Instant, what: &str) -> Result<Event> {
+    loop {
+        match ch.get_cm_event() {
+            Ok(ev) => return Ok(ev),
+            Err(e) if matches!(e.0, GetEventErrorKind::NoEvent) => {}
+            Err(e) => return Err(cm_error(ErrorKind::Io(std::io::ErrorKind::Other), what, e)),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::new(
+                ErrorKind::TimedOut,
+                format!("{what}: timed out waiting for RDMA-CM"),
+            ));
+        }
+        let mut fds = libc::pollfd {
+            fd: ch.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let wait = left.as_millis().clamp(1, 100) as i32;
+        // SAFETY: `fds` is one valid, initialized pollfd that outlives the call.
+        unsafe { libc::poll(&mut fds, 1, wait) };
+    }
+}
+
+/// Expect an event of type `want`; map the failure events to errors.
+fn expect(ev: Event, want: EventType, what: &str) -> Result<Event> {
+    let ty = ev.event_type();
+    if ty == want {
+        return Ok(ev);
+    }
+    let status = ev.status();
+    let kind = match ty {
+        EventType::Rejected | EventType::Unreachable | EventType::ConnectError => {
+            ErrorKind::ConnectionRefused
+        }
+        EventType::AddressError | EventType::RouteError => ErrorKind::ConnectionRefused,
+        _ => ErrorKind::Io(std::io::ErrorKind::Other),
+    };
+    Err(Error::new(
+        kind,
+        format!("{what}: RDMA-CM answered {ty:?} (status {status}) instead of {want:?}"),
+    ))
+}
+
+/// Create the QP for `id` on its device and move it to INIT.
+fn make_qp(id: &Arc<Identifier>) -> Result<(RdmaContext, CqSource, BasicQueuePair)> {
+    let dev = id.get_device_context().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Unsupported,
+            "RDMA-CM resolved the address to no RDMA device",
+        )
+    })?;
+    let ctx = RdmaContext::from_device(dev)?;
+    let source = CqSource::new(&ctx, 2 * QUEUE_DEPTH + 16)?;
+    let cq = source.cq().clone();
+    let mut qp = ctx
+        .protection_domain()
+        .create_qp_builder()
+        .setup_max_send_wr(QUEUE_DEPTH)
+        .setup_max_recv_wr(QUEUE_DEPTH)
+        .setup_send_cq(cq.clone())
+        .setup_recv_cq(cq)
+        .build()
+        .map_err(|e| cm_error(ErrorKind::Registration, "cannot create a queue pair", e))?;
+    move_qp(id, &mut qp, QueuePairState::Init)?;
+    Ok((ctx, source, qp))
+}
+
+fn move_qp(id: &Arc<Identifier>, qp: &mut BasicQueuePair, state: QueuePairState) -> Result<()> {
+    let attr = id.get_qp_attr(state).map_err(|e| {
+        cm_error(
+            ErrorKind::Io(std::io::ErrorKind::Other),
+            "rdma_init_qp_attr",
+            e,
+        )
+    })?;
+    qp.modify(&attr).map_err(|e| {
+        cm_error(
+            ErrorKind::Io(std::io::ErrorKind::Other),
+            &format!("cannot move the queue pair to {state:?}"),
+            e,
+        )
+    })
+}
+
+fn conn_param(qp: &BasicQueuePair) -> ConnectionParameter {
+    let mut p = ConnectionParameter::default();
+    p.setup_qp_number(qp.qp_number());
+    p
+}
+
+/// Connect an RC queue pair to `addr`, blocking the calling thread for at most
+/// `timeout`. `before_connect` runs once the QP exists (INIT), e.g. to post receives.
+///
+/// # Errors
+/// `ConnectionRefused` (no listener, unreachable), `TimedOut`, `Unsupported`, or the
+/// error of `before_connect`.
+pub fn connect_qp(
+    addr: SocketAddr,
+    timeout: Duration,
+    before_connect: impl FnOnce(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
+) -> Result<CmConnection> {
+    let deadline = Instant::now() + timeout;
+    let ch = channel()?;
+    let id = ch
+        .create_id(PortSpace::Tcp)
+        .map_err(|e| cm_error(ErrorKind::Unsupported, "rdma_create_id", e))?;
+    let what = format!("RDMA connect to {addr}");
+    id.resolve_addr(None, addr, ms(timeout))
+        .map_err(|e| cm_error(ErrorKind::ConnectionRefused, &what, e))?;
+    drop(expect(
+        next_event(&ch, deadline, &what)?,
+        EventType::AddressResolved,
+        &what,
+    )?);
+    id.resolve_route(ms(deadline.saturating_duration_since(Instant::now())))
+        .map_err(|e| cm_error(ErrorKind::ConnectionRefused, &what, e))?;
+    drop(expect(
+        next_event(&ch, deadline, &what)?,
+        EventType::RouteResolved,
+        &what,
+    )?);
+    let (context, source, mut qp) = make_qp(&id)?;
+    before_connect(&context, &mut qp)?;
+    id.connect(conn_param(&qp))
+        .map_err(|e| cm_error(ErrorKind::ConnectionRefused, &what, e))?;
+    drop(expect(
+        next_event(&ch, deadline, &what)?,
+        EventType::ConnectResponse,
+        &what,
+    )?);
+    move_qp(&id, &mut qp, QueuePairState::ReadyToReceive)?;
+    move_qp(&id, &mut qp, QueuePairState::ReadyToSend)?;
+    id.establish()
+        .map_err(|e| cm_error(ErrorKind::ConnectionReset, &what, e))?;
+    Ok(CmConnection {
+        qp,
+        source: Some(source),
+        context,
+        id,
+        _channel: ch,
+    })
+}
+
+/// A listening RDMA-CM identifier.
+pub struct CmListener {
+    ch: Arc<EventChannel>,
+    id: Arc<Identifier>,
+}
+
+impl CmListener {
+    /// Listen on `addr` (a local IP of an RDMA device, or `0.0.0.0`; not `127.0.0.1`).
+    ///
+    /// # Errors
+    /// `Unsupported` without RDMA; the bind or listen error.
+    pub fn bind(addr: SocketAddr) -> Result<CmListener> {
+        let ch = channel()?;
+        let id = ch
+            .create_id(PortSpace::Tcp)
+            .map_err(|e| cm_error(ErrorKind::Unsupported, "rdma_create_id", e))?;
+        id.bind_addr(addr).map_err(|e| {
+            cm_error(
+                ErrorKind::Io(std::io::ErrorKind::AddrNotAvailable),
+                &format!("rdma_bind_addr {addr}"),
+                e,
+            )
+        })?;
+        id.listen(128)
+            .map_err(|e| cm_error(ErrorKind::Io(std::io::ErrorKind::Other), "rdma_listen", e))?;
+        Ok(CmListener { ch, id })
+    }
+
+    /// Accept the next connection, blocking the calling thread for at most `timeout`.
+    /// `before_accept` runs once the QP exists (INIT), e.g. to post receives.
+    ///
+    /// # Errors
+    /// `TimedOut`, or the error of setting up the QP or of `before_accept`.
+    pub fn accept(
+        &self,
+        timeout: Duration,
+        before_accept: impl FnOnce(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
+    ) -> Result<CmConnection> {
+        let deadline = Instant::now() + timeout;
+        let what = "RDMA accept";
+        let request = loop {
+            let ev = next_event(&self.ch, deadline, what)?;
+            if ev.event_type() == EventType::ConnectRequest {
+                break ev;
+            }
+        };
+        let id = request.cm_id().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Io(std::io::ErrorKind::Other),
+                "connect request without an id",
+            )
+        })?;
+        drop(request);
+        let (context, source, mut qp) = make_qp(&id)?;
+        before_accept(&context, &mut qp)?;
+        move_qp(&id, &mut qp, QueuePairState::ReadyToReceive)?;
+        move_qp(&id, &mut qp, QueuePairState::ReadyToSend)?;
+        id.accept(conn_param(&qp))
+            .map_err(|e| cm_error(ErrorKind::ConnectionReset, what, e))?;
+        drop(expect(
+            next_event(&self.ch, deadline, what)?,
+            EventType::Established,
+            what,
+        )?);
+        Ok(CmConnection {
+            qp,
+            source: Some(source),
+            context,
+            id,
+            _channel: self.ch.clone(),
+        })
+    }
+}
+
+impl fmt::Debug for CmListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CmListener")
+            .field("port", &self.id.port())
+            .finish_non_exhaustive()
+    }
+}

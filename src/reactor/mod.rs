@@ -62,10 +62,16 @@ impl Completion {
 }
 
 /// A work-request id: a slab key and a generation packed into the 64-bit `wr_id`.
+///
+/// Ids made by [`OpSlab`] never have bit 63 set ([`WrId::DRIVER_TAG`]): a driver may set
+/// it on work requests it routes itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WrId(u64);
 
 impl WrId {
+    /// The `wr_id` bit reserved for drivers' own work requests.
+    pub const DRIVER_TAG: u64 = 1 << 63;
+
     /// Pack `key` and `gen`.
     pub fn new(key: u32, gen: u32) -> Self {
         WrId(((gen as u64) << 32) | key as u64)

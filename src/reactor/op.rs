@@ -72,7 +72,9 @@ impl OpSlab {
     pub fn register(self: &Arc<Self>, keep: Keep) -> OpFuture {
         let mut inner = self.lock();
         let gen = inner.next_gen;
-        inner.next_gen = inner.next_gen.wrapping_add(1);
+        // 31-bit generations: bit 63 of a `wr_id` is never set by the slab, so drivers
+        // can tag their own work requests (such as pre-posted receives) with it.
+        inner.next_gen = inner.next_gen.wrapping_add(1) & 0x7FFF_FFFF;
         let key = inner.slab.insert(Entry {
             gen,
             state: State::Pending { waker: None, keep },

@@ -42,7 +42,45 @@ pub struct CmConnection {
     _channel: Arc<EventChannel>,
 }
 
+/// Keeps a connection's RDMA-CM identifier (and its event channel) alive.
+pub struct CmHandle {
+    id: Arc<Identifier>,
+    _channel: Arc<EventChannel>,
+}
+
+impl CmHandle {
+    /// Start an orderly disconnect (the peer sees `Disconnected`).
+    ///
+    /// # Errors
+    /// The RDMA-CM error, if any.
+    pub fn disconnect(&self) -> Result<()> {
+        self.id
+            .disconnect()
+            .map_err(|e| Error::new(ErrorKind::ConnectionReset, format!("rdma_disconnect: {e}")))
+    }
+}
+
+impl fmt::Debug for CmHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CmHandle").finish_non_exhaustive()
+    }
+}
+
 impl CmConnection {
+    /// Split into the queue pair, the completion source, the context and the handle
+    /// that keeps the RDMA-CM identifier alive.
+    pub fn into_parts(self) -> (BasicQueuePair, Option<CqSource>, RdmaContext, CmHandle) {
+        (
+            self.qp,
+            self.source,
+            self.context,
+            CmHandle {
+                id: self.id,
+                _channel: self._channel,
+            },
+        )
+    }
+
     /// Start an orderly disconnect (the peer sees `Disconnected`).
     ///
     /// # Errors
@@ -309,5 +347,90 @@ impl fmt::Debug for CmListener {
         f.debug_struct("CmListener")
             .field("port", &self.id.port())
             .finish_non_exhaustive()
+    }
+}
+
+/// Run a blocking RDMA-CM step on its own thread and await its result: no runtime needed.
+async fn off_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(Error::from)?;
+    rx.await.unwrap_or_else(|_| {
+        Err(Error::new(
+            ErrorKind::Io(std::io::ErrorKind::Other),
+            "the RDMA-CM thread died",
+        ))
+    })
+}
+
+/// Connect an [`RdmaTransport`](super::transport::RdmaTransport) to `addr` with the
+/// default [`RdmaConfig`](super::transport::RdmaConfig), within `timeout`.
+///
+/// # Errors
+/// `ConnectionRefused` (no listener), `TimedOut`, `Unsupported` (no RDMA here).
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<super::transport::RdmaTransport> {
+    connect_with(addr, timeout, super::transport::RdmaConfig::default()).await
+}
+
+/// [`connect`] with a configuration.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_with(
+    addr: SocketAddr,
+    timeout: Duration,
+    cfg: super::transport::RdmaConfig,
+) -> Result<super::transport::RdmaTransport> {
+    off_thread("net-rs-rdma-connect", move || {
+        super::transport::RdmaTransport::connect_blocking(addr, timeout, cfg)
+    })
+    .await
+}
+
+/// Listen for RDMA connections on `addr` (a local IP of an RDMA device or `0.0.0.0`).
+///
+/// # Errors
+/// As [`CmListener::bind`].
+pub fn listen(addr: SocketAddr) -> Result<RdmaListener> {
+    Ok(RdmaListener {
+        inner: Arc::new(CmListener::bind(addr)?),
+        config: super::transport::RdmaConfig::default(),
+    })
+}
+
+/// Accepts [`RdmaTransport`](super::transport::RdmaTransport)s.
+#[derive(Debug)]
+pub struct RdmaListener {
+    inner: Arc<CmListener>,
+    config: super::transport::RdmaConfig,
+}
+
+impl RdmaListener {
+    /// Use `config` for accepted connections.
+    pub fn with_config(mut self, config: super::transport::RdmaConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Wait up to `timeout` for the next connection.
+    ///
+    /// # Errors
+    /// `TimedOut`, or the error of setting the connection up.
+    pub async fn accept(&self, timeout: Duration) -> Result<super::transport::RdmaTransport> {
+        let (l, cfg) = (self.inner.clone(), self.config.clone());
+        off_thread("net-rs-rdma-accept", move || {
+            super::transport::RdmaTransport::accept_blocking(&l, timeout, cfg)
+        })
+        .await
     }
 }

@@ -12,3 +12,4 @@
 pub mod cm;
 pub mod context;
 pub mod poller;
+pub mod transport;

@@ -1,0 +1,159 @@
+//! The RDMA `Transport` on a real device (feature `rdma`; see `tests/rdma_device.rs`
+//! for when these run and when they skip).
+#![cfg(feature = "rdma")]
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use net_rs::drivers::rdma::cm;
+use net_rs::drivers::rdma::transport::RdmaTransport;
+use net_rs::transport::Transport;
+use net_rs::ErrorKind;
+
+fn device_ip() -> Option<IpAddr> {
+    let required = std::env::var_os("NET_RS_RDMA_TESTS").is_some_and(|v| v == "1");
+    match std::env::var("SOFTROCE_IP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(ip) => Some(ip),
+        None if required => panic!("NET_RS_RDMA_TESTS=1 needs SOFTROCE_IP (the device's IP)"),
+        None => {
+            eprintln!("skipping: set NET_RS_RDMA_TESTS=1 and SOFTROCE_IP to run RDMA tests");
+            None
+        }
+    }
+}
+
+fn pattern(n: usize, seed: u8) -> Bytes {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// A server on its own thread: echoes every message until the peer shuts down.
+fn echo_server(addr: SocketAddr) -> std::thread::JoinHandle<u64> {
+    let listener = cm::listen(addr).unwrap();
+    std::thread::spawn(move || {
+        futures::executor::block_on(async move {
+            let t = listener.accept(Duration::from_secs(30)).await.unwrap();
+            let mut n = 0;
+            loop {
+                match t.recv().await {
+                    Ok(m) => {
+                        n += 1;
+                        t.send(m).await.unwrap();
+                    }
+                    Err(e) => {
+                        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+                        break;
+                    }
+                }
+            }
+            t.close().await.unwrap();
+            n
+        })
+    })
+}
+
+async fn echo_suite(t: &RdmaTransport) {
+    let sizes = [0usize, 1, 4095, 4096, 4097, 100_000, 1 << 20];
+    for (i, &n) in sizes.iter().enumerate() {
+        let msg = pattern(n, i as u8);
+        t.send(msg.clone()).await.unwrap();
+        let back = t.recv().await.unwrap();
+        assert_eq!(back.len(), n);
+        assert!(back == msg, "payload of {n} bytes changed");
+    }
+    let err = t
+        .send(Bytes::from(vec![0u8; (8 << 20) + 1]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::MessageTooLarge {
+                received: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        !t.is_closed(),
+        "an oversized send leaves the connection usable"
+    );
+    // Floods of small messages, then their echoes: credits keep the receiver ready.
+    // Bounce slots are held only while sends are in flight (at most the send queue's
+    // depth), so after the first flood the registered memory stops growing.
+    const N: u32 = 1500;
+    let mut regs = 0;
+    for round in 0..2 {
+        for i in 0..N {
+            t.send(Bytes::copy_from_slice(&i.to_be_bytes()))
+                .await
+                .unwrap();
+        }
+        for i in 0..N {
+            let m = t.recv().await.unwrap();
+            assert_eq!(u32::from_be_bytes(m[..].try_into().unwrap()), i);
+        }
+        if round == 0 {
+            regs = t.registrations();
+        }
+    }
+    assert_eq!(t.registrations(), regs, "no registration per message");
+}
+
+fn run_client(
+    port: u16,
+    block_on: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>),
+) {
+    let Some(ip) = device_ip() else { return };
+    let addr = SocketAddr::new(ip, port);
+    let server = echo_server(addr);
+    block_on(Box::pin(async move {
+        let t = cm::connect(addr, Duration::from_secs(10)).await.unwrap();
+        echo_suite(&t).await;
+        t.shutdown().await.unwrap();
+        let err = t.recv().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+        t.close().await.unwrap();
+    }));
+    let echoed = server.join().expect("server thread");
+    assert_eq!(echoed, 7 + 2 * 1500);
+}
+
+#[test]
+fn echo_under_block_on() {
+    run_client(18601, futures::executor::block_on);
+}
+
+#[test]
+fn echo_under_tokio() {
+    run_client(18602, |f| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    });
+}
+
+#[test]
+fn echo_under_smol() {
+    run_client(18603, smol::block_on);
+}
+
+#[test]
+fn connect_without_listener_is_refused() {
+    let Some(ip) = device_ip() else { return };
+    let err = futures::executor::block_on(cm::connect(
+        SocketAddr::new(ip, 18699),
+        Duration::from_secs(10),
+    ))
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+}

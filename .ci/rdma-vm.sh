@@ -20,6 +20,7 @@ for line in sys.stdin:
         print(exe)
 ' > target/rdma-tests.txt
 [ -s target/rdma-tests.txt ] || { echo "rdma-vm: no rdma test binaries were built" >&2; exit 1; }
+cargo build --features rdma --example rdma_echo_server --example rdma_echo_client --example rdma_seed
 
 cat > target/rdma-run.sh <<'GUEST'
 #!/bin/sh
@@ -30,6 +31,15 @@ while read -r t; do
   echo "guest: running $t"
   "$t" --test-threads=1 || rc=1
 done < target/rdma-tests.txt
+# The examples, as a user runs them: echo server, echo client, the seed example.
+ex=target/debug/examples
+"$ex/rdma_echo_server" "$SOFTROCE_IP:18515" & srv=$!
+sleep 1
+"$ex/rdma_echo_client" "$SOFTROCE_IP:18515" || { echo "guest: rdma_echo_client failed"; rc=1; }
+out=$("$ex/rdma_seed" "$SOFTROCE_IP:18515") || { echo "guest: rdma_seed failed"; rc=1; }
+echo "guest: rdma_seed said: $out"
+[ "$out" = "got 4 bytes" ] || { echo "guest: unexpected rdma_seed output"; rc=1; }
+kill $srv 2>/dev/null
 exit $rc
 GUEST
 chmod +x target/rdma-run.sh

@@ -5,9 +5,9 @@
 //!
 //! * [`transport`]: the `Transport` and `BufferPool` traits.
 //! * [`drivers::tcp`]: length-prefixed messages over TCP.
-//! * [`reactor`] and [`mem`]: the runtime-free completion reactor and the memory slab
-//!   that the RDMA driver builds on; `drivers::rdma` (feature `rdma`) has its first
-//!   layer, the device context with registered memory.
+//! * `drivers::rdma` (feature `rdma`): the same `Transport` over RDMA RC queue pairs,
+//!   on [`reactor`] (the runtime-free completion reactor) and [`mem`] (the slab over
+//!   registered memory).
 //! * [`pool`]: a connection pool with reconnection policies, for any transport.
 //! * [`runtime`]: the small boundary to async runtimes; [`adapters`] implement it for
 //!   tokio (feature `tokio`, default) and the async-io reactor shared by async-std and

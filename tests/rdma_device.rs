@@ -249,6 +249,22 @@ mod cm_helpers {
         fut
     }
 
+    pub fn spawn_poller(
+        source: net_rs::drivers::rdma::poller::CqSource,
+        ops: &Arc<OpSlab>,
+        name: &str,
+    ) -> net_rs::reactor::PollerHandle {
+        use net_rs::reactor::{Completion, Poller, PollerConfig};
+        let ops = ops.clone();
+        Poller::new(
+            source,
+            move |b: &[Completion]| ops.complete_batch(b, &mut Vec::new()),
+            PollerConfig::default(),
+        )
+        .spawn(name)
+        .unwrap()
+    }
+
     pub fn received(keep: net_rs::reactor::Keep, len: u32) -> Vec<u8> {
         let buf = keep.downcast::<SlabBuf>().unwrap();
         let all: &[u8] = (*buf).as_ref();
@@ -260,7 +276,7 @@ mod cm_helpers {
 fn rdma_cm_connects_queue_pairs_that_exchange_messages() {
     use cm_helpers::*;
     use net_rs::drivers::rdma::cm::{connect_qp, CmListener};
-    use net_rs::reactor::{Completion, OpSlab, Poller, PollerConfig};
+    use net_rs::reactor::OpSlab;
     use std::time::Duration;
 
     if context().is_none() {
@@ -294,14 +310,7 @@ fn rdma_cm_connects_queue_pairs_that_exchange_messages() {
             })
             .unwrap();
         let slab = slab.unwrap();
-        let ops2 = ops.clone();
-        let poller = Poller::new(
-            conn.source.take().unwrap(),
-            move |b: &[Completion]| ops2.complete_batch(b, &mut Vec::new()),
-            PollerConfig::default(),
-        )
-        .spawn("rdma-cm-server")
-        .unwrap();
+        let poller = spawn_poller(conn.source.take().unwrap(), &ops, "rdma-cm-server");
         for _ in 0..50 {
             let (c, keep) = futures::executor::block_on(pending.take().unwrap());
             assert!(c.is_success(), "server receive status {}", c.status);
@@ -328,14 +337,7 @@ fn rdma_cm_connects_queue_pairs_that_exchange_messages() {
     })
     .unwrap();
     let slab = slab.unwrap();
-    let ops2 = ops.clone();
-    let poller = Poller::new(
-        conn.source.take().unwrap(),
-        move |b: &[Completion]| ops2.complete_batch(b, &mut Vec::new()),
-        PollerConfig::default(),
-    )
-    .spawn("rdma-cm-client")
-    .unwrap();
+    let poller = spawn_poller(conn.source.take().unwrap(), &ops, "rdma-cm-client");
     for i in 0..50u32 {
         let msg: Vec<u8> = (0..(1 + i * 80)).map(|b| (b * 7 + i) as u8).collect();
         let (s, _) = futures::executor::block_on(post_send(&mut conn.qp, &ops, &slab, &msg));

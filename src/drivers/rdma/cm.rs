@@ -38,8 +38,7 @@ pub struct CmConnection {
     pub source: Option<CqSource>,
     /// The device context the connection lives on.
     pub context: RdmaContext,
-    id: Arc<Identifier>,
-    _channel: Arc<EventChannel>,
+    handle: CmHandle,
 }
 
 /// Keeps a connection's RDMA-CM identifier (and its event channel) alive.
@@ -70,15 +69,7 @@ impl CmConnection {
     /// Split into the queue pair, the completion source, the context and the handle
     /// that keeps the RDMA-CM identifier alive.
     pub fn into_parts(self) -> (BasicQueuePair, Option<CqSource>, RdmaContext, CmHandle) {
-        (
-            self.qp,
-            self.source,
-            self.context,
-            CmHandle {
-                id: self.id,
-                _channel: self._channel,
-            },
-        )
+        (self.qp, self.source, self.context, self.handle)
     }
 
     /// Start an orderly disconnect (the peer sees `Disconnected`).
@@ -86,9 +77,7 @@ impl CmConnection {
     /// # Errors
     /// The RDMA-CM error, if any.
     pub fn disconnect(&self) -> Result<()> {
-        self.id
-            .disconnect()
-            .map_err(|e| Error::new(ErrorKind::ConnectionReset, format!("rdma_disconnect: {e}")))
+        self.handle.disconnect()
     }
 }
 
@@ -263,8 +252,7 @@ pub fn connect_qp(
         qp,
         source: Some(source),
         context,
-        id,
-        _channel: ch,
+        handle: CmHandle { id, _channel: ch },
     })
 }
 
@@ -336,8 +324,10 @@ impl CmListener {
             qp,
             source: Some(source),
             context,
-            id,
-            _channel: self.ch.clone(),
+            handle: CmHandle {
+                id,
+                _channel: self.ch.clone(),
+            },
         })
     }
 }

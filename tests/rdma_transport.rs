@@ -86,25 +86,27 @@ async fn echo_suite(t: &RdmaTransport) {
         "an oversized send leaves the connection usable"
     );
     // Floods of small messages, then their echoes: credits keep the receiver ready.
-    // Bounce slots are held only while sends are in flight (at most the send queue's
-    // depth), so after the first flood the registered memory stops growing.
-    const N: u32 = 1500;
-    let mut regs = 0;
-    for round in 0..2 {
-        for i in 0..N {
+    // Registered memory is bounded by the receive depth and the send queue's depth,
+    // however many messages go through: twice as many messages register nothing more
+    // than that bound.
+    for n in [1500u32, 3000] {
+        for i in 0..n {
             t.send(Bytes::copy_from_slice(&i.to_be_bytes()))
                 .await
                 .unwrap();
         }
-        for i in 0..N {
+        for i in 0..n {
             let m = t.recv().await.unwrap();
             assert_eq!(u32::from_be_bytes(m[..].try_into().unwrap()), i);
         }
-        if round == 0 {
-            regs = t.registrations();
-        }
+        assert!(
+            t.registrations() <= t.registration_bound(),
+            "{} registrations, bound {}",
+            t.registrations(),
+            t.registration_bound()
+        );
     }
-    assert_eq!(t.registrations(), regs, "no registration per message");
+    assert!(t.registrations() > 0);
 }
 
 fn run_client(
@@ -123,7 +125,7 @@ fn run_client(
         t.close().await.unwrap();
     }));
     let echoed = server.join().expect("server thread");
-    assert_eq!(echoed, 7 + 2 * 1500);
+    assert_eq!(echoed, 7 + 1500 + 3000);
 }
 
 #[test]

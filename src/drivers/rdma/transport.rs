@@ -256,27 +256,33 @@ impl Shared {
     }
 
     fn on_completions(&self, batch: &[Completion]) {
-        let mut sends = Vec::new();
+        // Release the finished sends' bounce slots first, so the pump below reuses them:
+        // live send slots never exceed the send queue's depth, which bounds the memory
+        // ever registered.
+        let sends: Vec<Completion> = batch
+            .iter()
+            .filter(|c| c.wr_id & RECV_TAG == 0)
+            .copied()
+            .collect();
+        self.ops.complete_batch(&sends, &mut Vec::new());
         {
             let mut st = lock(&self.state);
             for c in batch {
                 if c.wr_id & RECV_TAG != 0 {
                     self.on_recv(&mut st, c);
-                } else {
-                    st.sq_free += 1;
-                    if !c.is_success() {
-                        let e = Error::new(
-                            ErrorKind::WorkCompletion { status: c.status },
-                            format!("send failed with work completion status {}", c.status),
-                        );
-                        self.fail(&mut st, e);
-                    }
-                    sends.push(*c);
+                    continue;
+                }
+                st.sq_free += 1;
+                if !c.is_success() {
+                    let e = Error::new(
+                        ErrorKind::WorkCompletion { status: c.status },
+                        format!("send failed with work completion status {}", c.status),
+                    );
+                    self.fail(&mut st, e);
                 }
             }
             self.pump(&mut st);
         }
-        self.ops.complete_batch(&sends, &mut Vec::new());
         self.changed.notify(usize::MAX);
     }
 
@@ -393,10 +399,22 @@ impl RdmaTransport {
         Self::start(conn, slab, bufs, cfg, None)
     }
 
-    /// Memory registrations this connection made (constant after setup while message
-    /// sizes stay within the slab's classes).
+    /// Memory registrations this connection made. Bounded whatever the traffic: the
+    /// receive buffers plus at most one bounce slot per send-queue entry
+    /// ([`registration_bound`](RdmaTransport::registration_bound)), plus the slots of
+    /// `alloc_buf` buffers the application holds.
     pub fn registrations(&self) -> u64 {
         self.shared.slab.regions()
+    }
+
+    /// The most registrations this connection can ever make.
+    pub fn registration_bound(&self) -> u64 {
+        let cfg = &self.shared.cfg;
+        let region = (cfg.chunk * 256).max(1 << 20);
+        let per_region = (region / cfg.chunk) as u64;
+        let recv = (cfg.depth as u64).div_ceil(per_region);
+        let send = (QUEUE_DEPTH as u64).div_ceil(per_region);
+        recv + send
     }
 
     /// Credits this side may still send with (for tests and monitoring).

@@ -159,3 +159,39 @@ fn connect_without_listener_is_refused() {
     .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
 }
+
+#[test]
+fn the_connection_pool_serves_rdma_connections() {
+    use net_rs::adapters::tokio::TokioRuntime;
+    use net_rs::pool::{ConnectionPool, PoolConfig, RdmaConnector};
+    use std::sync::Arc;
+
+    let Some(ip) = device_ip() else { return };
+    let addr = SocketAddr::new(ip, 18604);
+    let server = echo_server(addr);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = ConnectionPool::new(
+            RdmaConnector::new(addr, Duration::from_secs(10)),
+            PoolConfig::default()
+                .max_size(1)
+                .runtime(Arc::new(TokioRuntime::new(
+                    tokio::runtime::Handle::current(),
+                ))),
+        )
+        .unwrap();
+        for i in 0..3u8 {
+            let conn = pool.get().await.unwrap();
+            conn.send(pattern(5000, i)).await.unwrap();
+            assert!(conn.recv().await.unwrap() == pattern(5000, i));
+        }
+        let st = pool.status();
+        assert_eq!((st.total_created, st.idle, st.in_use), (1, 1, 0), "{st:?}");
+        // Closing the pool closes the idle connection: the server sees the end of stream.
+        pool.close().await;
+    });
+    assert_eq!(server.join().expect("server thread"), 3);
+}

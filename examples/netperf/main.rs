@@ -122,7 +122,7 @@ fn main() {
     match args.transport.as_str() {
         "tcp" => run_tcp(&args),
         "rdma" => {
-            eprintln!("netperf: this build of net-rs has no RDMA transport yet (see README)");
+            eprintln!("netperf: the RDMA mode is not written yet (the RDMA transport is new; see the README)");
             std::process::exit(1);
         }
         _ => usage(),

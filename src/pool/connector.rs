@@ -55,3 +55,34 @@ impl Connector for TcpConnector {
         TcpTransport::connect_with(self.addr, &self.config).await
     }
 }
+
+/// Connects [`RdmaTransport`](crate::drivers::rdma::transport::RdmaTransport)s to one
+/// address with RDMA-CM (feature `rdma`).
+#[cfg(feature = "rdma")]
+#[derive(Debug, Clone)]
+pub struct RdmaConnector {
+    addr: SocketAddr,
+    timeout: std::time::Duration,
+    config: crate::drivers::rdma::transport::RdmaConfig,
+}
+
+#[cfg(feature = "rdma")]
+impl RdmaConnector {
+    /// A connector for `addr`; each connection attempt may take up to `timeout`.
+    pub fn new(addr: SocketAddr, timeout: std::time::Duration) -> Self {
+        RdmaConnector {
+            addr,
+            timeout,
+            config: Default::default(),
+        }
+    }
+}
+
+#[cfg(feature = "rdma")]
+impl Connector for RdmaConnector {
+    type Transport = crate::drivers::rdma::transport::RdmaTransport;
+
+    async fn connect(&self) -> Result<Self::Transport> {
+        crate::drivers::rdma::cm::connect_with(self.addr, self.timeout, self.config.clone()).await
+    }
+}

@@ -56,6 +56,8 @@ use event_listener::Event;
 use futures::future::{select, Either};
 
 pub use config::PoolConfig;
+#[cfg(feature = "rdma")]
+pub use connector::RdmaConnector;
 pub use connector::{Connector, TcpConnector};
 pub use policy::{Backoff, ReconnectPolicy, Rng};
 

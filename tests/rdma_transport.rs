@@ -107,6 +107,27 @@ async fn echo_suite(t: &RdmaTransport) {
         );
     }
     assert!(t.registrations() > 0);
+    // A buffer from `alloc_buf` is registered memory: sent without a copy (every
+    // fragment of it), and the regions it came from are reused, not registered again.
+    let before = t.zero_copy_sends();
+    let mut regs = 0;
+    for round in 0..20u8 {
+        let n = 100_000;
+        let mut buf = t.alloc_buf(n);
+        assert_eq!(buf.len(), n);
+        buf.copy_from_slice(&pattern(n, round));
+        t.send(buf.freeze()).await.unwrap();
+        assert!(t.recv().await.unwrap() == pattern(n, round));
+        if round == 0 {
+            regs = t.registrations();
+        }
+    }
+    assert_eq!(t.zero_copy_sends() - before, 20 * 100_000u64.div_ceil(4096));
+    assert_eq!(
+        t.registrations(),
+        regs,
+        "alloc_buf reuses its registered memory"
+    );
 }
 
 fn run_client(
@@ -125,7 +146,7 @@ fn run_client(
         t.close().await.unwrap();
     }));
     let echoed = server.join().expect("server thread");
-    assert_eq!(echoed, 7 + 1500 + 3000);
+    assert_eq!(echoed, 7 + 1500 + 3000 + 20);
 }
 
 #[test]

@@ -42,6 +42,33 @@ impl Credits {
         }
     }
 
+    /// A side that keeps `depth` receives posted and does not know its peer's depth
+    /// yet: it holds the one credit every peer grants (each posts at least one receive
+    /// before connecting) for its hello ([`take_for_hello`](Credits::take_for_hello)),
+    /// which announces its own depth; the peer's hello brings the rest
+    /// ([`on_hello`](Credits::on_hello)).
+    pub fn before_hello(depth: u32) -> Self {
+        let mut c = Credits::new(depth, 3);
+        c.send = 1;
+        c
+    }
+
+    /// Take the hello's credit (the reserve rule does not apply: nothing else can go
+    /// out before it). `None` if it was already taken.
+    pub fn take_for_hello(&mut self) -> Option<u32> {
+        if self.send == 0 {
+            return None;
+        }
+        self.send -= 1;
+        Some(self.take_piggyback())
+    }
+
+    /// The peer's hello arrived: it keeps `peer_depth` receives posted, one of which
+    /// this side's hello used (that one comes back as a piggybacked credit).
+    pub fn on_hello(&mut self, peer_depth: u32) {
+        self.send = self.send.saturating_add(peer_depth.max(3) - 1);
+    }
+
     /// Credits available to send with now.
     pub fn available(&self) -> u32 {
         self.send
@@ -108,6 +135,26 @@ mod tests {
         assert_eq!(c.available(), 0);
         c.on_receive(5);
         assert_eq!(c.take_for_data(), Some(0));
+    }
+
+    #[test]
+    fn hello_exchange_grants_the_peer_depth() {
+        let (mut a, mut b) = (Credits::before_hello(8), Credits::before_hello(5));
+        assert_eq!(a.take_for_data(), None, "no data before the hello");
+        assert_eq!(a.take_for_update(), None);
+        assert_eq!(a.take_for_hello(), Some(0));
+        assert_eq!(a.take_for_hello(), None, "one hello");
+        assert_eq!(b.take_for_hello(), Some(0));
+        // Each receives the other's hello and re-posts that receive.
+        a.on_hello(5);
+        b.on_hello(8);
+        a.reposted(1);
+        b.reposted(1);
+        assert_eq!((a.available(), b.available()), (4, 7));
+        // a's first data message returns b's hello receive: a now has all of b's 5.
+        assert_eq!(a.take_for_data(), Some(1));
+        b.on_receive(1);
+        assert_eq!(b.available(), 8);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,7 @@ use sideway::rdmacm::communication_manager::{
 };
 
 use super::context::RdmaContext;
+use super::events::{self, Watch};
 use super::poller::CqSource;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -43,8 +45,8 @@ pub struct CmConnection {
 
 /// Keeps a connection's RDMA-CM identifier (and its event channel) alive.
 pub struct CmHandle {
+    // The identifier keeps its event channel alive itself.
     id: Arc<Identifier>,
-    _channel: Arc<EventChannel>,
 }
 
 impl CmHandle {
@@ -56,6 +58,14 @@ impl CmHandle {
         self.id
             .disconnect()
             .map_err(|e| Error::new(ErrorKind::ConnectionReset, format!("rdma_disconnect: {e}")))
+    }
+
+    /// Run `f` once when RDMA-CM reports the connection ended (peer disconnected or
+    /// died, device removed), or at once if it already has.
+    pub fn on_gone(&self, f: impl FnOnce(String) + Send + 'static) {
+        if let Some(w) = Watch::of(&self.id) {
+            w.on_gone(f);
+        }
     }
 }
 
@@ -220,6 +230,7 @@ pub fn connect_qp(
     let id = ch
         .create_id(PortSpace::Tcp)
         .map_err(|e| cm_error(ErrorKind::Unsupported, "rdma_create_id", e))?;
+    Watch::attach(&id);
     let what = format!("RDMA connect to {addr}");
     id.resolve_addr(None, addr, ms(timeout))
         .map_err(|e| cm_error(ErrorKind::ConnectionRefused, &what, e))?;
@@ -248,18 +259,64 @@ pub fn connect_qp(
     move_qp(&id, &mut qp, QueuePairState::ReadyToSend)?;
     id.establish()
         .map_err(|e| cm_error(ErrorKind::ConnectionReset, &what, e))?;
+    // From now on the poller reads this connection's channel while it sleeps.
+    let mut source = source;
+    source.watch_cm(ch.clone());
     Ok(CmConnection {
         qp,
         source: Some(source),
         context,
-        handle: CmHandle { id, _channel: ch },
+        handle: CmHandle { id },
     })
 }
 
 /// A listening RDMA-CM identifier.
+///
+/// A thread of its own ("net-rs-rdma-listen") reads the listener's event channel: it
+/// queues connect requests for [`accept`](CmListener::accept) and hands every other
+/// event to the accepted connection it concerns (see [`events`]). The thread ends
+/// once the listener and every connection it accepted are gone.
 pub struct CmListener {
-    ch: Arc<EventChannel>,
     id: Arc<Identifier>,
+    requests: crossbeam_channel::Receiver<Arc<Identifier>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// The listener thread: read `ch` until the listener is dropped and no identifier
+/// created on `ch` is left (each holds a reference to it).
+fn listen_loop(
+    ch: Arc<EventChannel>,
+    tx: crossbeam_channel::Sender<Arc<Identifier>>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut tx = Some(tx);
+    loop {
+        if stop.load(Ordering::Acquire) {
+            // Unaccepted requests die with the queue: their identifiers are destroyed
+            // (the peer sees a rejection) and release the channel.
+            tx = None;
+            if Arc::strong_count(&ch) == 1 {
+                return;
+            }
+        }
+        let mut fds = libc::pollfd {
+            fd: ch.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `fds` is one valid, initialized pollfd that outlives the call.
+        unsafe { libc::poll(&mut fds, 1, 100) };
+        events::drain(&ch, |ev| {
+            if ev.event_type() != EventType::ConnectRequest {
+                return events::dispatch(ev);
+            }
+            let id = ev.cm_id();
+            drop(ev);
+            if let (Some(id), Some(tx)) = (id, &tx) {
+                let _ = tx.send(id);
+            }
+        });
+    }
 }
 
 impl CmListener {
@@ -281,7 +338,14 @@ impl CmListener {
         })?;
         id.listen(128)
             .map_err(|e| cm_error(ErrorKind::Io(std::io::ErrorKind::Other), "rdma_listen", e))?;
-        Ok(CmListener { ch, id })
+        let (tx, requests) = crossbeam_channel::unbounded();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::Builder::new()
+            .name("net-rs-rdma-listen".into())
+            .spawn(move || listen_loop(ch, tx, s))
+            .map_err(Error::from)?;
+        Ok(CmListener { id, requests, stop })
     }
 
     /// Accept the next connection, blocking the calling thread for at most `timeout`.
@@ -296,39 +360,36 @@ impl CmListener {
     ) -> Result<CmConnection> {
         let deadline = Instant::now() + timeout;
         let what = "RDMA accept";
-        let request = loop {
-            let ev = next_event(&self.ch, deadline, what)?;
-            if ev.event_type() == EventType::ConnectRequest {
-                break ev;
-            }
-        };
-        let id = request.cm_id().ok_or_else(|| {
-            Error::new(
+        let id = self.requests.recv_timeout(timeout).map_err(|e| match e {
+            crossbeam_channel::RecvTimeoutError::Timeout => Error::new(
+                ErrorKind::TimedOut,
+                format!("{what}: no connection within {timeout:?}"),
+            ),
+            crossbeam_channel::RecvTimeoutError::Disconnected => Error::new(
                 ErrorKind::Io(std::io::ErrorKind::Other),
-                "connect request without an id",
-            )
+                format!("{what}: the listener thread ended"),
+            ),
         })?;
-        drop(request);
+        let watch = Watch::attach(&id);
         let (context, source, mut qp) = make_qp(&id)?;
         before_accept(&context, &mut qp)?;
         move_qp(&id, &mut qp, QueuePairState::ReadyToReceive)?;
         move_qp(&id, &mut qp, QueuePairState::ReadyToSend)?;
         id.accept(conn_param(&qp))
             .map_err(|e| cm_error(ErrorKind::ConnectionReset, what, e))?;
-        drop(expect(
-            next_event(&self.ch, deadline, what)?,
-            EventType::Established,
-            what,
-        )?);
+        watch.wait_established(deadline, what)?;
         Ok(CmConnection {
             qp,
             source: Some(source),
             context,
-            handle: CmHandle {
-                id,
-                _channel: self.ch.clone(),
-            },
+            handle: CmHandle { id },
         })
+    }
+}
+
+impl Drop for CmListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
     }
 }
 

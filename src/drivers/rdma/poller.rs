@@ -16,6 +16,7 @@ use std::time::Duration;
 use sideway::ibverbs::completion::{
     BasicCompletionQueue, CompletionChannel, CompletionQueue, PollCompletionQueueError,
 };
+use sideway::rdmacm::communication_manager::EventChannel;
 
 use super::context::RdmaContext;
 use crate::error::{Error, ErrorKind, Result};
@@ -28,6 +29,7 @@ const WC_RECV: u32 = 128;
 pub struct CqSource {
     cq: Arc<BasicCompletionQueue>,
     channel: Arc<CompletionChannel>,
+    cm: Option<Arc<EventChannel>>,
 }
 
 impl CqSource {
@@ -54,7 +56,18 @@ impl CqSource {
             .setup_comp_channel(&channel, 0)
             .build()
             .map_err(|e| fail("cannot create a completion queue", &e))?;
-        Ok(CqSource { cq, channel })
+        Ok(CqSource {
+            cq,
+            channel,
+            cm: None,
+        })
+    }
+
+    /// Also read the (non-blocking) RDMA-CM event channel `cm` while waiting, handing
+    /// its events to the connections they concern ([`dispatch`](super::events)). A
+    /// connection that owns its channel needs no thread of its own for it.
+    pub fn watch_cm(&mut self, cm: Arc<EventChannel>) {
+        self.cm = Some(cm);
     }
 
     /// The CQ, to attach queue pairs to.
@@ -104,14 +117,19 @@ impl CompletionSource for CqSource {
     }
 
     fn wait(&mut self, timeout: Duration) -> io::Result<bool> {
-        let mut fds = libc::pollfd {
-            fd: self.channel.as_raw_fd(),
+        let pollfd = |fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
         };
+        let mut fds = [
+            pollfd(self.channel.as_raw_fd()),
+            pollfd(self.cm.as_ref().map_or(-1, |c| c.as_raw_fd())),
+        ];
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `fds` is one valid, initialized pollfd that outlives the call.
-        let n = unsafe { libc::poll(&mut fds, 1, ms) };
+        // SAFETY: `fds` is two valid, initialized pollfds that outlive the call (a
+        // negative fd is ignored by poll).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
@@ -120,7 +138,12 @@ impl CompletionSource for CqSource {
                 Err(e)
             };
         }
-        if n == 0 {
+        if fds[1].revents != 0 {
+            if let Some(cm) = &self.cm {
+                super::events::drain(cm, super::events::dispatch);
+            }
+        }
+        if fds[0].revents == 0 {
             return Ok(false);
         }
         let mut cq = std::ptr::null_mut();

@@ -25,7 +25,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use event_listener::Event;
 use sideway::ibverbs::queue_pair::{
-    BasicQueuePair, PostSendGuard, QueuePair, SetScatterGatherEntry, WorkRequestFlags,
+    BasicQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState,
+    SetScatterGatherEntry, WorkRequestFlags,
 };
 
 use super::cm::{CmHandle, CmListener, QUEUE_DEPTH};
@@ -39,11 +40,24 @@ use crate::reactor::{Completion, OpSlab, Poller, PollerConfig, PollerHandle, WrI
 use crate::transport::Transport;
 
 const RECV_TAG: u64 = WrId::DRIVER_TAG;
+/// The `wr_id` of credit updates: driver-tagged, above every receive index.
+const CONTROL_WR: u64 = WrId::DRIVER_TAG | 1 << 40;
 const LAST: u32 = 1 << 16;
 const CONTROL: u32 = 1 << 17;
 const FIN: u32 = 1 << 18;
+const HELLO: u32 = 1 << 19;
+/// Smallest receive buffer (a hello must fit).
+const MIN_CHUNK: usize = 64;
 
-/// Settings of an RDMA connection. Both peers must use the same `chunk` and `depth`.
+/// Largest `alloc_buf` served from registered memory; larger buffers come from the
+/// heap (and are copied when sent).
+pub const APP_MAX: usize = 4 << 20;
+const APP_REGION: usize = 8 << 20;
+
+/// Settings of an RDMA connection. The peers tell each other theirs in a hello (the
+/// first message on every connection), so they need not match: fragments are the
+/// smaller `chunk`, each side's credits start at the other's `depth`, and a message
+/// larger than the peer's `max_message_size` is refused by `send`.
 #[derive(Debug, Clone)]
 pub struct RdmaConfig {
     /// Largest message sent or accepted (default 8 MiB, like TCP).
@@ -58,6 +72,16 @@ pub struct RdmaConfig {
     pub poller: PollerConfig,
 }
 
+impl RdmaConfig {
+    /// Raise `chunk` to at least 64 bytes and keep `depth` within 3 ..= 512 (the
+    /// receive queue's size).
+    fn normalized(mut self) -> Self {
+        self.chunk = self.chunk.max(MIN_CHUNK);
+        self.depth = self.depth.clamp(3, QUEUE_DEPTH);
+        self
+    }
+}
+
 impl Default for RdmaConfig {
     fn default() -> Self {
         RdmaConfig {
@@ -70,23 +94,90 @@ impl Default for RdmaConfig {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Data,
+    Fin,
+    Hello,
+}
+
 struct Outgoing {
     data: Bytes,
     off: usize,
-    fin: bool,
+    kind: Kind,
+}
+
+/// What a peer announces in its hello.
+#[derive(Debug, Clone, Copy)]
+struct PeerParams {
+    depth: u32,
+    chunk: u32,
+    max_message_size: u64,
+}
+
+/// "NR" and the protocol version, first in every hello.
+const HELLO_MAGIC: u32 = 0x4E52_0001;
+const HELLO_LEN: usize = 20;
+
+impl PeerParams {
+    fn encode(&self) -> Bytes {
+        let mut b = Vec::with_capacity(HELLO_LEN);
+        b.extend_from_slice(&HELLO_MAGIC.to_be_bytes());
+        b.extend_from_slice(&self.depth.to_be_bytes());
+        b.extend_from_slice(&self.chunk.to_be_bytes());
+        b.extend_from_slice(&self.max_message_size.to_be_bytes());
+        b.into()
+    }
+
+    fn decode(b: &[u8]) -> Result<PeerParams> {
+        let bad = |why: &str| {
+            Error::new(
+                ErrorKind::InvalidData,
+                format!("the peer's hello is not net-rs protocol 1: {why}"),
+            )
+        };
+        if b.len() < HELLO_LEN {
+            return Err(bad("too short"));
+        }
+        let word = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        if word(0) != HELLO_MAGIC {
+            return Err(bad(&format!("magic {:#x}", word(0))));
+        }
+        let p = PeerParams {
+            depth: word(4),
+            chunk: word(8),
+            max_message_size: u64::from_be_bytes(b[12..20].try_into().expect("8 bytes")),
+        };
+        if p.depth < 3 || (p.chunk as usize) < MIN_CHUNK {
+            return Err(bad(&format!("depth {} / chunk {}", p.depth, p.chunk)));
+        }
+        Ok(p)
+    }
 }
 
 struct State {
     credits: Credits,
     sq_free: u32,
+    /// Data fragments (and FIN) posted and not completed yet.
+    data_in_flight: u32,
+    /// A data fragment completed with an error: `flush` cannot succeed any more.
+    lost: bool,
+    /// Fragments sent from the application's registered memory without a copy.
+    zero_copy_sends: u64,
     sendq: VecDeque<Outgoing>,
     queued: usize,
     recvq: VecDeque<Bytes>,
     partial: Vec<u8>,
     recv_bufs: Vec<Option<SlabBuf>>,
+    /// The peer's parameters, from its hello.
+    peer: Option<PeerParams>,
+    /// Fragment size: the smaller of both sides' receive buffers.
+    frag: usize,
     peer_fin: bool,
     shut: bool,
     closed: bool,
+    /// Why RDMA-CM says the connection ended, once it has.
+    gone: Option<String>,
     error: Option<Error>,
 }
 
@@ -95,7 +186,11 @@ struct Shared {
     qp: Mutex<BasicQueuePair>,
     state: Mutex<State>,
     ops: Arc<OpSlab>,
+    /// Receive buffers and send bounce slots, `chunk` bytes each.
     slab: Slab,
+    /// Registered memory handed to the application by `alloc_buf` (size classes from
+    /// one chunk to [`APP_MAX`]), sent without a copy.
+    app_slab: Slab,
     changed: Event,
     cfg: RdmaConfig,
     cm: CmHandle,
@@ -132,87 +227,158 @@ fn post_recv(qp: &mut BasicQueuePair, idx: usize, buf: &SlabBuf, len: usize) -> 
 
 impl Shared {
     fn fail(&self, st: &mut State, e: Error) {
-        if st.error.is_none() && !st.closed {
-            st.error = Some(e);
+        if st.error.is_some() || st.closed {
+            return;
         }
+        // After a disconnect every failure (flushed work requests) has that one cause.
+        st.error = Some(match &st.gone {
+            Some(why) => Error::new(
+                ErrorKind::ConnectionReset,
+                format!("the connection ended: {why}"),
+            ),
+            None => e,
+        });
     }
 
-    /// Post one SEND_WITH_IMM of `data` from a registered bounce slot.
-    fn post_send(&self, data: &[u8], imm: u32) -> Result<()> {
-        let mut buf = self
-            .slab
-            .alloc(data.len().max(1))
-            .map_err(|e| Error::new(ErrorKind::Registration, e.to_string()))?
-            .ok_or_else(|| Error::new(ErrorKind::Registration, "fragment larger than a slot"))?;
-        buf.as_mut()[..data.len()].copy_from_slice(data);
-        let (key, addr) = (buf.key(), buf.as_ref().as_ptr() as u64);
-        let op = self.ops.register(Box::new(buf));
-        let mut qp = lock(&self.qp);
-        let mut g = qp.start_post_send();
-        let wr = g.construct_wr(op.wr_id().to_u64(), WorkRequestFlags::Signaled);
-        // SAFETY: the bounce slot is registered with this QP's PD and owned by the
-        // op-slab entry until the send's completion has been delivered (the future is
-        // dropped below: the entry is orphaned, not freed).
-        unsafe {
-            wr.setup_send_imm(imm)
-                .setup_sge(key, addr, data.len() as u32)
-        };
-        match g.post() {
-            Ok(()) => {
-                drop(qp);
-                drop(op);
-                Ok(())
-            }
-            Err(e) => {
-                drop(qp);
-                self.ops.cancel_unposted(op);
-                Err(Error::new(
-                    ErrorKind::ConnectionReset,
-                    format!("ibv_post_send: {e}"),
-                ))
-            }
+    /// RDMA-CM says the connection ended (peer disconnected or died). Move the QP to
+    /// the error state: what already arrived is still delivered, then every posted
+    /// request completes with a flush error, which fails the waiting operations (so
+    /// even a side that only receives learns of it).
+    fn on_gone(&self, why: String) {
+        let mut st = lock(&self.state);
+        if st.gone.is_some() {
+            return;
+        }
+        st.gone = Some(why);
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::Error);
+        if let Err(e) = lock(&self.qp).modify(&attr) {
+            // No flushes will come: fail now.
+            let e = Error::new(
+                ErrorKind::ConnectionReset,
+                format!("cannot move the queue pair to the error state: {e}"),
+            );
+            self.fail(&mut st, e);
+            drop(st);
+            self.changed.notify(usize::MAX);
         }
     }
 
     /// Post queued fragments while credits and send-queue slots last, then a credit
-    /// update if one is due.
+    /// update if one is due, all in one `ibv_post_send`.
+    ///
+    /// A fragment that lies in this connection's registered memory (a [`Buf`] from
+    /// [`alloc_buf`](Transport::alloc_buf), frozen) is sent from where it is: its
+    /// `Bytes` is kept by the op-slab entry until the completion. Anything else is
+    /// copied into a registered bounce slot first. Credit updates carry no payload.
     fn pump(&self, st: &mut State) {
+        struct Wr {
+            wr_id: u64,
+            imm: u32,
+            sge: Option<(u32, u64, u32)>,
+            // Held until the post, then dropped: the entry is orphaned and lives
+            // until the completion.
+            _op: Option<crate::reactor::OpFuture>,
+        }
+        let mut wrs: Vec<Wr> = Vec::new();
         while st.error.is_none() && st.sq_free > 0 {
             let Some(front) = st.sendq.front() else { break };
             let left = front.data.len() - front.off;
-            let n = left.min(self.cfg.chunk);
-            let fin = front.fin;
-            let Some(piggy) = st.credits.take_for_data() else {
-                break;
+            let n = left.min(st.frag);
+            let kind = front.kind;
+            let piggy = match kind {
+                Kind::Hello => st.credits.take_for_hello(),
+                _ => st.credits.take_for_data(),
             };
-            let flags = if fin {
-                FIN
-            } else if n == left {
-                LAST
-            } else {
-                0
+            let Some(piggy) = piggy else { break };
+            let flags = match kind {
+                Kind::Hello => CONTROL | HELLO,
+                Kind::Fin => FIN,
+                Kind::Data if n == left => LAST,
+                Kind::Data => 0,
             };
-            let front = st.sendq.front().expect("checked above");
-            let frag = front.data.slice(front.off..front.off + n);
-            if let Err(e) = self.post_send(&frag, flags | piggy) {
-                self.fail(st, e);
-                break;
-            }
-            st.sq_free -= 1;
-            st.queued -= n;
             let front = st.sendq.front_mut().expect("checked above");
+            let frag = front.data.slice(front.off..front.off + n);
             front.off += n;
             if front.off == front.data.len() {
                 st.sendq.pop_front();
             }
+            st.sq_free -= 1;
+            st.queued -= n;
+            st.data_in_flight += 1;
+            let (keep, key, addr): (crate::reactor::Keep, u32, u64) =
+                match self.app_slab.lookup(frag.as_ptr(), frag.len()) {
+                    Some(key) if !frag.is_empty() => {
+                        st.zero_copy_sends += 1;
+                        let addr = frag.as_ptr() as u64;
+                        (Box::new(frag), key, addr)
+                    }
+                    _ => match self.slab.alloc(n.max(1)) {
+                        Ok(Some(mut buf)) => {
+                            buf.as_mut()[..n].copy_from_slice(&frag);
+                            let (key, addr) = (buf.key(), buf.as_ref().as_ptr() as u64);
+                            (Box::new(buf), key, addr)
+                        }
+                        res => {
+                            let why = res.err().map_or_else(
+                                || "no bounce slot for a fragment".to_string(),
+                                |e| e.to_string(),
+                            );
+                            self.fail(st, Error::new(ErrorKind::Registration, why));
+                            break;
+                        }
+                    },
+                };
+            let op = self.ops.register(keep);
+            wrs.push(Wr {
+                wr_id: op.wr_id().to_u64(),
+                imm: flags | piggy,
+                sge: Some((key, addr, n as u32)),
+                _op: Some(op),
+            });
         }
         if st.error.is_none() && st.sq_free > 0 {
             if let Some(piggy) = st.credits.take_for_update() {
-                match self.post_send(&[], CONTROL | piggy) {
-                    Ok(()) => st.sq_free -= 1,
-                    Err(e) => self.fail(st, e),
-                }
+                st.sq_free -= 1;
+                wrs.push(Wr {
+                    wr_id: CONTROL_WR,
+                    imm: CONTROL | piggy,
+                    sge: None,
+                    _op: None,
+                });
             }
+        }
+        if wrs.is_empty() {
+            return;
+        }
+        let mut qp = lock(&self.qp);
+        let mut g = qp.start_post_send();
+        for wr in &wrs {
+            let h = g
+                .construct_wr(wr.wr_id, WorkRequestFlags::Signaled)
+                .setup_send_imm(wr.imm);
+            if let Some((key, addr, len)) = wr.sge {
+                // SAFETY: `addr..addr+len` is registered with this QP's PD under `key`
+                // (a bounce slot, or a slot of `app_slab` found by `lookup`), and the
+                // op-slab entry keeps its owner (the `SlabBuf`, or the `Bytes` holding
+                // the slot) alive until this request's completion has been polled; if
+                // the future is dropped the entry is orphaned, not freed.
+                unsafe { h.setup_sge(key, addr, len) };
+            }
+        }
+        let res = g.post();
+        drop(qp);
+        // The futures are not awaited: dropping them orphans their entries, which free
+        // the memory when the completion (success or flush error) arrives. If posting
+        // failed, requests that never went out stay orphaned until the connection is
+        // dropped (after the QP): a bounded leak on a dead connection, never a free of
+        // memory the device may still read.
+        drop(wrs);
+        if let Err(e) = res {
+            self.fail(
+                st,
+                Error::new(ErrorKind::ConnectionReset, format!("ibv_post_send: {e}")),
+            );
         }
     }
 
@@ -231,6 +397,17 @@ impl Shared {
         }
         let imm = c.imm.unwrap_or(0);
         st.credits.on_receive(imm & 0xFFFF);
+        if imm & HELLO != 0 {
+            match PeerParams::decode(&buf.as_ref()[..c.byte_len as usize]) {
+                Ok(p) if st.peer.is_none() => {
+                    st.credits.on_hello(p.depth);
+                    st.frag = self.cfg.chunk.min(p.chunk as usize);
+                    st.peer = Some(p);
+                }
+                Ok(_) => {}
+                Err(e) => self.fail(st, e),
+            }
+        }
         if imm & (CONTROL | FIN) == 0 {
             let len = c.byte_len as usize;
             if st.partial.len() + len > self.cfg.max_message_size {
@@ -268,12 +445,18 @@ impl Shared {
         {
             let mut st = lock(&self.state);
             for c in batch {
+                if c.wr_id == CONTROL_WR {
+                    st.sq_free += 1;
+                    continue;
+                }
                 if c.wr_id & RECV_TAG != 0 {
                     self.on_recv(&mut st, c);
                     continue;
                 }
                 st.sq_free += 1;
+                st.data_in_flight -= 1;
                 if !c.is_success() {
+                    st.lost = true;
                     let e = Error::new(
                         ErrorKind::WorkCompletion { status: c.status },
                         format!("send failed with work completion status {}", c.status),
@@ -306,8 +489,10 @@ impl RdmaTransport {
         ctx: &RdmaContext,
         qp: &mut BasicQueuePair,
         cfg: &RdmaConfig,
-    ) -> Result<(Slab, Vec<Option<SlabBuf>>)> {
+    ) -> Result<(Slab, Slab, Vec<Option<SlabBuf>>)> {
         let slab = ctx.slab(cfg.chunk, cfg.chunk, (cfg.chunk * 256).max(1 << 20));
+        // Regions are registered lazily, on the first `alloc_buf` of a class.
+        let app_slab = ctx.slab(cfg.chunk, APP_MAX, APP_REGION);
         let mut bufs = Vec::with_capacity(cfg.depth as usize);
         for idx in 0..cfg.depth as usize {
             let buf = slab
@@ -317,40 +502,65 @@ impl RdmaTransport {
             post_recv(qp, idx, &buf, cfg.chunk)?;
             bufs.push(Some(buf));
         }
-        Ok((slab, bufs))
+        Ok((slab, app_slab, bufs))
     }
 
     fn start(
         conn: super::cm::CmConnection,
-        slab: Slab,
-        recv_bufs: Vec<Option<SlabBuf>>,
+        (slab, app_slab, recv_bufs): (Slab, Slab, Vec<Option<SlabBuf>>),
         cfg: RdmaConfig,
         peer: Option<SocketAddr>,
     ) -> Result<RdmaTransport> {
         let (qp, source, context, cm) = conn.into_parts();
+        // Parameters travel in-band (sideway has no RDMA-CM private data): the hello
+        // is the first message each side sends.
+        let hello = PeerParams {
+            depth: cfg.depth,
+            chunk: cfg.chunk as u32,
+            max_message_size: cfg.max_message_size as u64,
+        }
+        .encode();
         let source =
             source.ok_or_else(|| Error::new(ErrorKind::Registration, "no completion queue"))?;
         let shared = Arc::new(Shared {
             qp: Mutex::new(qp),
             state: Mutex::new(State {
-                credits: Credits::new(cfg.depth, cfg.depth),
+                credits: Credits::before_hello(cfg.depth),
+                sendq: VecDeque::from([Outgoing {
+                    data: hello.clone(),
+                    off: 0,
+                    kind: Kind::Hello,
+                }]),
+                queued: hello.len(),
                 sq_free: QUEUE_DEPTH,
-                sendq: VecDeque::new(),
-                queued: 0,
+                data_in_flight: 0,
+                lost: false,
+                zero_copy_sends: 0,
                 recvq: VecDeque::new(),
                 partial: Vec::new(),
                 recv_bufs,
+                peer: None,
+                frag: cfg.chunk,
                 peer_fin: false,
                 shut: false,
                 closed: false,
+                gone: None,
                 error: None,
             }),
             ops: OpSlab::new(),
             slab,
+            app_slab,
             changed: Event::new(),
             cfg: cfg.clone(),
             cm,
             _context: context,
+        });
+        shared.pump(&mut lock(&shared.state));
+        let weak = Arc::downgrade(&shared);
+        shared.cm.on_gone(move |why| {
+            if let Some(s) = weak.upgrade() {
+                s.on_gone(why);
+            }
         });
         let s2 = shared.clone();
         let poller = Poller::new(
@@ -372,13 +582,14 @@ impl RdmaTransport {
     /// # Errors
     /// As [`cm::connect_qp`](super::cm::connect_qp).
     pub fn connect_blocking(addr: SocketAddr, timeout: Duration, cfg: RdmaConfig) -> Result<Self> {
+        let cfg = cfg.normalized();
         let mut setup = None;
         let conn = super::cm::connect_qp(addr, timeout, |ctx, qp| {
             setup = Some(Self::setup(ctx, qp, &cfg)?);
             Ok(())
         })?;
-        let (slab, bufs) = setup.expect("set up before connecting");
-        Self::start(conn, slab, bufs, cfg, Some(addr))
+        let setup = setup.expect("set up before connecting");
+        Self::start(conn, setup, cfg, Some(addr))
     }
 
     /// Accept one connection on `listener` (blocking for at most `timeout`).
@@ -390,13 +601,14 @@ impl RdmaTransport {
         timeout: Duration,
         cfg: RdmaConfig,
     ) -> Result<Self> {
+        let cfg = cfg.normalized();
         let mut setup = None;
         let conn = listener.accept(timeout, |ctx, qp| {
             setup = Some(Self::setup(ctx, qp, &cfg)?);
             Ok(())
         })?;
-        let (slab, bufs) = setup.expect("set up before accepting");
-        Self::start(conn, slab, bufs, cfg, None)
+        let setup = setup.expect("set up before accepting");
+        Self::start(conn, setup, cfg, None)
     }
 
     /// Memory registrations this connection made. Bounded whatever the traffic: the
@@ -404,7 +616,13 @@ impl RdmaTransport {
     /// ([`registration_bound`](RdmaTransport::registration_bound)), plus the slots of
     /// `alloc_buf` buffers the application holds.
     pub fn registrations(&self) -> u64 {
-        self.shared.slab.regions()
+        self.shared.slab.regions() + self.shared.app_slab.regions()
+    }
+
+    /// Message fragments sent straight from the application's registered memory
+    /// (buffers from [`alloc_buf`](Transport::alloc_buf)), without a copy.
+    pub fn zero_copy_sends(&self) -> u64 {
+        lock(&self.shared.state).zero_copy_sends
     }
 
     /// The most registrations this connection can ever make.
@@ -438,7 +656,14 @@ impl Transport for RdmaTransport {
                 if st.shut || st.closed {
                     return Some(Err(Error::closed("send")));
                 }
+                // Data waits for the peer's hello (its limits and credits).
+                let peer_max = st.peer?.max_message_size;
                 let len = msg.as_ref().map_or(0, Bytes::len);
+                if len as u64 > peer_max {
+                    let e = too_large(len as u64, peer_max as usize, false);
+                    let e = Error::new(e.kind(), format!("{e} of the peer"));
+                    return Some(Err(e));
+                }
                 if st.queued > 0 && st.queued + len > s.cfg.send_buffer {
                     return None;
                 }
@@ -446,7 +671,7 @@ impl Transport for RdmaTransport {
                 st.sendq.push_back(Outgoing {
                     data: msg.take().expect("queued once"),
                     off: 0,
-                    fin: false,
+                    kind: Kind::Data,
                 });
                 s.pump(st);
                 Some(Ok(()))
@@ -461,25 +686,29 @@ impl Transport for RdmaTransport {
             if let Some(m) = st.recvq.pop_front() {
                 return Some(Ok(m));
             }
-            if let Some(e) = &st.error {
-                return Some(Err(e.clone()));
-            }
             if st.closed {
                 return Some(Err(Error::closed("recv")));
             }
-            st.peer_fin.then(|| {
-                Err(Error::new(
+            // An orderly end (the peer's FIN) wins over the disconnect that follows it.
+            if st.peer_fin {
+                return Some(Err(Error::new(
                     ErrorKind::Closed,
                     "recv: the peer closed the connection",
-                ))
-            })
+                )));
+            }
+            st.error.as_ref().map(|e| Err(e.clone()))
         })
     }
 
+    /// Waits until every queued message has been sent and acknowledged by the peer's
+    /// device (its send completions arrived), or fails if one of them cannot be.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send + '_ {
-        self.shared.wait(|st| match &st.error {
-            Some(e) => Some(Err(e.clone())),
-            None => st.sendq.is_empty().then_some(Ok(())),
+        self.shared.wait(|st| {
+            let done = st.sendq.is_empty() && st.data_in_flight == 0;
+            match &st.error {
+                Some(e) if st.lost || !done => Some(Err(e.clone())),
+                _ => done.then_some(Ok(())),
+            }
         })
     }
 
@@ -491,7 +720,7 @@ impl Transport for RdmaTransport {
                 st.sendq.push_back(Outgoing {
                     data: Bytes::new(),
                     off: 0,
-                    fin: true,
+                    kind: Kind::Fin,
                 });
                 self.shared.pump(&mut st);
             }
@@ -510,7 +739,7 @@ impl Transport for RdmaTransport {
     }
 
     fn alloc_buf(&self, len: usize) -> Buf {
-        match self.shared.slab.alloc_buf(len) {
+        match self.shared.app_slab.alloc_buf(len) {
             Ok(Some(b)) => b,
             _ => crate::transport::BufferPool::alloc(&crate::buffer::HeapPool::default(), len),
         }

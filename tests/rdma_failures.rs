@@ -1,0 +1,295 @@
+//! The RDMA `Transport` when things go wrong, and under many connections, on a real
+//! device (feature `rdma`; see `tests/rdma_device.rs` for when these run and skip).
+//!
+//! A "killed peer" is a child process (this test binary again, running the ignored
+//! `child_peer` test) that is sent SIGKILL mid-stream: its kernel tears the connection
+//! down, and every pending operation on this side must fail, none may hang.
+#![cfg(feature = "rdma")]
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::executor::block_on;
+use net_rs::drivers::rdma::cm;
+use net_rs::transport::Transport;
+use net_rs::ErrorKind;
+
+fn device_ip() -> Option<IpAddr> {
+    let required = std::env::var_os("NET_RS_RDMA_TESTS").is_some_and(|v| v == "1");
+    match std::env::var("SOFTROCE_IP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(ip) => Some(ip),
+        None if required => panic!("NET_RS_RDMA_TESTS=1 needs SOFTROCE_IP (the device's IP)"),
+        None => {
+            eprintln!("skipping: set NET_RS_RDMA_TESTS=1 and SOFTROCE_IP to run RDMA tests");
+            None
+        }
+    }
+}
+
+/// Run `f` on a thread of its own; fail the test if it takes longer than `secs`.
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: still waiting after {secs} s"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: the thread panicked"),
+    }
+}
+
+const CHILD_MESSAGES: u32 = 10;
+
+/// Not a test on its own: the peer process of the killed-peer tests. `NET_RS_CHILD` is
+/// `connect` (connect, send `CHILD_MESSAGES` messages, wait to be killed) or `accept`
+/// (listen, say "ready", accept, receive until killed).
+#[test]
+#[ignore = "the child process of the killed-peer tests"]
+fn child_peer() {
+    let (Ok(role), Ok(addr)) = (
+        std::env::var("NET_RS_CHILD"),
+        std::env::var("NET_RS_CHILD_ADDR"),
+    ) else {
+        return;
+    };
+    let addr: SocketAddr = addr.parse().unwrap();
+    block_on(async {
+        let t = if role == "connect" {
+            cm::connect(addr, Duration::from_secs(20)).await.unwrap()
+        } else {
+            let l = cm::listen(addr).unwrap();
+            println!("ready");
+            l.accept(Duration::from_secs(20)).await.unwrap()
+        };
+        if role == "connect" {
+            for i in 0..CHILD_MESSAGES {
+                t.send(Bytes::copy_from_slice(&i.to_be_bytes()))
+                    .await
+                    .unwrap();
+            }
+            t.flush().await.unwrap();
+        } else {
+            while t.recv().await.is_ok() {}
+        }
+        std::thread::sleep(Duration::from_secs(120));
+    });
+}
+
+fn spawn_child(role: &str, addr: SocketAddr) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_peer",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("NET_RS_CHILD", role)
+        .env("NET_RS_CHILD_ADDR", addr.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn kill(mut child: Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn assert_reset(e: &net_rs::Error, what: &str) {
+    assert!(
+        matches!(
+            e.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::WorkCompletion { .. }
+        ),
+        "{what}: {e}"
+    );
+}
+
+/// The peer that only sent to us dies: our pending `recv` (a side that only receives)
+/// and every later operation fail with an error.
+#[test]
+fn killed_sender_fails_the_pending_recv() {
+    let Some(ip) = device_ip() else { return };
+    let addr = SocketAddr::new(ip, 18611);
+    let listener = cm::listen(addr).unwrap();
+    let child = spawn_child("connect", addr);
+    let t = block_on(listener.accept(Duration::from_secs(30))).unwrap();
+    for i in 0..CHILD_MESSAGES {
+        let m = block_on(t.recv()).unwrap();
+        assert_eq!(m[..], i.to_be_bytes());
+    }
+    let t = std::sync::Arc::new(t);
+    let t2 = t.clone();
+    let (started_tx, started_rx) = mpsc::channel();
+    let pending = std::thread::spawn(move || {
+        block_on(async {
+            let fut = t2.recv();
+            started_tx.send(()).unwrap();
+            fut.await
+        })
+    });
+    started_rx.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    kill(child);
+    let err = within(30, "the pending recv", move || pending.join().unwrap()).unwrap_err();
+    assert_reset(&err, "recv after the peer died");
+    let err = within(30, "send after the peer died", move || {
+        block_on(t.send(Bytes::from_static(b"anyone?")))
+    })
+    .unwrap_err();
+    assert_reset(&err, "send after the peer died");
+}
+
+/// The peer we stream to dies mid-flood: the flood's sends start failing, a pending
+/// `recv` fails too, and nothing waits forever.
+#[test]
+fn killed_receiver_fails_the_sender() {
+    let Some(ip) = device_ip() else { return };
+    let addr = SocketAddr::new(ip, 18612);
+    let mut child = spawn_child("accept", addr);
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    // libtest may print "test child_peer ... " on the same line.
+    while !line.trim_end().ends_with("ready") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the child ended early"
+        );
+    }
+    let t = std::sync::Arc::new(block_on(cm::connect(addr, Duration::from_secs(30))).unwrap());
+    let t2 = t.clone();
+    let receiver = std::thread::spawn(move || block_on(t2.recv()));
+    let t3 = t.clone();
+    let flood = std::thread::spawn(move || {
+        block_on(async {
+            let msg = Bytes::from(vec![7u8; 10_000]);
+            let mut sent = 0u64;
+            loop {
+                if let Err(e) = t3.send(msg.clone()).await {
+                    return (sent, e);
+                }
+                sent += 1;
+            }
+        })
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    kill(child);
+    let (sent, err) = within(30, "the flood", move || flood.join().unwrap());
+    assert!(sent > 10, "only {sent} messages went out before the kill");
+    assert_reset(&err, "send after the peer died");
+    let err = within(30, "the pending recv", move || receiver.join().unwrap()).unwrap_err();
+    assert_reset(&err, "recv after the peer died");
+}
+
+/// Many connections at once, each echoing messages of several sizes concurrently.
+#[test]
+fn many_connections_at_once() {
+    const CONNS: usize = 16;
+    const TRIPS: usize = 40;
+    let Some(ip) = device_ip() else { return };
+    let addr = SocketAddr::new(ip, 18613);
+    let listener = cm::listen(addr).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut echoers = Vec::new();
+        for _ in 0..CONNS {
+            let t = block_on(listener.accept(Duration::from_secs(60))).unwrap();
+            echoers.push(std::thread::spawn(move || {
+                block_on(async {
+                    let mut n = 0;
+                    while let Ok(m) = t.recv().await {
+                        t.send(m).await.unwrap();
+                        n += 1;
+                    }
+                    n
+                })
+            }));
+        }
+        echoers
+            .into_iter()
+            .map(|e| e.join().unwrap())
+            .collect::<Vec<usize>>()
+    });
+    let clients: Vec<_> = (0..CONNS)
+        .map(|c| {
+            std::thread::spawn(move || {
+                block_on(async {
+                    let t = cm::connect(addr, Duration::from_secs(60)).await.unwrap();
+                    for i in 0..TRIPS {
+                        let n = [8, 3000, 20_000][(i + c) % 3];
+                        let msg: Bytes = (0..n).map(|k| (k + c + i) as u8).collect();
+                        t.send(msg.clone()).await.unwrap();
+                        assert!(t.recv().await.unwrap() == msg, "connection {c} trip {i}");
+                    }
+                    t.close().await.unwrap();
+                })
+            })
+        })
+        .collect();
+    within(300, "the clients", move || {
+        for c in clients {
+            c.join().unwrap();
+        }
+    });
+    let echoed = within(60, "the server", move || server.join().unwrap());
+    assert_eq!(echoed, vec![TRIPS; CONNS]);
+}
+
+/// The peers announce their settings in-band: different receive-buffer sizes, depths and
+/// maximum message sizes work together, and a message larger than the receiver accepts
+/// is refused by the sender with a clear error, leaving the connection usable.
+#[test]
+fn peers_with_different_settings() {
+    use net_rs::drivers::rdma::transport::RdmaConfig;
+    let Some(ip) = device_ip() else { return };
+    let addr = SocketAddr::new(ip, 18614);
+    let listener = cm::listen(addr).unwrap();
+    let server = std::thread::spawn(move || {
+        block_on(async {
+            let t = listener.accept(Duration::from_secs(30)).await.unwrap();
+            let m = t.recv().await.unwrap();
+            let err = t.send(Bytes::from(vec![1u8; 2 << 20])).await.unwrap_err();
+            assert!(
+                matches!(
+                    err.kind(),
+                    ErrorKind::MessageTooLarge {
+                        size: 2097152,
+                        max: 1048576,
+                        received: false
+                    }
+                ),
+                "{err}"
+            );
+            t.send(m).await.unwrap();
+            let end = t.recv().await.unwrap_err();
+            assert_eq!(end.kind(), ErrorKind::Closed, "{end}");
+        })
+    });
+    let cfg = RdmaConfig {
+        max_message_size: 1 << 20,
+        chunk: 1024,
+        depth: 16,
+        ..RdmaConfig::default()
+    };
+    within(60, "the client", move || {
+        block_on(async {
+            let t = cm::connect_with(addr, Duration::from_secs(30), cfg)
+                .await
+                .unwrap();
+            let msg: Bytes = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+            t.send(msg.clone()).await.unwrap();
+            assert!(t.recv().await.unwrap() == msg);
+            t.close().await.unwrap();
+        })
+    });
+    within(30, "the server", move || server.join().unwrap());
+}

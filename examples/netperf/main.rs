@@ -5,6 +5,8 @@
 //! cargo run --release --example netperf                       # everything, ~1 minute
 //! cargo run --release --example netperf -- --sizes 64,1048576 --duration-ms 1000
 //! cargo run --release --example netperf -- --only latency --impl netrs,raw
+//! cargo run --release --example netperf --features rdma -- --transport rdma \
+//!     --addr <device IP>:18700 [--perftest rxe0:<gid index>]     # see rdma.rs
 //! ```
 //!
 //! Latency: ping-pong round trips of one message (median and p99). Throughput: one
@@ -24,6 +26,9 @@ use net_rs::drivers::tcp::{TcpConfig, TcpListener, TcpTransport};
 use net_rs::transport::Transport;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+#[cfg(feature = "rdma")]
+mod rdma;
+
 const MAX: usize = 16 << 20;
 /// The busy-poll window of the `net-rs lat` rows (latency mode).
 const BUSY_POLL: Duration = Duration::from_millis(1);
@@ -37,6 +42,12 @@ pub struct Args {
     throughput: bool,
     impls: Vec<Impl>,
     transport: String,
+    /// RDMA: the device IP and port to listen and connect on.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    addr: Option<SocketAddr>,
+    /// RDMA: `DEVICE:GID_INDEX` to run perftest on as the baseline.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    perftest: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,7 +72,8 @@ impl Impl {
 fn usage() -> ! {
     eprintln!(
         "usage: netperf [--sizes 64,1024,...] [--duration-ms N] [--only latency|throughput]\n\
-         \x20              [--impl netrs,netrs-lat,framed,raw] [--transport tcp|rdma]"
+         \x20              [--impl netrs,netrs-lat,framed,raw] [--transport tcp|rdma]\n\
+         \x20              [--addr IP:PORT] [--perftest DEVICE:GID_INDEX]   (rdma)"
     );
     std::process::exit(2)
 }
@@ -74,12 +86,16 @@ fn parse_args() -> Args {
         throughput: true,
         impls: vec![Impl::NetRs, Impl::NetRsBusy, Impl::Framed, Impl::Raw],
         transport: "tcp".into(),
+        addr: None,
+        perftest: None,
     };
+    let mut sizes_given = false;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| usage());
         match flag.as_str() {
             "--sizes" => {
+                sizes_given = true;
                 a.sizes = val()
                     .split(',')
                     .map(|s| s.trim().parse().unwrap_or_else(|_| usage()))
@@ -106,9 +122,14 @@ fn parse_args() -> Args {
                     .collect()
             }
             "--transport" => a.transport = val(),
+            "--addr" => a.addr = Some(val().parse().unwrap_or_else(|_| usage())),
+            "--perftest" => a.perftest = Some(val()),
             "-h" | "--help" => usage(),
             _ => usage(),
         }
+    }
+    if a.transport == "rdma" && !sizes_given {
+        a.sizes = vec![64, 4 << 10, 64 << 10];
     }
     if a.sizes.iter().any(|&s| s == 0 || s > MAX) {
         eprintln!("sizes must be between 1 and {MAX}");
@@ -122,8 +143,16 @@ fn main() {
     match args.transport.as_str() {
         "tcp" => run_tcp(&args),
         "rdma" => {
-            eprintln!("netperf: the RDMA mode is not written yet (the RDMA transport is new; see the README)");
-            std::process::exit(1);
+            #[cfg(feature = "rdma")]
+            if let Err(e) = rdma::run(&args) {
+                eprintln!("netperf: {e}");
+                std::process::exit(1);
+            }
+            #[cfg(not(feature = "rdma"))]
+            {
+                eprintln!("netperf: --transport rdma needs --features rdma");
+                std::process::exit(2);
+            }
         }
         _ => usage(),
     }

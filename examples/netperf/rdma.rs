@@ -1,0 +1,267 @@
+//! `--transport rdma`: net-rs over RDMA next to perftest's `ib_send_lat` / `ib_send_bw`
+//! on the same device, in the same run.
+//!
+//! ```text
+//! netperf --transport rdma --addr 198.18.0.1:18700 --perftest rxe0:1
+//! ```
+//!
+//! `--addr` is an IP of the RDMA device (server and client both run here, as perftest
+//! does with the loopback of one device). `--perftest DEV:GID_INDEX` also runs
+//! `ib_send_lat` and `ib_send_bw` (server and client processes) for every size with the
+//! same message and iteration counts, and prints net-rs / perftest ratios.
+//!
+//! * Latency: `trips` ping-pongs after 100 warm-up trips; reported as half the round
+//!   trip, the way `ib_send_lat` reports (its `t_typical` is the median).
+//! * Bandwidth: the client streams `iters` messages (`send` each, then `flush`), the
+//!   server counts them and answers; the clock runs from the first send to the answer.
+//!   perftest's rate is taken from its `MsgRate[Mpps]` column (x size), so both are in
+//!   the same unit: 10^6 bytes per second.
+//!
+//! Both net-rs sides run on `futures::executor::block_on`: no async runtime at all.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::executor::block_on;
+use net_rs::drivers::rdma::cm;
+use net_rs::drivers::rdma::transport::{RdmaConfig, RdmaTransport};
+use net_rs::reactor::PollerConfig;
+use net_rs::transport::Transport;
+
+use super::{fmt_size, Args};
+
+const WARMUP: usize = 100;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The poller settings compared: the default and a longer busy-poll window.
+fn configs() -> [(&'static str, RdmaConfig); 2] {
+    let spin = RdmaConfig {
+        poller: PollerConfig {
+            spin: Duration::from_micros(500),
+            yield_window: Duration::from_millis(2),
+            ..PollerConfig::default()
+        },
+        ..RdmaConfig::default()
+    };
+    [("net-rs", RdmaConfig::default()), ("net-rs spin", spin)]
+}
+
+fn trips_for(_size: usize) -> usize {
+    1000
+}
+
+fn iters_for(size: usize) -> usize {
+    (64_000_000 / size).clamp(500, 20_000)
+}
+
+/// Runs the RDMA benchmark described by `args`.
+pub fn run(args: &Args) -> Result<(), String> {
+    let addr = args
+        .addr
+        .ok_or("--transport rdma needs --addr <IP of the RDMA device>:<port>")?;
+    println!("machine: {}", super::machine());
+    println!("netperf: RDMA (RC send/recv) to {addr}, client and server in this process");
+    let mut rows: Vec<(usize, &str, f64, f64)> = Vec::new();
+    for &size in &args.sizes {
+        for (name, cfg) in configs() {
+            let (lat, p99) = latency(addr, cfg.clone(), size)?;
+            let bw = bandwidth(addr, cfg, size)?;
+            println!(
+                "{:>8} | {:<12} | one-way median {:>8.1} us | p99 {:>8.1} us | {:>9.1} MB/s",
+                fmt_size(size),
+                name,
+                lat,
+                p99,
+                bw
+            );
+            rows.push((size, name, lat, bw));
+        }
+        if let Some(pt) = &args.perftest {
+            let (lat, bw) = perftest(pt, addr, size)?;
+            println!(
+                "{:>8} | {:<12} | one-way median {:>8.1} us |                | {:>9.1} MB/s",
+                fmt_size(size),
+                "perftest",
+                lat,
+                bw
+            );
+            for (s, name, l, b) in rows.iter().filter(|r| r.0 == size) {
+                println!(
+                    "{:>8} | {:<12} | latency {:.2}x ib_send_lat (target <= 1.5) | bandwidth \
+                     {:.2}x ib_send_bw (target >= 0.8)",
+                    fmt_size(*s),
+                    name,
+                    l / lat,
+                    b / bw
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn payload(size: usize) -> Bytes {
+    (0..size).map(|i| (i % 251) as u8).collect()
+}
+
+/// A server thread for one connection: echo (`L`) or count (`T`).
+fn server(addr: SocketAddr, cfg: RdmaConfig) -> Result<std::thread::JoinHandle<()>, String> {
+    let listener = cm::listen(addr)
+        .map_err(|e| format!("listen on {addr}: {e}"))?
+        .with_config(cfg);
+    Ok(std::thread::spawn(move || {
+        block_on(async {
+            let Ok(t) = listener.accept(TIMEOUT).await else {
+                return;
+            };
+            let Ok(mode) = t.recv().await else { return };
+            if &mode[..] == b"L" {
+                while let Ok(m) = t.recv().await {
+                    if t.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            } else {
+                let mut n = 0u64;
+                while let Ok(m) = t.recv().await {
+                    if m.is_empty() {
+                        let _ = t.send(Bytes::copy_from_slice(&n.to_be_bytes())).await;
+                        let _ = t.flush().await;
+                    } else {
+                        n += 1;
+                    }
+                }
+            }
+        })
+    }))
+}
+
+async fn connect(
+    addr: SocketAddr,
+    cfg: RdmaConfig,
+    mode: &'static [u8],
+) -> Result<RdmaTransport, String> {
+    let t = cm::connect_with(addr, TIMEOUT, cfg)
+        .await
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    t.send(Bytes::from_static(mode))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(t)
+}
+
+/// One-way latency (half the round trip): median and p99, in µs.
+fn latency(addr: SocketAddr, cfg: RdmaConfig, size: usize) -> Result<(f64, f64), String> {
+    let srv = server(addr, cfg.clone())?;
+    let res = block_on(async {
+        let t = connect(addr, cfg, b"L").await?;
+        let msg = payload(size);
+        let mut rtts = Vec::with_capacity(trips_for(size));
+        for i in 0..WARMUP + trips_for(size) {
+            let start = Instant::now();
+            t.send(msg.clone()).await.map_err(|e| e.to_string())?;
+            let back = t.recv().await.map_err(|e| e.to_string())?;
+            if back.len() != size {
+                return Err(format!("echo of {} bytes for {size}", back.len()));
+            }
+            if i >= WARMUP {
+                rtts.push(start.elapsed());
+            }
+        }
+        let _ = t.close().await;
+        rtts.sort();
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / 2.0;
+        Ok((us(rtts[rtts.len() / 2]), us(rtts[rtts.len() * 99 / 100])))
+    });
+    srv.join().map_err(|_| "the server thread panicked")?;
+    res
+}
+
+/// Streaming bandwidth in 10^6 bytes per second.
+fn bandwidth(addr: SocketAddr, cfg: RdmaConfig, size: usize) -> Result<f64, String> {
+    let srv = server(addr, cfg.clone())?;
+    let res = block_on(async {
+        let t = connect(addr, cfg, b"T").await?;
+        let msg = payload(size);
+        let n = iters_for(size);
+        let start = Instant::now();
+        for _ in 0..n {
+            t.send(msg.clone()).await.map_err(|e| e.to_string())?;
+        }
+        t.send(Bytes::new()).await.map_err(|e| e.to_string())?;
+        let count = t.recv().await.map_err(|e| e.to_string())?;
+        let secs = start.elapsed().as_secs_f64();
+        let got = u64::from_be_bytes(count[..].try_into().map_err(|_| "bad count")?);
+        if got != n as u64 {
+            return Err(format!("server counted {got} of {n} messages"));
+        }
+        let _ = t.close().await;
+        Ok((n * size) as f64 / secs / 1e6)
+    });
+    srv.join().map_err(|_| "the server thread panicked")?;
+    res
+}
+
+/// `ib_send_lat` t_typical (µs) and `ib_send_bw` rate (10^6 B/s) for `size`.
+fn perftest(spec: &str, addr: SocketAddr, size: usize) -> Result<(f64, f64), String> {
+    let (dev, gid) = spec
+        .split_once(':')
+        .ok_or("--perftest wants DEVICE:GID_INDEX")?;
+    let ip = addr.ip().to_string();
+    let lat_n = trips_for(size).to_string();
+    let bw_n = iters_for(size).to_string();
+    let common = |n: &str| -> Vec<String> {
+        ["-d", dev, "-x", gid, "-s", &size.to_string(), "-n", n]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let lat_out = perftest_pair("ib_send_lat", &common(&lat_n), &ip)?;
+    let bw_out = perftest_pair("ib_send_bw", &common(&bw_n), &ip)?;
+    let row = |out: &str, min_fields: usize| -> Option<Vec<f64>> {
+        out.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= min_fields && f[0] == size.to_string())
+                .then(|| f.iter().filter_map(|x| x.parse().ok()).collect())
+        })
+    };
+    // ib_send_lat: #bytes #iterations t_min t_max t_typical ...
+    let lat = row(&lat_out, 5)
+        .and_then(|f| f.get(4).copied())
+        .ok_or_else(|| format!("no result row in ib_send_lat's output:\n{lat_out}"))?;
+    // ib_send_bw: #bytes #iterations BW_peak BW_average MsgRate[Mpps]
+    let mpps = row(&bw_out, 5)
+        .and_then(|f| f.get(4).copied())
+        .ok_or_else(|| format!("no result row in ib_send_bw's output:\n{bw_out}"))?;
+    Ok((lat, mpps * size as f64))
+}
+
+/// Run `tool` as server and client (retrying while the server starts); the client's
+/// output.
+fn perftest_pair(tool: &str, args: &[String], ip: &str) -> Result<String, String> {
+    let mut srv = Command::new(tool)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{tool}: {e} (is perftest installed?)"))?;
+    let mut last = String::new();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(300));
+        let out = Command::new(tool)
+            .args(args)
+            .arg(ip)
+            .output()
+            .map_err(|e| format!("{tool}: {e}"))?;
+        if out.status.success() {
+            let _ = srv.wait();
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+    }
+    let _ = srv.kill();
+    let _ = srv.wait();
+    Err(format!("{tool} client kept failing: {last}"))
+}

@@ -35,8 +35,9 @@ use super::{fmt_size, Args};
 const WARMUP: usize = 100;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The poller settings compared: the default and a longer busy-poll window.
-fn configs() -> [(&'static str, RdmaConfig); 2] {
+/// The settings compared: the default, a longer poller spin, and latency mode (the
+/// waiting task polls the CQ itself; the poller thread sleeps at once).
+fn configs() -> [(&'static str, RdmaConfig); 3] {
     let spin = RdmaConfig {
         poller: PollerConfig {
             spin: Duration::from_micros(500),
@@ -45,7 +46,20 @@ fn configs() -> [(&'static str, RdmaConfig); 2] {
         },
         ..RdmaConfig::default()
     };
-    [("net-rs", RdmaConfig::default()), ("net-rs spin", spin)]
+    let lat = RdmaConfig {
+        busy_poll: Some(Duration::from_millis(1)),
+        poller: PollerConfig {
+            spin: Duration::ZERO,
+            yield_window: Duration::ZERO,
+            ..PollerConfig::default()
+        },
+        ..RdmaConfig::default()
+    };
+    [
+        ("net-rs", RdmaConfig::default()),
+        ("net-rs spin", spin),
+        ("net-rs lat", lat),
+    ]
 }
 
 fn trips_for(_size: usize) -> usize {

@@ -70,6 +70,14 @@ impl CqSource {
         self.cm = Some(cm);
     }
 
+    /// The half that sleeps on the channels.
+    pub fn waiter(&self) -> CqWaiter {
+        CqWaiter {
+            channel: self.channel.clone(),
+            cm: self.cm.clone(),
+        }
+    }
+
     /// The CQ, to attach queue pairs to.
     pub fn cq(&self) -> &Arc<BasicCompletionQueue> {
         &self.cq
@@ -117,6 +125,35 @@ impl CompletionSource for CqSource {
     }
 
     fn wait(&mut self, timeout: Duration) -> io::Result<bool> {
+        self.waiter().wait(timeout)
+    }
+}
+
+/// The sleeping half of a [`CqSource`]: its completion channel and the RDMA-CM channel
+/// it watches. Waiting needs no access to the CQ itself, so a source shared with
+/// callers that poll it inline is not locked while its thread sleeps.
+#[derive(Clone)]
+pub struct CqWaiter {
+    channel: Arc<CompletionChannel>,
+    cm: Option<Arc<EventChannel>>,
+}
+
+impl fmt::Debug for CqWaiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CqWaiter")
+            .field("channel_fd", &self.channel.as_raw_fd())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CqWaiter {
+    /// Block until the armed CQ notification fires (taking and acknowledging the
+    /// event) or `timeout` passes; RDMA-CM events that arrive meanwhile are dispatched.
+    /// Returns whether the CQ notification fired.
+    ///
+    /// # Errors
+    /// A failed `poll(2)` or `ibv_get_cq_event`.
+    pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
         let pollfd = |fd| libc::pollfd {
             fd,
             events: libc::POLLIN,

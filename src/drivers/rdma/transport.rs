@@ -18,9 +18,11 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use event_listener::Event;
@@ -31,12 +33,15 @@ use sideway::ibverbs::queue_pair::{
 
 use super::cm::{CmHandle, CmListener, QUEUE_DEPTH};
 use super::context::RdmaContext;
+use super::poller::{CqSource, CqWaiter};
 use crate::buffer::Buf;
 use crate::codec::too_large;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mem::{Slab, SlabBuf};
 use crate::reactor::credit::Credits;
-use crate::reactor::{Completion, OpSlab, Poller, PollerConfig, PollerHandle, WrId};
+use crate::reactor::{
+    Completion, CompletionSource, OpSlab, Poller, PollerConfig, PollerHandle, WrId,
+};
 use crate::transport::Transport;
 
 const RECV_TAG: u64 = WrId::DRIVER_TAG;
@@ -70,6 +75,11 @@ pub struct RdmaConfig {
     pub send_buffer: usize,
     /// The completion poller's spin and yield windows.
     pub poller: PollerConfig,
+    /// Latency mode: a task waiting on this connection polls the completion queue
+    /// itself for up to this long before it parks (default `None`: it parks at once
+    /// and the poller thread wakes it). Saves the thread hand-off on every message at
+    /// the price of a busy CPU while waiting; pair it with a short poller spin.
+    pub busy_poll: Option<Duration>,
 }
 
 impl RdmaConfig {
@@ -90,6 +100,7 @@ impl Default for RdmaConfig {
             depth: QUEUE_DEPTH,
             send_buffer: 4 << 20,
             poller: PollerConfig::default(),
+            busy_poll: None,
         }
     }
 }
@@ -181,9 +192,49 @@ struct State {
     error: Option<Error>,
 }
 
+/// The connection's completion queue, shared by its poller thread and (in latency
+/// mode) the tasks waiting on the connection. A batch is polled and handled under this
+/// one lock, so batches are handled in CQ order whoever polls.
+struct Core {
+    source: CqSource,
+    buf: Vec<Completion>,
+}
+
+/// The poller thread's view of [`Core`]: it sleeps on the channels without the lock.
+struct ThreadSource {
+    core: Arc<Mutex<Core>>,
+    /// Tasks busy-polling the CQ now (latency mode). While there are any, the thread
+    /// does not arm the CQ: a notification per completion would wake it for nothing.
+    inline: Arc<AtomicUsize>,
+    waiter: CqWaiter,
+    shared: Weak<Shared>,
+}
+
+impl CompletionSource for ThreadSource {
+    fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> io::Result<usize> {
+        match self.shared.upgrade() {
+            Some(s) => s.poll_core(&mut lock(&self.core), max, Some(out)),
+            None => Ok(0),
+        }
+    }
+
+    fn arm(&mut self) -> io::Result<()> {
+        if self.inline.load(Ordering::Acquire) > 0 {
+            return Ok(());
+        }
+        lock(&self.core).source.arm()
+    }
+
+    fn wait(&mut self, timeout: Duration) -> io::Result<bool> {
+        self.waiter.wait(timeout)
+    }
+}
+
 struct Shared {
     // Declared first: the QP is destroyed before the memory its requests name.
     qp: Mutex<BasicQueuePair>,
+    core: Arc<Mutex<Core>>,
+    inline: Arc<AtomicUsize>,
     state: Mutex<State>,
     ops: Arc<OpSlab>,
     /// Receive buffers and send bounce slots, `chunk` bytes each.
@@ -226,6 +277,39 @@ fn post_recv(qp: &mut BasicQueuePair, idx: usize, buf: &SlabBuf, len: usize) -> 
 }
 
 impl Shared {
+    /// Poll one batch from the CQ and handle it (the caller holds the core's lock).
+    fn poll_core(
+        &self,
+        core: &mut Core,
+        max: usize,
+        out: Option<&mut Vec<Completion>>,
+    ) -> io::Result<usize> {
+        let Core { source, buf } = core;
+        buf.clear();
+        let n = source.poll(buf, max)?;
+        if n > 0 {
+            self.on_completions(buf);
+            if let Some(out) = out {
+                out.extend_from_slice(buf);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Latency mode: poll the CQ from the waiting task, unless another thread is.
+    fn poll_inline(&self) {
+        let mut core = match self.core.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
+        };
+        if let Err(e) = self.poll_core(&mut core, 32, None) {
+            drop(core);
+            let e = Error::new(ErrorKind::ConnectionReset, format!("ibv_poll_cq: {e}"));
+            self.fail(&mut lock(&self.state), e);
+            self.changed.notify(usize::MAX);
+        }
+    }
     fn fail(&self, st: &mut State, e: Error) {
         if st.error.is_some() || st.closed {
             return;
@@ -469,11 +553,38 @@ impl Shared {
         self.changed.notify(usize::MAX);
     }
 
-    /// Wait until `check` gives a value (check → listen → re-check).
+    /// Wait until `check` gives a value (check → listen → re-check). In latency mode
+    /// the task first polls the CQ itself for up to `busy_poll`.
     async fn wait<T>(&self, mut check: impl FnMut(&mut State) -> Option<T>) -> T {
         loop {
             if let Some(v) = check(&mut lock(&self.state)) {
                 return v;
+            }
+            if let Some(window) = self.cfg.busy_poll {
+                let until = Instant::now() + window;
+                self.inline.fetch_add(1, Ordering::AcqRel);
+                let found = loop {
+                    self.poll_inline();
+                    if let Some(v) = check(&mut lock(&self.state)) {
+                        break Some(v);
+                    }
+                    if Instant::now() >= until {
+                        break None;
+                    }
+                    std::hint::spin_loop();
+                };
+                if self.inline.fetch_sub(1, Ordering::AcqRel) == 1 && found.is_none() {
+                    // The last busy poller goes to sleep: arm the CQ so the poller thread
+                    // is woken by the next completion (it did not arm meanwhile).
+                    let _ = lock(&self.core).source.arm();
+                    self.poll_inline();
+                }
+                if let Some(v) = found {
+                    return v;
+                }
+                if let Some(v) = check(&mut lock(&self.state)) {
+                    return v;
+                }
             }
             let listener = self.changed.listen();
             if let Some(v) = check(&mut lock(&self.state)) {
@@ -522,8 +633,14 @@ impl RdmaTransport {
         .encode();
         let source =
             source.ok_or_else(|| Error::new(ErrorKind::Registration, "no completion queue"))?;
+        let waiter = source.waiter();
         let shared = Arc::new(Shared {
             qp: Mutex::new(qp),
+            core: Arc::new(Mutex::new(Core {
+                source,
+                buf: Vec::with_capacity(64),
+            })),
+            inline: Arc::new(AtomicUsize::new(0)),
             state: Mutex::new(State {
                 credits: Credits::before_hello(cfg.depth),
                 sendq: VecDeque::from([Outgoing {
@@ -562,14 +679,16 @@ impl RdmaTransport {
                 s.on_gone(why);
             }
         });
-        let s2 = shared.clone();
-        let poller = Poller::new(
-            source,
-            move |b: &[Completion]| s2.on_completions(b),
-            cfg.poller,
-        )
-        .spawn("net-rs-rdma-cq")
-        .map_err(Error::from)?;
+        let thread_source = ThreadSource {
+            core: shared.core.clone(),
+            inline: shared.inline.clone(),
+            waiter,
+            shared: Arc::downgrade(&shared),
+        };
+        // The source handles each batch itself (under the core's lock).
+        let poller = Poller::new(thread_source, |_: &[Completion]| {}, cfg.poller)
+            .spawn("net-rs-rdma-cq")
+            .map_err(Error::from)?;
         Ok(RdmaTransport {
             shared,
             poller: Some(poller),

@@ -51,6 +51,8 @@ const LAST: u32 = 1 << 16;
 const CONTROL: u32 = 1 << 17;
 const FIN: u32 = 1 << 18;
 const HELLO: u32 = 1 << 19;
+/// Sends in flight from which `send` queues without posting (see `send`).
+const CORK_IN_FLIGHT: u32 = 8;
 /// Smallest receive buffer (a hello must fit).
 const MIN_CHUNK: usize = 64;
 
@@ -173,8 +175,13 @@ struct State {
     data_in_flight: u32,
     /// A data fragment completed with an error: `flush` cannot succeed any more.
     lost: bool,
-    /// Fragments sent from the application's registered memory without a copy.
+    /// Fragments sent from registered memory (`alloc_buf`, received messages) without
+    /// a copy.
     zero_copy_sends: u64,
+    /// Receive buffers lent to the application as messages, not posted meanwhile.
+    lent: u32,
+    /// Messages handed to the application in the buffer they arrived in.
+    zero_copy_recvs: u64,
     sendq: VecDeque<Outgoing>,
     queued: usize,
     recvq: VecDeque<Bytes>,
@@ -236,6 +243,10 @@ struct Shared {
     core: Arc<Mutex<Core>>,
     inline: Arc<AtomicUsize>,
     state: Mutex<State>,
+    /// Lent receive buffers given back by dropped messages, waiting to be posted again
+    /// (a leaf lock: a message dropped while its thread holds `state` only queues).
+    returns: Mutex<Vec<(usize, SlabBuf)>>,
+    me: Weak<Shared>,
     ops: Arc<OpSlab>,
     /// Receive buffers and send bounce slots, `chunk` bytes each.
     slab: Slab,
@@ -276,7 +287,99 @@ fn post_recv(qp: &mut BasicQueuePair, idx: usize, buf: &SlabBuf, len: usize) -> 
         .map_err(|e| Error::new(ErrorKind::Registration, format!("ibv_post_recv: {e}")))
 }
 
+/// The connection state, locked. On unlock it posts the receive buffers that messages
+/// dropped meanwhile gave back (see [`Shared::drain_returns`]).
+struct StateGuard<'a> {
+    shared: &'a Shared,
+    guard: Option<MutexGuard<'a, State>>,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.guard.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.guard.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.shared.drain_returns();
+    }
+}
+
+/// A received message lent to the application: the registered buffer it arrived in.
+/// When the last `Bytes` pointing into it drops, the buffer is posted again.
+struct Lease {
+    buf: Option<SlabBuf>,
+    idx: usize,
+    len: usize,
+    conn: Weak<Shared>,
+}
+
+impl AsRef<[u8]> for Lease {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[], |b| &b.as_ref()[..self.len])
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(buf) = self.buf.take() else { return };
+        // A connection that is gone has no receive queue to refill: the slot simply
+        // returns to its slab.
+        if let Some(s) = self.conn.upgrade() {
+            lock(&s.returns).push((self.idx, buf));
+            s.drain_returns();
+        }
+    }
+}
+
 impl Shared {
+    fn lock_state(&self) -> StateGuard<'_> {
+        StateGuard {
+            shared: self,
+            guard: Some(lock(&self.state)),
+        }
+    }
+
+    /// Post the given-back receive buffers, unless another holder of `state` is about
+    /// to: every holder runs this after unlocking, and a buffer queued while the lock
+    /// was held is seen by that holder's re-check.
+    fn drain_returns(&self) {
+        loop {
+            if lock(&self.returns).is_empty() {
+                return;
+            }
+            let mut st = match self.state.try_lock() {
+                Ok(g) => g,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => return,
+            };
+            let items = std::mem::take(&mut *lock(&self.returns));
+            for (idx, buf) in items {
+                st.lent -= 1;
+                if st.error.is_some() || st.closed || st.gone.is_some() {
+                    continue;
+                }
+                let res = post_recv(&mut lock(&self.qp), idx, &buf, self.cfg.chunk);
+                st.recv_bufs[idx] = Some(buf);
+                match res {
+                    Ok(()) => st.credits.reposted(1),
+                    Err(e) => self.fail(&mut st, e),
+                }
+            }
+            self.pump(&mut st);
+            drop(st);
+            self.changed.notify(usize::MAX);
+        }
+    }
     /// Poll one batch from the CQ and handle it (the caller holds the core's lock).
     fn poll_core(
         &self,
@@ -306,7 +409,7 @@ impl Shared {
         if let Err(e) = self.poll_core(&mut core, 32, None) {
             drop(core);
             let e = Error::new(ErrorKind::ConnectionReset, format!("ibv_poll_cq: {e}"));
-            self.fail(&mut lock(&self.state), e);
+            self.fail(&mut self.lock_state(), e);
             self.changed.notify(usize::MAX);
         }
     }
@@ -329,7 +432,7 @@ impl Shared {
     /// request completes with a flush error, which fails the waiting operations (so
     /// even a side that only receives learns of it).
     fn on_gone(&self, why: String) {
-        let mut st = lock(&self.state);
+        let mut st = self.lock_state();
         if st.gone.is_some() {
             return;
         }
@@ -390,29 +493,32 @@ impl Shared {
             st.sq_free -= 1;
             st.queued -= n;
             st.data_in_flight += 1;
-            let (keep, key, addr): (crate::reactor::Keep, u32, u64) =
-                match self.app_slab.lookup(frag.as_ptr(), frag.len()) {
-                    Some(key) if !frag.is_empty() => {
-                        st.zero_copy_sends += 1;
-                        let addr = frag.as_ptr() as u64;
-                        (Box::new(frag), key, addr)
+            let registered = self
+                .app_slab
+                .lookup(frag.as_ptr(), frag.len())
+                .or_else(|| self.slab.lookup(frag.as_ptr(), frag.len()));
+            let (keep, key, addr): (crate::reactor::Keep, u32, u64) = match registered {
+                Some(key) if !frag.is_empty() => {
+                    st.zero_copy_sends += 1;
+                    let addr = frag.as_ptr() as u64;
+                    (Box::new(frag), key, addr)
+                }
+                _ => match self.slab.alloc(n.max(1)) {
+                    Ok(Some(mut buf)) => {
+                        buf.as_mut()[..n].copy_from_slice(&frag);
+                        let (key, addr) = (buf.key(), buf.as_ref().as_ptr() as u64);
+                        (Box::new(buf), key, addr)
                     }
-                    _ => match self.slab.alloc(n.max(1)) {
-                        Ok(Some(mut buf)) => {
-                            buf.as_mut()[..n].copy_from_slice(&frag);
-                            let (key, addr) = (buf.key(), buf.as_ref().as_ptr() as u64);
-                            (Box::new(buf), key, addr)
-                        }
-                        res => {
-                            let why = res.err().map_or_else(
-                                || "no bounce slot for a fragment".to_string(),
-                                |e| e.to_string(),
-                            );
-                            self.fail(st, Error::new(ErrorKind::Registration, why));
-                            break;
-                        }
-                    },
-                };
+                    res => {
+                        let why = res.err().map_or_else(
+                            || "no bounce slot for a fragment".to_string(),
+                            |e| e.to_string(),
+                        );
+                        self.fail(st, Error::new(ErrorKind::Registration, why));
+                        break;
+                    }
+                },
+            };
             let op = self.ops.register(keep);
             wrs.push(Wr {
                 wr_id: op.wr_id().to_u64(),
@@ -499,6 +605,20 @@ impl Shared {
                 self.fail(st, too_large(size, self.cfg.max_message_size, true));
                 return;
             }
+            // A whole message in one buffer is lent as it is, while at most half the
+            // receive buffers are out: the rest keep cycling, so receives never run dry
+            // however many messages the application holds (those are copied).
+            if imm & LAST != 0 && st.partial.is_empty() && len > 0 && st.lent < self.cfg.depth / 2 {
+                st.lent += 1;
+                st.zero_copy_recvs += 1;
+                st.recvq.push_back(Bytes::from_owner(Lease {
+                    buf: Some(buf),
+                    idx,
+                    len,
+                    conn: self.me.clone(),
+                }));
+                return;
+            }
             st.partial.extend_from_slice(&buf.as_ref()[..len]);
             if imm & LAST != 0 {
                 let msg = std::mem::take(&mut st.partial);
@@ -527,7 +647,7 @@ impl Shared {
             .collect();
         self.ops.complete_batch(&sends, &mut Vec::new());
         {
-            let mut st = lock(&self.state);
+            let mut st = self.lock_state();
             for c in batch {
                 if c.wr_id == CONTROL_WR {
                     st.sq_free += 1;
@@ -557,7 +677,7 @@ impl Shared {
     /// the task first polls the CQ itself for up to `busy_poll`.
     async fn wait<T>(&self, mut check: impl FnMut(&mut State) -> Option<T>) -> T {
         loop {
-            if let Some(v) = check(&mut lock(&self.state)) {
+            if let Some(v) = check(&mut self.lock_state()) {
                 return v;
             }
             if let Some(window) = self.cfg.busy_poll {
@@ -565,7 +685,7 @@ impl Shared {
                 self.inline.fetch_add(1, Ordering::AcqRel);
                 let found = loop {
                     self.poll_inline();
-                    if let Some(v) = check(&mut lock(&self.state)) {
+                    if let Some(v) = check(&mut self.lock_state()) {
                         break Some(v);
                     }
                     if Instant::now() >= until {
@@ -582,12 +702,12 @@ impl Shared {
                 if let Some(v) = found {
                     return v;
                 }
-                if let Some(v) = check(&mut lock(&self.state)) {
+                if let Some(v) = check(&mut self.lock_state()) {
                     return v;
                 }
             }
             let listener = self.changed.listen();
-            if let Some(v) = check(&mut lock(&self.state)) {
+            if let Some(v) = check(&mut self.lock_state()) {
                 return v;
             }
             listener.await;
@@ -634,7 +754,9 @@ impl RdmaTransport {
         let source =
             source.ok_or_else(|| Error::new(ErrorKind::Registration, "no completion queue"))?;
         let waiter = source.waiter();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|me| Shared {
+            me: me.clone(),
+            returns: Mutex::new(Vec::new()),
             qp: Mutex::new(qp),
             core: Arc::new(Mutex::new(Core {
                 source,
@@ -653,6 +775,8 @@ impl RdmaTransport {
                 data_in_flight: 0,
                 lost: false,
                 zero_copy_sends: 0,
+                lent: 0,
+                zero_copy_recvs: 0,
                 recvq: VecDeque::new(),
                 partial: Vec::new(),
                 recv_bufs,
@@ -672,7 +796,7 @@ impl RdmaTransport {
             cm,
             _context: context,
         });
-        shared.pump(&mut lock(&shared.state));
+        shared.pump(&mut shared.lock_state());
         let weak = Arc::downgrade(&shared);
         shared.cm.on_gone(move |why| {
             if let Some(s) = weak.upgrade() {
@@ -738,10 +862,16 @@ impl RdmaTransport {
         self.shared.slab.regions() + self.shared.app_slab.regions()
     }
 
-    /// Message fragments sent straight from the application's registered memory
-    /// (buffers from [`alloc_buf`](Transport::alloc_buf)), without a copy.
+    /// Message fragments sent straight from registered memory (buffers from
+    /// [`alloc_buf`](Transport::alloc_buf), received messages sent on), without a copy.
     pub fn zero_copy_sends(&self) -> u64 {
-        lock(&self.shared.state).zero_copy_sends
+        self.shared.lock_state().zero_copy_sends
+    }
+
+    /// Messages received without a copy: handed out in the receive buffer they arrived
+    /// in (messages of up to one `chunk`, while at most half the buffers are lent).
+    pub fn zero_copy_recvs(&self) -> u64 {
+        self.shared.lock_state().zero_copy_recvs
     }
 
     /// The most registrations this connection can ever make.
@@ -756,7 +886,7 @@ impl RdmaTransport {
 
     /// Credits this side may still send with (for tests and monitoring).
     pub fn send_credits(&self) -> u32 {
-        lock(&self.shared.state).credits.available()
+        self.shared.lock_state().credits.available()
     }
 }
 
@@ -792,7 +922,12 @@ impl Transport for RdmaTransport {
                     off: 0,
                     kind: Kind::Data,
                 });
-                s.pump(st);
+                // With enough sends in flight their completions will run the pump:
+                // leave it to them, so a stream of small messages goes out in batches
+                // (one doorbell for many) instead of one post per message.
+                if st.data_in_flight < CORK_IN_FLIGHT {
+                    s.pump(st);
+                }
                 Some(Ok(()))
             })
             .await
@@ -833,7 +968,7 @@ impl Transport for RdmaTransport {
 
     async fn shutdown(&self) -> Result<()> {
         {
-            let mut st = lock(&self.shared.state);
+            let mut st = self.shared.lock_state();
             if !st.shut {
                 st.shut = true;
                 st.sendq.push_back(Outgoing {
@@ -849,7 +984,7 @@ impl Transport for RdmaTransport {
 
     async fn close(&self) -> Result<()> {
         let res = self.shutdown().await;
-        let mut st = lock(&self.shared.state);
+        let mut st = self.shared.lock_state();
         st.closed = true;
         drop(st);
         self.shared.changed.notify(usize::MAX);
@@ -869,7 +1004,7 @@ impl Transport for RdmaTransport {
     }
 
     fn is_closed(&self) -> bool {
-        let st = lock(&self.shared.state);
+        let st = self.shared.lock_state();
         st.closed || st.shut || st.error.is_some() || st.peer_fin
     }
 
@@ -893,7 +1028,7 @@ impl Transport for RdmaTransport {
 impl Drop for RdmaTransport {
     fn drop(&mut self) {
         {
-            let mut st = lock(&self.shared.state);
+            let mut st = self.shared.lock_state();
             st.closed = true;
         }
         self.shared.changed.notify(usize::MAX);

@@ -297,6 +297,7 @@ fn rdma_cm_connects_queue_pairs_that_exchange_messages() {
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
     assert!(t0.elapsed() < Duration::from_secs(10));
 
+    let (provoke_tx, provoke_rx) = std::sync::mpsc::channel::<()>();
     let server = std::thread::spawn(move || {
         let ops = OpSlab::new();
         let mut pending = None;
@@ -320,6 +321,16 @@ fn rdma_cm_connects_queue_pairs_that_exchange_messages() {
             let (s, _) = futures::executor::block_on(post_send(&mut conn.qp, &ops, &slab, &msg));
             assert!(s.is_success(), "server send status {}", s.status);
         }
+        // Two messages come while one receive is posted: the second meets a receiver
+        // that is not ready until the next receive is posted, a while later.
+        provoke_rx.recv().unwrap();
+        let (c, _) = futures::executor::block_on(pending.take().unwrap());
+        assert!(c.is_success());
+        std::thread::sleep(Duration::from_millis(300));
+        pending = Some(post_recv(&mut conn.qp, &ops, &slab));
+        let (c, _) = futures::executor::block_on(pending.take().unwrap());
+        assert!(c.is_success(), "the retried send arrived");
+        pending = Some(post_recv(&mut conn.qp, &ops, &slab));
         poller.shutdown();
         // The QP goes first: memory named by the outstanding receive is released only
         // after the hardware can no longer use it.
@@ -349,6 +360,24 @@ fn rdma_cm_connects_queue_pairs_that_exchange_messages() {
         assert_eq!(back, msg, "round trip {i}");
         pending = Some(post_recv(&mut conn.qp, &ops, &slab));
     }
+    // The device's RNR counter sees a receiver that is not ready, and the send is
+    // retried until it gets through (rnr_retry 7): the counter the transport tests
+    // rely on to show that credits prevent RNR is live.
+    let rnr_before = conn.context.rnr_events().expect("RNR counters in sysfs");
+    let a = post_send(&mut conn.qp, &ops, &slab, b"first");
+    let b = post_send(&mut conn.qp, &ops, &slab, b"second");
+    provoke_tx.send(()).unwrap();
+    let ((sa, _), (sb, _)) = futures::executor::block_on(futures::future::join(a, b));
+    assert!(
+        sa.is_success() && sb.is_success(),
+        "{} {}",
+        sa.status,
+        sb.status
+    );
+    assert!(
+        conn.context.rnr_events().unwrap() > rnr_before,
+        "no RNR counted"
+    );
     let server_side = server.join().expect("server thread");
     conn.disconnect().unwrap();
     poller.shutdown();

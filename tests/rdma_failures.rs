@@ -293,3 +293,55 @@ fn peers_with_different_settings() {
     });
     within(30, "the server", move || server.join().unwrap());
 }
+
+/// A long one-way flood into a receiver that keeps stopping to do other work: credits
+/// stop the sender instead of letting it hit a receiver with no posted buffer, so the
+/// device counts no receiver-not-ready event, and no memory is registered after the
+/// first messages however many follow.
+#[test]
+fn long_one_way_flood_has_no_rnr_and_constant_registrations() {
+    const N: u32 = 60_000;
+    let Some(ip) = device_ip() else { return };
+    let addr = SocketAddr::new(ip, 18615);
+    let listener = cm::listen(addr).unwrap();
+    let server = std::thread::spawn(move || {
+        block_on(async {
+            let t = listener.accept(Duration::from_secs(30)).await.unwrap();
+            for i in 0..N {
+                let m = t.recv().await.unwrap();
+                assert_eq!(m[..], i.to_be_bytes(), "message {i}");
+                if i % 5000 == 0 {
+                    // A slow consumer: the sender runs out of credits meanwhile.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            let end = t.recv().await.unwrap_err();
+            assert_eq!(end.kind(), ErrorKind::Closed, "{end}");
+        })
+    });
+    let (rnr, regs) = within(300, "the flood", move || {
+        block_on(async {
+            let t = cm::connect(addr, Duration::from_secs(30)).await.unwrap();
+            let rnr_before = t
+                .device_rnr_events()
+                .expect("the device has RNR counters in sysfs");
+            let mut regs_early = 0;
+            for i in 0..N {
+                t.send(Bytes::copy_from_slice(&i.to_be_bytes()))
+                    .await
+                    .unwrap();
+                if i == 2000 {
+                    regs_early = t.registrations();
+                }
+            }
+            t.close().await.unwrap();
+            (
+                t.device_rnr_events().unwrap() - rnr_before,
+                (regs_early, t.registrations()),
+            )
+        })
+    });
+    within(60, "the receiver", move || server.join().unwrap());
+    assert_eq!(rnr, 0, "receiver-not-ready events during the flood");
+    assert_eq!(regs.0, regs.1, "registrations grew during the flood");
+}

@@ -181,6 +181,11 @@ fn echo_under_smol() {
 }
 
 #[test]
+fn echo_under_async_std() {
+    run_client(18605, async_std::task::block_on);
+}
+
+#[test]
 fn connect_without_listener_is_refused() {
     let Some(ip) = device_ip() else { return };
     let err = futures::executor::block_on(cm::connect(

@@ -192,13 +192,20 @@ fn make_qp(id: &Arc<Identifier>) -> Result<(RdmaContext, CqSource, BasicQueuePai
 }
 
 fn move_qp(id: &Arc<Identifier>, qp: &mut BasicQueuePair, state: QueuePairState) -> Result<()> {
-    let attr = id.get_qp_attr(state).map_err(|e| {
+    let mut attr = id.get_qp_attr(state).map_err(|e| {
         cm_error(
             ErrorKind::Io(std::io::ErrorKind::Other),
             "rdma_init_qp_attr",
             e,
         )
     })?;
+    if state == QueuePairState::ReadyToSend {
+        // sideway 0.4.3 cannot set these in the CM connection parameters (they stay 0).
+        // Retransmit lost packets (7 tries); and should a receiver ever be not ready
+        // (credits prevent it), retry without limit instead of failing the connection:
+        // the device's RNR counters show it (`RdmaContext::rnr_events`).
+        attr.setup_retry_cnt(7).setup_rnr_retry(7);
+    }
     qp.modify(&attr).map_err(|e| {
         cm_error(
             ErrorKind::Io(std::io::ErrorKind::Other),

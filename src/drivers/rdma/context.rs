@@ -87,7 +87,7 @@ impl RdmaContext {
     /// # Errors
     /// [`ErrorKind::Registration`] if no protection domain can be allocated.
     pub fn from_device(ctx: Arc<DeviceContext>) -> Result<RdmaContext> {
-        let name = "device resolved by RDMA-CM".to_string();
+        let name = sideway::ibverbs::device::DeviceInfo::name(&*ctx);
         let pd = ctx.alloc_pd().map_err(|e| {
             Error::new(
                 ErrorKind::Registration,
@@ -105,6 +105,32 @@ impl RdmaContext {
     /// The device's name (e.g. `rxe0`, `mlx5_0`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Receiver-not-ready events the device has counted on all its ports (the sum of
+    /// its `hw_counters` whose name mentions RNR, e.g. rxe's `rcvd_rnr_err`,
+    /// `send_rnr_err`, `retry_rnr_exceeded_err`). Device-wide, not per connection.
+    /// `None` if the device exposes no such counter in sysfs.
+    pub fn rnr_events(&self) -> Option<u64> {
+        let ports = std::fs::read_dir(format!("/sys/class/infiniband/{}/ports", self.name)).ok()?;
+        let mut found = None;
+        for port in ports.flatten() {
+            let Ok(counters) = std::fs::read_dir(port.path().join("hw_counters")) else {
+                continue;
+            };
+            for c in counters.flatten() {
+                if !c.file_name().to_string_lossy().contains("rnr") {
+                    continue;
+                }
+                if let Some(v) = std::fs::read_to_string(c.path())
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                {
+                    *found.get_or_insert(0) += v;
+                }
+            }
+        }
+        found
     }
 
     /// The sideway device context.

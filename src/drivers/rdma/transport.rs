@@ -884,6 +884,12 @@ impl RdmaTransport {
         recv + send
     }
 
+    /// Receiver-not-ready events counted by this connection's device, all connections
+    /// together ([`RdmaContext::rnr_events`]); credits keep it from growing.
+    pub fn device_rnr_events(&self) -> Option<u64> {
+        self.shared._context.rnr_events()
+    }
+
     /// Credits this side may still send with (for tests and monitoring).
     pub fn send_credits(&self) -> u32 {
         self.shared.lock_state().credits.available()

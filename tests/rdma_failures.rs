@@ -219,8 +219,12 @@ fn many_connections_at_once() {
             .map(|e| e.join().unwrap())
             .collect::<Vec<usize>>()
     });
+    // Everyone connected and talking: then the test counts the poller threads.
+    let (up_tx, up_rx) = mpsc::channel::<()>();
+    let counted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients: Vec<_> = (0..CONNS)
         .map(|c| {
+            let (up_tx, counted) = (up_tx.clone(), counted.clone());
             std::thread::spawn(move || {
                 block_on(async {
                     let t = cm::connect(addr, Duration::from_secs(60)).await.unwrap();
@@ -230,11 +234,39 @@ fn many_connections_at_once() {
                         t.send(msg.clone()).await.unwrap();
                         assert!(t.recv().await.unwrap() == msg, "connection {c} trip {i}");
                     }
+                    up_tx.send(()).unwrap();
+                    let t0 = std::time::Instant::now();
+                    while !counted.load(std::sync::atomic::Ordering::Acquire)
+                        && t0.elapsed() < Duration::from_secs(120)
+                    {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
                     t.close().await.unwrap();
                 })
             })
         })
         .collect();
+    for _ in 0..CONNS {
+        up_rx
+            .recv_timeout(Duration::from_secs(300))
+            .expect("a client never got through its round trips");
+    }
+    // 32 connection ends on one device, one completion poller thread.
+    let pollers = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "net-rs-rdma-dev")
+        })
+        .count();
+    counted.store(true, std::sync::atomic::Ordering::Release);
+    assert_eq!(
+        pollers,
+        1,
+        "completion poller threads for {} connection ends",
+        2 * CONNS
+    );
     within(300, "the clients", move || {
         for c in clients {
             c.join().unwrap();
@@ -325,14 +357,14 @@ fn long_one_way_flood_has_no_rnr_and_constant_registrations() {
             let rnr_before = t
                 .device_rnr_events()
                 .expect("the device has RNR counters in sysfs");
-            let mut regs_early = 0;
+            // Everything this connection will ever register was registered when it
+            // was set up.
+            let regs_early = t.registrations();
+            assert_eq!(regs_early, t.registration_bound());
             for i in 0..N {
                 t.send(Bytes::copy_from_slice(&i.to_be_bytes()))
                     .await
                     .unwrap();
-                if i == 2000 {
-                    regs_early = t.registrations();
-                }
             }
             t.close().await.unwrap();
             (

@@ -211,7 +211,11 @@ impl PollerHandle {
     fn stop_and_join(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // Dropped by the poller thread itself (its handler released the last owner
+            // of the handle): it ends after this round, it cannot wait for itself.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }

@@ -167,8 +167,14 @@ fn expect(ev: Event, want: EventType, what: &str) -> Result<Event> {
     ))
 }
 
-/// Create the QP for `id` on its device and move it to INIT.
-fn make_qp(id: &Arc<Identifier>) -> Result<(RdmaContext, CqSource, BasicQueuePair)> {
+/// Completion-queue entries a connection needs: both queues full, and some slack.
+pub const CQ_ENTRIES: u32 = 2 * QUEUE_DEPTH + 16;
+
+/// Create the QP for `id` on its device (its CQ from `make_cq`) and move it to INIT.
+fn make_qp(
+    id: &Arc<Identifier>,
+    make_cq: impl FnOnce(&RdmaContext) -> Result<CqSource>,
+) -> Result<(RdmaContext, CqSource, BasicQueuePair)> {
     let dev = id.get_device_context().ok_or_else(|| {
         Error::new(
             ErrorKind::Unsupported,
@@ -176,7 +182,7 @@ fn make_qp(id: &Arc<Identifier>) -> Result<(RdmaContext, CqSource, BasicQueuePai
         )
     })?;
     let ctx = RdmaContext::from_device(dev)?;
-    let source = CqSource::new(&ctx, 2 * QUEUE_DEPTH + 16)?;
+    let source = make_cq(&ctx)?;
     let cq = source.cq().clone();
     let mut qp = ctx
         .protection_domain()
@@ -232,6 +238,21 @@ pub fn connect_qp(
     timeout: Duration,
     before_connect: impl FnOnce(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
 ) -> Result<CmConnection> {
+    connect_qp_with(
+        addr,
+        timeout,
+        |ctx| CqSource::new(ctx, CQ_ENTRIES),
+        before_connect,
+    )
+}
+
+/// [`connect_qp`] with the CQ made by `make_cq` (e.g. on a shared completion channel).
+pub(crate) fn connect_qp_with(
+    addr: SocketAddr,
+    timeout: Duration,
+    make_cq: impl FnOnce(&RdmaContext) -> Result<CqSource>,
+    before_connect: impl FnOnce(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
+) -> Result<CmConnection> {
     let deadline = Instant::now() + timeout;
     let ch = channel()?;
     let id = ch
@@ -253,7 +274,7 @@ pub fn connect_qp(
         EventType::RouteResolved,
         &what,
     )?);
-    let (context, source, mut qp) = make_qp(&id)?;
+    let (context, source, mut qp) = make_qp(&id, make_cq)?;
     before_connect(&context, &mut qp)?;
     id.connect(conn_param(&qp))
         .map_err(|e| cm_error(ErrorKind::ConnectionRefused, &what, e))?;
@@ -365,6 +386,16 @@ impl CmListener {
         timeout: Duration,
         before_accept: impl FnOnce(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
     ) -> Result<CmConnection> {
+        self.accept_with(timeout, |ctx| CqSource::new(ctx, CQ_ENTRIES), before_accept)
+    }
+
+    /// [`accept`](CmListener::accept) with the CQ made by `make_cq`.
+    pub(crate) fn accept_with(
+        &self,
+        timeout: Duration,
+        make_cq: impl FnOnce(&RdmaContext) -> Result<CqSource>,
+        before_accept: impl FnOnce(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
+    ) -> Result<CmConnection> {
         let deadline = Instant::now() + timeout;
         let what = "RDMA accept";
         let id = self.requests.recv_timeout(timeout).map_err(|e| match e {
@@ -378,7 +409,7 @@ impl CmListener {
             ),
         })?;
         let watch = Watch::attach(&id);
-        let (context, source, mut qp) = make_qp(&id)?;
+        let (context, source, mut qp) = make_qp(&id, make_cq)?;
         before_accept(&context, &mut qp)?;
         move_qp(&id, &mut qp, QueuePairState::ReadyToReceive)?;
         move_qp(&id, &mut qp, QueuePairState::ReadyToSend)?;

@@ -7,11 +7,14 @@
 //!   [`Unsupported`](crate::ErrorKind::Unsupported) error when there is no device or
 //!   no rdma-core, and a [`Slab`](crate::mem::Slab) over registered memory.
 //! * [`poller`]: a completion queue as the reactor's completion source.
+//! * `device`: one completion poller thread per device, driving the CQs of all its
+//!   connections.
 //! * `events`: RDMA-CM events after setup (peer disconnected or dead) routed to the
 //!   connection they concern.
 
 pub mod cm;
 pub mod context;
+mod device;
 mod events;
 pub mod poller;
 pub mod transport;

@@ -38,6 +38,19 @@ impl CqSource {
     /// # Errors
     /// [`ErrorKind::Registration`] if the channel or CQ cannot be created.
     pub fn new(ctx: &RdmaContext, entries: u32) -> Result<CqSource> {
+        Self::on_channel(ctx, entries, new_channel(ctx)?)
+    }
+
+    /// A CQ of `entries` entries on `ctx` whose notifications go to `channel` (which
+    /// other CQs of the device may share).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Registration`] if the CQ cannot be created.
+    pub fn on_channel(
+        ctx: &RdmaContext,
+        entries: u32,
+        channel: Arc<CompletionChannel>,
+    ) -> Result<CqSource> {
         let dev = ctx.device_context();
         let fail = |what: &str, e: &dyn fmt::Display| {
             Error::new(
@@ -45,11 +58,6 @@ impl CqSource {
                 format!("{what} on {}: {e}", ctx.name()),
             )
         };
-        let channel = CompletionChannel::new(dev)
-            .map_err(|e| fail("cannot create a completion channel", &e))?;
-        channel
-            .set_nonblocking(true)
-            .map_err(|e| fail("cannot make the completion channel non-blocking", &e))?;
         let cq = dev
             .create_cq_builder()
             .setup_cqe(entries)
@@ -70,18 +78,40 @@ impl CqSource {
         self.cm = Some(cm);
     }
 
+    /// The RDMA-CM channel given to [`watch_cm`](CqSource::watch_cm), taken out (a
+    /// shared device poller watches it instead).
+    pub fn take_cm(&mut self) -> Option<Arc<EventChannel>> {
+        self.cm.take()
+    }
+
     /// The half that sleeps on the channels.
     pub fn waiter(&self) -> CqWaiter {
-        CqWaiter {
-            channel: self.channel.clone(),
-            cm: self.cm.clone(),
-        }
+        CqWaiter::new(self.channel.clone(), self.cm.iter().cloned().collect())
     }
 
     /// The CQ, to attach queue pairs to.
     pub fn cq(&self) -> &Arc<BasicCompletionQueue> {
         &self.cq
     }
+}
+
+/// A non-blocking completion channel on `ctx`'s device.
+///
+/// # Errors
+/// [`ErrorKind::Registration`] if it cannot be created.
+pub fn new_channel(ctx: &RdmaContext) -> Result<Arc<CompletionChannel>> {
+    let fail = |what: &str, e: &dyn fmt::Display| {
+        Error::new(
+            ErrorKind::Registration,
+            format!("{what} on {}: {e}", ctx.name()),
+        )
+    };
+    let channel = CompletionChannel::new(ctx.device_context())
+        .map_err(|e| fail("cannot create a completion channel", &e))?;
+    channel
+        .set_nonblocking(true)
+        .map_err(|e| fail("cannot make the completion channel non-blocking", &e))?;
+    Ok(channel)
 }
 
 impl fmt::Debug for CqSource {
@@ -135,7 +165,7 @@ impl CompletionSource for CqSource {
 #[derive(Clone)]
 pub struct CqWaiter {
     channel: Arc<CompletionChannel>,
-    cm: Option<Arc<EventChannel>>,
+    cm: Vec<Arc<EventChannel>>,
 }
 
 impl fmt::Debug for CqWaiter {
@@ -147,6 +177,11 @@ impl fmt::Debug for CqWaiter {
 }
 
 impl CqWaiter {
+    /// Sleep on `channel` (shared by any number of CQs) and the RDMA-CM channels `cm`.
+    pub fn new(channel: Arc<CompletionChannel>, cm: Vec<Arc<EventChannel>>) -> CqWaiter {
+        CqWaiter { channel, cm }
+    }
+
     /// Block until the armed CQ notification fires (taking and acknowledging the
     /// event) or `timeout` passes; RDMA-CM events that arrive meanwhile are dispatched.
     /// Returns whether the CQ notification fired.
@@ -159,14 +194,13 @@ impl CqWaiter {
             events: libc::POLLIN,
             revents: 0,
         };
-        let mut fds = [
-            pollfd(self.channel.as_raw_fd()),
-            pollfd(self.cm.as_ref().map_or(-1, |c| c.as_raw_fd())),
-        ];
+        let mut fds: Vec<libc::pollfd> = std::iter::once(self.channel.as_raw_fd())
+            .chain(self.cm.iter().map(|c| c.as_raw_fd()))
+            .map(pollfd)
+            .collect();
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `fds` is two valid, initialized pollfds that outlive the call (a
-        // negative fd is ignored by poll).
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        // SAFETY: `fds` holds `fds.len()` valid, initialized pollfds that outlive the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
@@ -175,8 +209,8 @@ impl CqWaiter {
                 Err(e)
             };
         }
-        if fds[1].revents != 0 {
-            if let Some(cm) = &self.cm {
+        for (fd, cm) in fds[1..].iter().zip(&self.cm) {
+            if fd.revents != 0 {
                 super::events::drain(cm, super::events::dispatch);
             }
         }
@@ -186,7 +220,7 @@ impl CqWaiter {
         let mut cq = std::ptr::null_mut();
         let mut ctx = std::ptr::null_mut();
         // SAFETY: the channel is alive (`self.channel`) and non-blocking; `cq`/`ctx` are
-        // valid out-pointers. The event's CQ is ours, the only one on this channel.
+        // valid out-pointers.
         let rc = unsafe {
             rdma_mummy_sys::ibv_get_cq_event(
                 self.channel.comp_channel().as_ptr(),
@@ -202,8 +236,9 @@ impl CqWaiter {
                 Err(e)
             };
         }
-        // SAFETY: `cq` was just returned by `ibv_get_cq_event` for our live CQ; one
-        // event was taken, one is acknowledged.
+        // SAFETY: `cq` was just returned by `ibv_get_cq_event`: a CQ on this channel
+        // that cannot be destroyed before this event is acknowledged (`ibv_destroy_cq`
+        // waits for every taken event's ack); one event was taken, one is acknowledged.
         unsafe { rdma_mummy_sys::ibv_ack_cq_events(cq, 1) };
         Ok(true)
     }

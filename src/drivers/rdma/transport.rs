@@ -31,17 +31,16 @@ use sideway::ibverbs::queue_pair::{
     SetScatterGatherEntry, WorkRequestFlags,
 };
 
-use super::cm::{CmHandle, CmListener, QUEUE_DEPTH};
+use super::cm::{CmHandle, CmListener, CQ_ENTRIES, QUEUE_DEPTH};
 use super::context::RdmaContext;
-use super::poller::{CqSource, CqWaiter};
+use super::device::{DeviceReactor, Member};
+use super::poller::CqSource;
 use crate::buffer::Buf;
 use crate::codec::too_large;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mem::{Slab, SlabBuf};
 use crate::reactor::credit::Credits;
-use crate::reactor::{
-    Completion, CompletionSource, OpSlab, Poller, PollerConfig, PollerHandle, WrId,
-};
+use crate::reactor::{Completion, CompletionSource, OpSlab, PollerConfig, WrId};
 use crate::transport::Transport;
 
 const RECV_TAG: u64 = WrId::DRIVER_TAG;
@@ -199,49 +198,23 @@ struct State {
     error: Option<Error>,
 }
 
-/// The connection's completion queue, shared by its poller thread and (in latency
-/// mode) the tasks waiting on the connection. A batch is polled and handled under this
+/// The connection's completion queue, shared by its device's poller thread and (in
+/// latency mode) the tasks waiting on the connection. A batch is polled and handled under this
 /// one lock, so batches are handled in CQ order whoever polls.
 struct Core {
     source: CqSource,
     buf: Vec<Completion>,
 }
 
-/// The poller thread's view of [`Core`]: it sleeps on the channels without the lock.
-struct ThreadSource {
-    core: Arc<Mutex<Core>>,
-    /// Tasks busy-polling the CQ now (latency mode). While there are any, the thread
-    /// does not arm the CQ: a notification per completion would wake it for nothing.
-    inline: Arc<AtomicUsize>,
-    waiter: CqWaiter,
-    shared: Weak<Shared>,
-}
-
-impl CompletionSource for ThreadSource {
-    fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> io::Result<usize> {
-        match self.shared.upgrade() {
-            Some(s) => s.poll_core(&mut lock(&self.core), max, Some(out)),
-            None => Ok(0),
-        }
-    }
-
-    fn arm(&mut self) -> io::Result<()> {
-        if self.inline.load(Ordering::Acquire) > 0 {
-            return Ok(());
-        }
-        lock(&self.core).source.arm()
-    }
-
-    fn wait(&mut self, timeout: Duration) -> io::Result<bool> {
-        self.waiter.wait(timeout)
-    }
-}
-
 struct Shared {
     // Declared first: the QP is destroyed before the memory its requests name.
     qp: Mutex<BasicQueuePair>,
-    core: Arc<Mutex<Core>>,
-    inline: Arc<AtomicUsize>,
+    core: Mutex<Core>,
+    /// Tasks busy-polling the CQ now (latency mode). While there are any, the device
+    /// thread does not arm this CQ: a notification per completion would wake it for
+    /// nothing.
+    inline: AtomicUsize,
+    reactor: Arc<DeviceReactor>,
     state: Mutex<State>,
     /// Lent receive buffers given back by dropped messages, waiting to be posted again
     /// (a leaf lock: a message dropped while its thread holds `state` only queues).
@@ -266,7 +239,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A message connection over an RDMA reliable-connected queue pair.
 pub struct RdmaTransport {
     shared: Arc<Shared>,
-    poller: Option<PollerHandle>,
+    member: usize,
     peer: Option<SocketAddr>,
 }
 
@@ -337,6 +310,34 @@ impl Drop for Lease {
         if let Some(s) = self.conn.upgrade() {
             lock(&s.returns).push((self.idx, buf));
             s.drain_returns();
+        }
+    }
+}
+
+impl Member for Shared {
+    fn poll_cq(&self, max: usize) -> usize {
+        match self.poll_core(&mut lock(&self.core), max, None) {
+            Ok(n) => n,
+            Err(e) => {
+                let e = Error::new(ErrorKind::ConnectionReset, format!("ibv_poll_cq: {e}"));
+                self.fail(&mut self.lock_state(), e);
+                self.changed.notify(usize::MAX);
+                0
+            }
+        }
+    }
+
+    fn arm_cq(&self) {
+        if self.inline.load(Ordering::Acquire) > 0 {
+            return;
+        }
+        if let Err(e) = lock(&self.core).source.arm() {
+            let e = Error::new(
+                ErrorKind::ConnectionReset,
+                format!("ibv_req_notify_cq: {e}"),
+            );
+            self.fail(&mut self.lock_state(), e);
+            self.changed.notify(usize::MAX);
         }
     }
 }
@@ -733,11 +734,31 @@ impl RdmaTransport {
             post_recv(qp, idx, &buf, cfg.chunk)?;
             bufs.push(Some(buf));
         }
+        // Register the send bounce slots now too (one per send-queue entry, the most
+        // ever live): from here on no message registers anything.
+        let bounce = (0..QUEUE_DEPTH)
+            .map(|_| slab.alloc(cfg.chunk))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Error::new(ErrorKind::Registration, e.to_string()))?;
+        drop(bounce);
         Ok((slab, app_slab, bufs))
+    }
+
+    /// The connection's CQ, on its device's shared reactor (started if need be).
+    fn make_cq(
+        ctx: &RdmaContext,
+        cfg: &RdmaConfig,
+        reactor: &mut Option<Arc<DeviceReactor>>,
+    ) -> Result<CqSource> {
+        let r = DeviceReactor::for_device(ctx, cfg.poller)?;
+        let cq = r.new_cq(ctx, CQ_ENTRIES)?;
+        *reactor = Some(r);
+        Ok(cq)
     }
 
     fn start(
         conn: super::cm::CmConnection,
+        reactor: Arc<DeviceReactor>,
         (slab, app_slab, recv_bufs): (Slab, Slab, Vec<Option<SlabBuf>>),
         cfg: RdmaConfig,
         peer: Option<SocketAddr>,
@@ -751,18 +772,19 @@ impl RdmaTransport {
             max_message_size: cfg.max_message_size as u64,
         }
         .encode();
-        let source =
+        let mut source =
             source.ok_or_else(|| Error::new(ErrorKind::Registration, "no completion queue"))?;
-        let waiter = source.waiter();
+        let cm_channel = source.take_cm();
         let shared = Arc::new_cyclic(|me| Shared {
             me: me.clone(),
             returns: Mutex::new(Vec::new()),
             qp: Mutex::new(qp),
-            core: Arc::new(Mutex::new(Core {
+            core: Mutex::new(Core {
                 source,
                 buf: Vec::with_capacity(64),
-            })),
-            inline: Arc::new(AtomicUsize::new(0)),
+            }),
+            inline: AtomicUsize::new(0),
+            reactor,
             state: Mutex::new(State {
                 credits: Credits::before_hello(cfg.depth),
                 sendq: VecDeque::from([Outgoing {
@@ -803,19 +825,11 @@ impl RdmaTransport {
                 s.on_gone(why);
             }
         });
-        let thread_source = ThreadSource {
-            core: shared.core.clone(),
-            inline: shared.inline.clone(),
-            waiter,
-            shared: Arc::downgrade(&shared),
-        };
-        // The source handles each batch itself (under the core's lock).
-        let poller = Poller::new(thread_source, |_: &[Completion]| {}, cfg.poller)
-            .spawn("net-rs-rdma-cq")
-            .map_err(Error::from)?;
+        let member = Arc::downgrade(&shared) as Weak<dyn Member>;
+        let member = shared.reactor.add(member, cm_channel);
         Ok(RdmaTransport {
             shared,
-            poller: Some(poller),
+            member,
             peer,
         })
     }
@@ -826,13 +840,19 @@ impl RdmaTransport {
     /// As [`cm::connect_qp`](super::cm::connect_qp).
     pub fn connect_blocking(addr: SocketAddr, timeout: Duration, cfg: RdmaConfig) -> Result<Self> {
         let cfg = cfg.normalized();
-        let mut setup = None;
-        let conn = super::cm::connect_qp(addr, timeout, |ctx, qp| {
-            setup = Some(Self::setup(ctx, qp, &cfg)?);
-            Ok(())
-        })?;
+        let (mut setup, mut reactor) = (None, None);
+        let conn = super::cm::connect_qp_with(
+            addr,
+            timeout,
+            |ctx| Self::make_cq(ctx, &cfg, &mut reactor),
+            |ctx, qp| {
+                setup = Some(Self::setup(ctx, qp, &cfg)?);
+                Ok(())
+            },
+        )?;
         let setup = setup.expect("set up before connecting");
-        Self::start(conn, setup, cfg, Some(addr))
+        let reactor = reactor.expect("made with the CQ");
+        Self::start(conn, reactor, setup, cfg, Some(addr))
     }
 
     /// Accept one connection on `listener` (blocking for at most `timeout`).
@@ -845,19 +865,25 @@ impl RdmaTransport {
         cfg: RdmaConfig,
     ) -> Result<Self> {
         let cfg = cfg.normalized();
-        let mut setup = None;
-        let conn = listener.accept(timeout, |ctx, qp| {
-            setup = Some(Self::setup(ctx, qp, &cfg)?);
-            Ok(())
-        })?;
+        let (mut setup, mut reactor) = (None, None);
+        let conn = listener.accept_with(
+            timeout,
+            |ctx| Self::make_cq(ctx, &cfg, &mut reactor),
+            |ctx, qp| {
+                setup = Some(Self::setup(ctx, qp, &cfg)?);
+                Ok(())
+            },
+        )?;
         let setup = setup.expect("set up before accepting");
-        Self::start(conn, setup, cfg, None)
+        let reactor = reactor.expect("made with the CQ");
+        Self::start(conn, reactor, setup, cfg, None)
     }
 
-    /// Memory registrations this connection made. Bounded whatever the traffic: the
-    /// receive buffers plus at most one bounce slot per send-queue entry
-    /// ([`registration_bound`](RdmaTransport::registration_bound)), plus the slots of
-    /// `alloc_buf` buffers the application holds.
+    /// Memory registrations this connection made: the receive buffers and one bounce
+    /// slot per send-queue entry, all registered when it was set up
+    /// ([`registration_bound`](RdmaTransport::registration_bound)) and reused for every
+    /// message, plus the regions of [`alloc_buf`](Transport::alloc_buf) buffers (made on
+    /// first use of a size class, then reused).
     pub fn registrations(&self) -> u64 {
         self.shared.slab.regions() + self.shared.app_slab.regions()
     }
@@ -1039,10 +1065,9 @@ impl Drop for RdmaTransport {
         }
         self.shared.changed.notify(usize::MAX);
         let _ = self.shared.cm.disconnect();
-        // Stop the poller before the QP and memory go away with `shared`.
-        if let Some(p) = self.poller.take() {
-            p.shutdown();
-        }
+        // The device thread lets go of the connection; the QP, then the memory its
+        // requests named, go away with the last reference to `shared`.
+        self.shared.reactor.remove(self.member);
     }
 }
 

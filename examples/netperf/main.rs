@@ -48,6 +48,9 @@ pub struct Args {
     /// RDMA: `DEVICE:GID_INDEX` to run perftest on as the baseline.
     #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
     perftest: Option<String>,
+    /// RDMA: be the server process of a run (started by the client side).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    serve: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,6 +91,7 @@ fn parse_args() -> Args {
         transport: "tcp".into(),
         addr: None,
         perftest: None,
+        serve: false,
     };
     let mut sizes_given = false;
     let mut it = std::env::args().skip(1);
@@ -124,6 +128,10 @@ fn parse_args() -> Args {
             "--transport" => a.transport = val(),
             "--addr" => a.addr = Some(val().parse().unwrap_or_else(|_| usage())),
             "--perftest" => a.perftest = Some(val()),
+            "--serve" => {
+                a.serve = true;
+                a.addr = Some(val().parse().unwrap_or_else(|_| usage()));
+            }
             "-h" | "--help" => usage(),
             _ => usage(),
         }

@@ -5,8 +5,9 @@
 //! netperf --transport rdma --addr 198.18.0.1:18700 --perftest rxe0:1
 //! ```
 //!
-//! `--addr` is an IP of the RDMA device (server and client both run here, as perftest
-//! does with the loopback of one device). `--perftest DEV:GID_INDEX` also runs
+//! `--addr` is an IP of the RDMA device. The client runs in this process and starts
+//! the server as a second process of this program (`--serve`), the way perftest runs
+//! its two sides on one device: so each side has its own device poller thread. `--perftest DEV:GID_INDEX` also runs
 //! `ib_send_lat` and `ib_send_bw` (server and client processes) for every size with the
 //! same message and iteration counts, and prints net-rs / perftest ratios.
 //!
@@ -35,17 +36,9 @@ use super::{fmt_size, Args};
 const WARMUP: usize = 100;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The settings compared: the default, a longer poller spin, and latency mode (the
-/// waiting task polls the CQ itself; the poller thread sleeps at once).
-fn configs() -> [(&'static str, RdmaConfig); 3] {
-    let spin = RdmaConfig {
-        poller: PollerConfig {
-            spin: Duration::from_micros(500),
-            yield_window: Duration::from_millis(2),
-            ..PollerConfig::default()
-        },
-        ..RdmaConfig::default()
-    };
+/// The settings compared: the default, and latency mode (the waiting task polls the CQ
+/// itself; the device's poller thread sleeps at once).
+fn configs() -> [(&'static str, RdmaConfig); 2] {
     let lat = RdmaConfig {
         busy_poll: Some(Duration::from_millis(1)),
         poller: PollerConfig {
@@ -55,11 +48,7 @@ fn configs() -> [(&'static str, RdmaConfig); 3] {
         },
         ..RdmaConfig::default()
     };
-    [
-        ("net-rs", RdmaConfig::default()),
-        ("net-rs spin", spin),
-        ("net-rs lat", lat),
-    ]
+    [("net-rs", RdmaConfig::default()), ("net-rs lat", lat)]
 }
 
 fn trips_for(_size: usize) -> usize {
@@ -75,13 +64,28 @@ pub fn run(args: &Args) -> Result<(), String> {
     let addr = args
         .addr
         .ok_or("--transport rdma needs --addr <IP of the RDMA device>:<port>")?;
+    if args.serve {
+        return serve(addr);
+    }
     println!("machine: {}", super::machine());
-    println!("netperf: RDMA (RC send/recv) to {addr}, client and server in this process");
+    println!(
+        "netperf: RDMA (RC send/recv) to {addr}, server in a second process (as perftest); \
+         both sides on futures::executor::block_on"
+    );
+    let mut server = spawn_server(addr)?;
+    let res = measure(args, addr);
+    let _ = server.kill();
+    let _ = server.wait();
+    res
+}
+
+fn measure(args: &Args, addr: SocketAddr) -> Result<(), String> {
     let mut rows: Vec<(usize, &str, f64, f64)> = Vec::new();
     for &size in &args.sizes {
-        for (name, cfg) in configs() {
-            let (lat, p99) = latency(addr, cfg.clone(), size)?;
-            let bw = bandwidth(addr, cfg, size)?;
+        for (i, (name, cfg)) in configs().into_iter().enumerate() {
+            let at = SocketAddr::new(addr.ip(), addr.port() + i as u16);
+            let (lat, p99) = latency(at, cfg.clone(), size)?;
+            let bw = bandwidth(at, cfg, size)?;
             println!(
                 "{:>8} | {:<12} | one-way median {:>8.1} us | p99 {:>8.1} us | {:>9.1} MB/s",
                 fmt_size(size),
@@ -120,36 +124,71 @@ fn payload(size: usize) -> Bytes {
     (0..size).map(|i| (i % 251) as u8).collect()
 }
 
-/// A server thread for one connection: echo (`L`) or count (`T`).
-fn server(addr: SocketAddr, cfg: RdmaConfig) -> Result<std::thread::JoinHandle<()>, String> {
-    let listener = cm::listen(addr)
-        .map_err(|e| format!("listen on {addr}: {e}"))?
-        .with_config(cfg);
-    Ok(std::thread::spawn(move || {
-        block_on(async {
-            let Ok(t) = listener.accept(TIMEOUT).await else {
+/// The server process (`--serve`): for each compared setting `i`, a thread accepts on
+/// port `addr.port() + i` with that setting and serves one connection after another:
+/// echo (`L`) or count (`T`). It exits when no connection came for a minute (the
+/// client also kills it when done).
+pub fn serve(addr: SocketAddr) -> Result<(), String> {
+    let mut threads = Vec::new();
+    for (i, (_, cfg)) in configs().into_iter().enumerate() {
+        let at = SocketAddr::new(addr.ip(), addr.port() + i as u16);
+        let listener = cm::listen(at)
+            .map_err(|e| format!("listen on {at}: {e}"))?
+            .with_config(cfg);
+        threads.push(std::thread::spawn(move || {
+            block_on(async {
+                while let Ok(t) = listener.accept(Duration::from_secs(60)).await {
+                    serve_one(t).await;
+                }
+            })
+        }));
+    }
+    println!("serving");
+    for t in threads {
+        t.join().map_err(|_| "a server thread panicked")?;
+    }
+    Ok(())
+}
+
+async fn serve_one(t: RdmaTransport) {
+    let Ok(mode) = t.recv().await else { return };
+    if &mode[..] == b"L" {
+        while let Ok(m) = t.recv().await {
+            if t.send(m).await.is_err() {
                 return;
-            };
-            let Ok(mode) = t.recv().await else { return };
-            if &mode[..] == b"L" {
-                while let Ok(m) = t.recv().await {
-                    if t.send(m).await.is_err() {
-                        return;
-                    }
-                }
-            } else {
-                let mut n = 0u64;
-                while let Ok(m) = t.recv().await {
-                    if m.is_empty() {
-                        let _ = t.send(Bytes::copy_from_slice(&n.to_be_bytes())).await;
-                        let _ = t.flush().await;
-                    } else {
-                        n += 1;
-                    }
-                }
             }
-        })
-    }))
+        }
+    } else {
+        let mut n = 0u64;
+        while let Ok(m) = t.recv().await {
+            if m.is_empty() {
+                let _ = t.send(Bytes::copy_from_slice(&n.to_be_bytes())).await;
+                let _ = t.flush().await;
+            } else {
+                n += 1;
+            }
+        }
+    }
+}
+
+/// Start this program as the server process and wait until it listens.
+fn spawn_server(addr: SocketAddr) -> Result<std::process::Child, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["--transport", "rdma", "--serve", &addr.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the server process: {e}"))?;
+    let out = child.stdout.take().ok_or("no server stdout")?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)
+        .map_err(|e| e.to_string())?;
+    if line.trim() != "serving" {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err("the server process did not start".into());
+    }
+    Ok(child)
 }
 
 async fn connect(
@@ -168,8 +207,7 @@ async fn connect(
 
 /// One-way latency (half the round trip): median and p99, in µs.
 fn latency(addr: SocketAddr, cfg: RdmaConfig, size: usize) -> Result<(f64, f64), String> {
-    let srv = server(addr, cfg.clone())?;
-    let res = block_on(async {
+    block_on(async {
         let t = connect(addr, cfg, b"L").await?;
         let msg = payload(size);
         let mut rtts = Vec::with_capacity(trips_for(size));
@@ -188,15 +226,12 @@ fn latency(addr: SocketAddr, cfg: RdmaConfig, size: usize) -> Result<(f64, f64),
         rtts.sort();
         let us = |d: Duration| d.as_secs_f64() * 1e6 / 2.0;
         Ok((us(rtts[rtts.len() / 2]), us(rtts[rtts.len() * 99 / 100])))
-    });
-    srv.join().map_err(|_| "the server thread panicked")?;
-    res
+    })
 }
 
 /// Streaming bandwidth in 10^6 bytes per second.
 fn bandwidth(addr: SocketAddr, cfg: RdmaConfig, size: usize) -> Result<f64, String> {
-    let srv = server(addr, cfg.clone())?;
-    let res = block_on(async {
+    block_on(async {
         let t = connect(addr, cfg, b"T").await?;
         let msg = payload(size);
         let n = iters_for(size);
@@ -213,9 +248,7 @@ fn bandwidth(addr: SocketAddr, cfg: RdmaConfig, size: usize) -> Result<f64, Stri
         }
         let _ = t.close().await;
         Ok((n * size) as f64 / secs / 1e6)
-    });
-    srv.join().map_err(|_| "the server thread panicked")?;
-    res
+    })
 }
 
 /// `ib_send_lat` t_typical (µs) and `ib_send_bw` rate (10^6 B/s) for `size`.
@@ -255,15 +288,23 @@ fn perftest(spec: &str, addr: SocketAddr, size: usize) -> Result<(f64, f64), Str
 /// Run `tool` as server and client (retrying while the server starts); the client's
 /// output.
 fn perftest_pair(tool: &str, args: &[String], ip: &str) -> Result<String, String> {
-    let mut srv = Command::new(tool)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("{tool}: {e} (is perftest installed?)"))?;
+    let start = || {
+        Command::new(tool)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{tool}: {e} (is perftest installed?)"))
+    };
+    let mut srv = start()?;
     let mut last = String::new();
-    for _ in 0..20 {
+    for _ in 0..40 {
         std::thread::sleep(Duration::from_millis(300));
+        // A server that gave up (it exits on a failed handshake) is started again.
+        if srv.try_wait().map_err(|e| e.to_string())?.is_some() {
+            srv = start()?;
+            continue;
+        }
         let out = Command::new(tool)
             .args(args)
             .arg(ip)

@@ -21,6 +21,7 @@ for line in sys.stdin:
 ' > target/rdma-tests.txt
 [ -s target/rdma-tests.txt ] || { echo "rdma-vm: no rdma test binaries were built" >&2; exit 1; }
 cargo build --features rdma --example rdma_echo_server --example rdma_echo_client --example rdma_seed
+cargo build --release --features rdma --example netperf
 
 cat > target/rdma-run.sh <<'GUEST'
 #!/bin/sh
@@ -40,6 +41,9 @@ out=$("$ex/rdma_seed" "$SOFTROCE_IP:18515") || { echo "guest: rdma_seed failed";
 echo "guest: rdma_seed said: $out"
 [ "$out" = "got 4 bytes" ] || { echo "guest: unexpected rdma_seed output"; rc=1; }
 kill $srv 2>/dev/null
+# The benchmark: net-rs over RDMA next to perftest on the same device (ratios only).
+target/release/examples/netperf --transport rdma --addr "$SOFTROCE_IP:18700" \
+  --perftest "$SOFTROCE_DEV:$SOFTROCE_GID_INDEX" || { echo "guest: netperf rdma failed"; rc=1; }
 exit $rc
 GUEST
 chmod +x target/rdma-run.sh

@@ -303,6 +303,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "megabytes of slots: too slow under Miri")]
     fn registrations_stay_constant_under_churn() {
         let slab = Slab::new(HeapRegions, 256, 64 << 10, 1 << 20);
         let mut live = Vec::new();

@@ -97,7 +97,15 @@ fn measure(args: &Args, addr: SocketAddr) -> Result<(), String> {
             rows.push((size, name, lat, bw));
         }
         if let Some(pt) = &args.perftest {
-            let (lat, bw) = perftest(pt, addr, size)?;
+            // The baseline's own failures (perftest missing, its handshake failing) are
+            // reported, not fatal: net-rs was measured either way.
+            let (lat, bw) = match perftest(pt, addr, size) {
+                Ok(v) => v,
+                Err(e) => {
+                    println!("{:>8} | perftest     | not measured: {e}", fmt_size(size));
+                    continue;
+                }
+            };
             println!(
                 "{:>8} | {:<12} | one-way median {:>8.1} us |                | {:>9.1} MB/s",
                 fmt_size(size),

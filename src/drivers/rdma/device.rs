@@ -161,6 +161,11 @@ impl CompletionSource for DeviceSource {
     }
 
     fn wait(&mut self, timeout: Duration) -> io::Result<bool> {
-        self.waiter.wait(timeout)
+        // The thread must outlive a failed wait (its connections would hang without it):
+        // treat it as a short timeout, and the next round polls every CQ again.
+        self.waiter.wait(timeout).or_else(|_| {
+            std::thread::sleep(Duration::from_millis(1));
+            Ok(false)
+        })
     }
 }

@@ -1,19 +1,28 @@
 //! [`RdmaTransport`]: messages over one RC queue pair, with receive credits.
 //!
-//! * Receives: `depth` registered buffers of `chunk` bytes stay posted. A receive
-//!   completion's bytes are copied out (into the message being reassembled) and the
-//!   buffer is re-posted at once, so the receive queue never runs dry however long the
-//!   application holds its messages. (Zero-copy receives that lend the buffer to the
-//!   application are the next step.)
+//! * Hello: the first message each side sends carries its receive depth, buffer size
+//!   and maximum message size (sideway has no RDMA-CM private data), so the peers need
+//!   not be configured alike.
+//! * Receives: `depth` registered buffers of `chunk` bytes stay posted. A message that
+//!   fits one buffer is lent to the application as `Bytes` over that buffer (a
+//!   `Lease`; the buffer is posted again when it drops), while at most half the
+//!   buffers are lent; otherwise the bytes are copied out and the buffer re-posted at
+//!   once, so the receive queue never runs dry however long the application holds its
+//!   messages. Larger messages are reassembled from fragments.
 //! * Sends: `send` queues the whole message (so a dropped `send` future never leaves
-//!   half a message on the wire) and the pump posts it as `chunk`-sized SEND_WITH_IMM
-//!   fragments while credits last. The immediate data carries the credits being
-//!   returned (16 bits) and flags: last fragment, credit-only update, end of stream.
-//!   Each fragment goes out of a registered bounce slot owned by its op-slab entry
-//!   until its completion; the pump runs again from the poller thread when credits or
-//!   send-queue slots come back.
+//!   half a message on the wire) and the pump posts it as SEND_WITH_IMM fragments of
+//!   the smaller `chunk` of both sides while credits last, several per doorbell. The
+//!   immediate data carries the credits being returned (16 bits) and flags: last
+//!   fragment, credit-only update, hello, end of stream. A fragment in registered
+//!   memory (an `alloc_buf` buffer, a received message) is sent where it is; others go
+//!   through a registered bounce slot. The op-slab entry owns either until the
+//!   completion; the pump runs again when credits or send-queue slots come back.
 //! * Credits ([`Credits`]) make sure a SEND never finds the peer without a posted
-//!   receive: `rnr_retry` is set, but receiver-not-ready does not happen.
+//!   receive; should it happen anyway the QP retries (`rnr_retry` 7) and the device's
+//!   RNR counter shows it.
+//! * Completions come from the device's shared poller thread (`DeviceReactor`), or,
+//!   in latency mode, from the waiting task polling its own CQ; either way a batch is
+//!   polled and handled under the connection's CQ lock, in CQ order.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -74,12 +83,15 @@ pub struct RdmaConfig {
     pub depth: u32,
     /// Bytes `send` may queue before it waits (default 4 MiB).
     pub send_buffer: usize,
-    /// The completion poller's spin and yield windows.
+    /// Spin and yield windows of the device's completion poller thread, which drives
+    /// every connection on the device: the connection that starts it (the first on its
+    /// device while none is open) sets them.
     pub poller: PollerConfig,
     /// Latency mode: a task waiting on this connection polls the completion queue
     /// itself for up to this long before it parks (default `None`: it parks at once
     /// and the poller thread wakes it). Saves the thread hand-off on every message at
-    /// the price of a busy CPU while waiting; pair it with a short poller spin.
+    /// the price of a busy CPU while waiting. The device thread does not arm a CQ that
+    /// a task is polling.
     pub busy_poll: Option<Duration>,
 }
 

@@ -302,7 +302,7 @@ pub(crate) fn connect_qp_with(
 ///
 /// A thread of its own ("net-rs-rdma-listen") reads the listener's event channel: it
 /// queues connect requests for [`accept`](CmListener::accept) and hands every other
-/// event to the accepted connection it concerns (see [`events`]). The thread ends
+/// event to the accepted connection it concerns (see the driver's `events` module). The thread ends
 /// once the listener and every connection it accepted are gone.
 pub struct CmListener {
     id: Arc<Identifier>,

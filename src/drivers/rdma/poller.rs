@@ -72,7 +72,7 @@ impl CqSource {
     }
 
     /// Also read the (non-blocking) RDMA-CM event channel `cm` while waiting, handing
-    /// its events to the connections they concern ([`dispatch`](super::events)). A
+    /// its events to the connections they concern (`events::dispatch`). A
     /// connection that owns its channel needs no thread of its own for it.
     pub fn watch_cm(&mut self, cm: Arc<EventChannel>) {
         self.cm = Some(cm);

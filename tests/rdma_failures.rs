@@ -48,6 +48,16 @@ fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send
 
 const CHILD_MESSAGES: u32 = 10;
 
+/// A future that completes after `d` (a thread sleeps; no runtime needed).
+fn timer(d: Duration) -> futures::channel::oneshot::Receiver<()> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    std::thread::spawn(move || {
+        std::thread::sleep(d);
+        let _ = tx.send(());
+    });
+    rx
+}
+
 /// Not a test on its own: the peer process of the killed-peer tests. `NET_RS_CHILD` is
 /// `connect` (connect, send `CHILD_MESSAGES` messages, wait to be killed) or `accept`
 /// (listen, say "ready", accept, receive until killed).
@@ -338,17 +348,44 @@ fn long_one_way_flood_has_no_rnr_and_constant_registrations() {
     let listener = cm::listen(addr).unwrap();
     let server = std::thread::spawn(move || {
         block_on(async {
-            let t = listener.accept(Duration::from_secs(30)).await.unwrap();
+            let t = std::sync::Arc::new(listener.accept(Duration::from_secs(30)).await.unwrap());
+            // A watchdog: if the flood stalls, say where and in what state.
+            let progress = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let (t2, p2) = (t.clone(), progress.clone());
+            std::thread::spawn(move || {
+                let mut last = (u32::MAX, std::time::Instant::now());
+                while std::sync::Arc::strong_count(&t2) > 1 {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let now = p2.load(std::sync::atomic::Ordering::Relaxed);
+                    if now != last.0 {
+                        last = (now, std::time::Instant::now());
+                    } else if last.1.elapsed() > Duration::from_secs(15) {
+                        eprintln!("flood stalled at message {now}: {t2:?}");
+                        return;
+                    }
+                }
+            });
             for i in 0..N {
-                let m = t.recv().await.unwrap();
+                progress.store(i, std::sync::atomic::Ordering::Relaxed);
+                let m = t
+                    .recv()
+                    .await
+                    .unwrap_or_else(|e| panic!("message {i}: {e}"));
                 assert_eq!(m[..], i.to_be_bytes(), "message {i}");
                 if i % 5000 == 0 {
                     // A slow consumer: the sender runs out of credits meanwhile.
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
-            let end = t.recv().await.unwrap_err();
-            assert_eq!(end.kind(), ErrorKind::Closed, "{end}");
+            let end =
+                futures::future::select(Box::pin(t.recv()), timer(Duration::from_secs(20))).await;
+            match end {
+                futures::future::Either::Left((Err(e), _)) => {
+                    assert_eq!(e.kind(), ErrorKind::Closed, "{e}")
+                }
+                futures::future::Either::Left((Ok(_), _)) => panic!("a message after the last"),
+                futures::future::Either::Right(_) => panic!("no end of stream: {t:?}"),
+            }
         })
     });
     let (rnr, regs) = within(300, "the flood", move || {

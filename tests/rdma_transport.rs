@@ -59,7 +59,8 @@ fn echo_server(addr: SocketAddr) -> std::thread::JoinHandle<u64> {
 }
 
 async fn echo_suite(t: &RdmaTransport) {
-    let sizes = [0usize, 1, 4095, 4096, 4097, 100_000, 1 << 20];
+    // 0 B up to the maximum message size (8 MiB by default).
+    let sizes = [0usize, 1, 4095, 4096, 4097, 100_000, 1 << 20, 8 << 20];
     for (i, &n) in sizes.iter().enumerate() {
         let msg = pattern(n, i as u8);
         t.send(msg.clone()).await.unwrap();
@@ -153,7 +154,7 @@ fn run_client(
         t.close().await.unwrap();
     }));
     let echoed = server.join().expect("server thread");
-    assert_eq!(echoed, 7 + 1500 + 3000 + 20);
+    assert_eq!(echoed, 8 + 1500 + 3000 + 20);
 }
 
 #[test]

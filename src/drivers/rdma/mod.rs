@@ -2,7 +2,11 @@
 //!
 //! * [`cm`]: `connect`/`listen`/`accept` with RDMA-CM, returning
 //!   [`transport::RdmaTransport`]s (and the bare queue-pair setup underneath).
-//! * [`transport`]: the `Transport` itself: pre-posted receives, credits, fragments.
+//! * [`transport`]: the `Transport` itself: hello, credits, fragments, the pump.
+//! * `recv_pool`: the pre-posted receive buffers, posted again in batches.
+//! * `buffer`: registered memory as `Bytes`: lent receive buffers, and fragments sent
+//!   in place or through a bounce slot.
+//! * `slab_allocator`: the slab over memory registered with the context's PD.
 //! * [`context`]: the device and protection domain, with a clear
 //!   [`Unsupported`](crate::ErrorKind::Unsupported) error when there is no device or
 //!   no rdma-core, and a [`Slab`](crate::mem::Slab) over registered memory.
@@ -12,9 +16,12 @@
 //! * `events`: RDMA-CM events after setup (peer disconnected or dead) routed to the
 //!   connection they concern.
 
+mod buffer;
 pub mod cm;
 pub mod context;
 mod device;
 mod events;
 pub mod poller;
+mod recv_pool;
+mod slab_allocator;
 pub mod transport;

@@ -40,10 +40,12 @@ use sideway::ibverbs::queue_pair::{
     SetScatterGatherEntry, WorkRequestFlags,
 };
 
+use super::buffer::{stage, GiveBack, Lease};
 use super::cm::{CmHandle, CmListener, CQ_ENTRIES, QUEUE_DEPTH};
 use super::context::RdmaContext;
 use super::device::{DeviceReactor, Member};
 use super::poller::CqSource;
+use super::recv_pool::{RecvPool, RECV_TAG};
 use crate::buffer::Buf;
 use crate::codec::too_large;
 use crate::error::{Error, ErrorKind, Result};
@@ -52,7 +54,6 @@ use crate::reactor::credit::Credits;
 use crate::reactor::{Completion, CompletionSource, OpSlab, PollerConfig, WrId};
 use crate::transport::Transport;
 
-const RECV_TAG: u64 = WrId::DRIVER_TAG;
 /// The `wr_id` of credit updates: driver-tagged, above every receive index.
 const CONTROL_WR: u64 = WrId::DRIVER_TAG | 1 << 40;
 const LAST: u32 = 1 << 16;
@@ -189,15 +190,12 @@ struct State {
     /// Fragments sent from registered memory (`alloc_buf`, received messages) without
     /// a copy.
     zero_copy_sends: u64,
-    /// Receive buffers lent to the application as messages, not posted meanwhile.
-    lent: u32,
-    /// Messages handed to the application in the buffer they arrived in.
-    zero_copy_recvs: u64,
+
     sendq: VecDeque<Outgoing>,
     queued: usize,
     recvq: VecDeque<Bytes>,
     partial: Vec<u8>,
-    recv_bufs: Vec<Option<SlabBuf>>,
+    recv: RecvPool,
     /// The peer's parameters, from its hello.
     peer: Option<PeerParams>,
     /// Fragment size: the smaller of both sides' receive buffers.
@@ -255,23 +253,6 @@ pub struct RdmaTransport {
     peer: Option<SocketAddr>,
 }
 
-/// Post the receive for slot `idx`.
-fn post_recv(qp: &mut BasicQueuePair, idx: usize, buf: &SlabBuf, len: usize) -> Result<()> {
-    let mut g = qp.start_post_recv();
-    // SAFETY: `buf` is `len` bytes of memory registered with this QP's PD, and it is
-    // kept in `State::recv_bufs[idx]` (or the setup vector) until this receive's
-    // completion has been polled; the QP is destroyed before the slab's memory.
-    unsafe {
-        g.construct_wr(RECV_TAG | idx as u64).setup_sge(
-            buf.key(),
-            buf.as_ref().as_ptr() as u64,
-            len as u32,
-        )
-    };
-    g.post()
-        .map_err(|e| Error::new(ErrorKind::Registration, format!("ibv_post_recv: {e}")))
-}
-
 /// The connection state, locked. On unlock it posts the receive buffers that messages
 /// dropped meanwhile gave back (see [`Shared::drain_returns`]).
 struct StateGuard<'a> {
@@ -299,36 +280,17 @@ impl Drop for StateGuard<'_> {
     }
 }
 
-/// A received message lent to the application: the registered buffer it arrived in.
-/// When the last `Bytes` pointing into it drops, the buffer is posted again.
-struct Lease {
-    buf: Option<SlabBuf>,
-    idx: usize,
-    len: usize,
-    conn: Weak<Shared>,
-}
-
-impl AsRef<[u8]> for Lease {
-    fn as_ref(&self) -> &[u8] {
-        self.buf.as_ref().map_or(&[], |b| &b.as_ref()[..self.len])
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let Some(buf) = self.buf.take() else { return };
-        // A connection that is gone has no receive queue to refill: the slot simply
-        // returns to its slab.
-        if let Some(s) = self.conn.upgrade() {
-            lock(&s.returns).push((self.idx, buf));
-            s.drain_returns();
-        }
+impl GiveBack for Shared {
+    fn give_back(&self, idx: usize, buf: SlabBuf) {
+        lock(&self.returns).push((idx, buf));
+        self.drain_returns();
     }
 }
 
 impl Member for Shared {
     fn poll_cq(&self, max: usize) -> usize {
-        match self.poll_core(&mut lock(&self.core), max, None) {
+        let res = self.poll_core(&mut lock(&self.core), max, None);
+        match res {
             Ok(n) => n,
             Err(e) => {
                 let e = Error::new(ErrorKind::ConnectionReset, format!("ibv_poll_cq: {e}"));
@@ -343,7 +305,8 @@ impl Member for Shared {
         if self.inline.load(Ordering::Acquire) > 0 {
             return;
         }
-        if let Err(e) = lock(&self.core).source.arm() {
+        let res = lock(&self.core).source.arm();
+        if let Err(e) = res {
             let e = Error::new(
                 ErrorKind::ConnectionReset,
                 format!("ibv_req_notify_cq: {e}"),
@@ -376,18 +339,14 @@ impl Shared {
                 Err(TryLockError::WouldBlock) => return,
             };
             let items = std::mem::take(&mut *lock(&self.returns));
+            let dead = st.error.is_some() || st.closed || st.gone.is_some();
             for (idx, buf) in items {
-                st.lent -= 1;
-                if st.error.is_some() || st.closed || st.gone.is_some() {
-                    continue;
-                }
-                let res = post_recv(&mut lock(&self.qp), idx, &buf, self.cfg.chunk);
-                st.recv_bufs[idx] = Some(buf);
-                match res {
-                    Ok(()) => st.credits.reposted(1),
-                    Err(e) => self.fail(&mut st, e),
+                st.recv.returned();
+                if !dead {
+                    st.recv.put_back(idx, buf);
                 }
             }
+            self.post_receives(&mut st);
             self.pump(&mut st);
             drop(st);
             self.changed.notify(usize::MAX);
@@ -452,7 +411,10 @@ impl Shared {
         st.gone = Some(why);
         let mut attr = QueuePairAttribute::new();
         attr.setup_state(QueuePairState::Error);
-        if let Err(e) = lock(&self.qp).modify(&attr) {
+        // The QP's lock must be released before `st` is: unlocking the state may post
+        // receives, which takes the QP's lock again.
+        let res = lock(&self.qp).modify(&attr);
+        if let Err(e) = res {
             // No flushes will come: fail now.
             let e = Error::new(
                 ErrorKind::ConnectionReset,
@@ -506,33 +468,16 @@ impl Shared {
             st.sq_free -= 1;
             st.queued -= n;
             st.data_in_flight += 1;
-            let registered = self
-                .app_slab
-                .lookup(frag.as_ptr(), frag.len())
-                .or_else(|| self.slab.lookup(frag.as_ptr(), frag.len()));
-            let (keep, key, addr): (crate::reactor::Keep, u32, u64) = match registered {
-                Some(key) if !frag.is_empty() => {
-                    st.zero_copy_sends += 1;
-                    let addr = frag.as_ptr() as u64;
-                    (Box::new(frag), key, addr)
+            let staged = match stage(frag, &[&self.app_slab, &self.slab], &self.slab) {
+                Ok(staged) => staged,
+                Err(e) => {
+                    self.fail(st, e);
+                    break;
                 }
-                _ => match self.slab.alloc(n.max(1)) {
-                    Ok(Some(mut buf)) => {
-                        buf.as_mut()[..n].copy_from_slice(&frag);
-                        let (key, addr) = (buf.key(), buf.as_ref().as_ptr() as u64);
-                        (Box::new(buf), key, addr)
-                    }
-                    res => {
-                        let why = res.err().map_or_else(
-                            || "no bounce slot for a fragment".to_string(),
-                            |e| e.to_string(),
-                        );
-                        self.fail(st, Error::new(ErrorKind::Registration, why));
-                        break;
-                    }
-                },
             };
-            let op = self.ops.register(keep);
+            st.zero_copy_sends += u64::from(staged.zero_copy);
+            let (key, addr) = (staged.lkey, staged.addr);
+            let op = self.ops.register(staged.keep);
             wrs.push(Wr {
                 wr_id: op.wr_id().to_u64(),
                 imm: flags | piggy,
@@ -586,8 +531,7 @@ impl Shared {
     }
 
     fn on_recv(&self, st: &mut State, c: &Completion) {
-        let idx = (c.wr_id & 0xFFFF_FFFF) as usize;
-        let Some(buf) = st.recv_bufs.get_mut(idx).and_then(Option::take) else {
+        let Some((idx, buf)) = st.recv.take(c.wr_id) else {
             return;
         };
         if !c.is_success() {
@@ -621,15 +565,9 @@ impl Shared {
             // A whole message in one buffer is lent as it is, while at most half the
             // receive buffers are out: the rest keep cycling, so receives never run dry
             // however many messages the application holds (those are copied).
-            if imm & LAST != 0 && st.partial.is_empty() && len > 0 && st.lent < self.cfg.depth / 2 {
-                st.lent += 1;
-                st.zero_copy_recvs += 1;
-                st.recvq.push_back(Bytes::from_owner(Lease {
-                    buf: Some(buf),
-                    idx,
-                    len,
-                    conn: self.me.clone(),
-                }));
+            if imm & LAST != 0 && st.partial.is_empty() && len > 0 && st.recv.try_lend() {
+                let msg = Lease::bytes(buf, idx, len, self.me.clone());
+                st.recvq.push_back(msg);
                 return;
             }
             st.partial.extend_from_slice(&buf.as_ref()[..len]);
@@ -641,10 +579,14 @@ impl Shared {
         if imm & FIN != 0 {
             st.peer_fin = true;
         }
-        let res = post_recv(&mut lock(&self.qp), idx, &buf, self.cfg.chunk);
-        st.recv_bufs[idx] = Some(buf);
-        match res {
-            Ok(()) => st.credits.reposted(1),
+        // Posted again with the batch's other buffers (`post_receives`).
+        st.recv.put_back(idx, buf);
+    }
+
+    /// Post the receive buffers that came back, in one batch, and count the credits.
+    fn post_receives(&self, st: &mut State) {
+        match st.recv.post_pending(&mut lock(&self.qp)) {
+            Ok(n) => st.credits.reposted(n),
             Err(e) => self.fail(st, e),
         }
     }
@@ -681,6 +623,7 @@ impl Shared {
                     self.fail(&mut st, e);
                 }
             }
+            self.post_receives(&mut st);
             self.pump(&mut st);
         }
         self.changed.notify(usize::MAX);
@@ -733,19 +676,11 @@ impl RdmaTransport {
         ctx: &RdmaContext,
         qp: &mut BasicQueuePair,
         cfg: &RdmaConfig,
-    ) -> Result<(Slab, Slab, Vec<Option<SlabBuf>>)> {
+    ) -> Result<(Slab, Slab, RecvPool)> {
         let slab = ctx.slab(cfg.chunk, cfg.chunk, (cfg.chunk * 256).max(1 << 20));
         // Regions are registered lazily, on the first `alloc_buf` of a class.
         let app_slab = ctx.slab(cfg.chunk, APP_MAX, APP_REGION);
-        let mut bufs = Vec::with_capacity(cfg.depth as usize);
-        for idx in 0..cfg.depth as usize {
-            let buf = slab
-                .alloc(cfg.chunk)
-                .map_err(|e| Error::new(ErrorKind::Registration, e.to_string()))?
-                .ok_or_else(|| Error::new(ErrorKind::Registration, "no receive slot"))?;
-            post_recv(qp, idx, &buf, cfg.chunk)?;
-            bufs.push(Some(buf));
-        }
+        let recv = RecvPool::post_all(qp, &slab, cfg.depth, cfg.chunk)?;
         // Register the send bounce slots now too (one per send-queue entry, the most
         // ever live): from here on no message registers anything.
         let bounce = (0..QUEUE_DEPTH)
@@ -753,7 +688,7 @@ impl RdmaTransport {
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| Error::new(ErrorKind::Registration, e.to_string()))?;
         drop(bounce);
-        Ok((slab, app_slab, bufs))
+        Ok((slab, app_slab, recv))
     }
 
     /// The connection's CQ, on its device's shared reactor (started if need be).
@@ -771,7 +706,7 @@ impl RdmaTransport {
     fn start(
         conn: super::cm::CmConnection,
         reactor: Arc<DeviceReactor>,
-        (slab, app_slab, recv_bufs): (Slab, Slab, Vec<Option<SlabBuf>>),
+        (slab, app_slab, recv): (Slab, Slab, RecvPool),
         cfg: RdmaConfig,
         peer: Option<SocketAddr>,
     ) -> Result<RdmaTransport> {
@@ -809,11 +744,10 @@ impl RdmaTransport {
                 data_in_flight: 0,
                 lost: false,
                 zero_copy_sends: 0,
-                lent: 0,
-                zero_copy_recvs: 0,
+
                 recvq: VecDeque::new(),
                 partial: Vec::new(),
-                recv_bufs,
+                recv,
                 peer: None,
                 frag: cfg.chunk,
                 peer_fin: false,
@@ -909,7 +843,7 @@ impl RdmaTransport {
     /// Messages received without a copy: handed out in the receive buffer they arrived
     /// in (messages of up to one `chunk`, while at most half the buffers are lent).
     pub fn zero_copy_recvs(&self) -> u64 {
-        self.shared.lock_state().zero_copy_recvs
+        self.shared.lock_state().recv.lent_total
     }
 
     /// The most registrations this connection can ever make.
@@ -1085,9 +1019,20 @@ impl Drop for RdmaTransport {
 
 impl fmt::Debug for RdmaTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.shared.lock_state();
         f.debug_struct("RdmaTransport")
             .field("peer", &self.peer)
             .field("registrations", &self.registrations())
+            .field("send_credits", &st.credits.available())
+            .field("credits_to_return", &st.credits.pending_return())
+            .field("queued_messages", &st.sendq.len())
+            .field("sends_in_flight", &st.data_in_flight)
+            .field("send_queue_free", &st.sq_free)
+            .field("received_unread", &st.recvq.len())
+            .field("receive_buffers", &st.recv)
+            .field("peer_fin", &st.peer_fin)
+            .field("closed", &(st.closed || st.shut))
+            .field("error", &st.error)
             .finish_non_exhaustive()
     }
 }

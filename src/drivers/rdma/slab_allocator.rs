@@ -1,0 +1,87 @@
+//! The slab allocator over pre-registered memory.
+//!
+//! [`mem::Slab`](crate::mem::Slab) carves size classes out of large regions; here the
+//! regions are heap blocks registered with a protection domain (`ibv_reg_mr`), so every
+//! slot handed out is already registered: sending or receiving through one costs no
+//! registration, and freed slots are reused before a new region is registered. The
+//! registrations are counted (`RdmaContext::registrations`, the transport's
+//! `registrations()`).
+
+use std::cell::UnsafeCell;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::protection_domain::ProtectionDomain;
+use sideway::ibverbs::AccessFlags;
+
+use crate::mem::{Region, RegionSource, Slab};
+
+/// A slab whose regions are registered with `pd`, counted in `registrations`.
+pub(crate) fn registered_slab(
+    pd: Arc<ProtectionDomain>,
+    registrations: Arc<AtomicU64>,
+    min_class: usize,
+    max_class: usize,
+    region_size: usize,
+) -> Slab {
+    Slab::new(
+        Registered { pd, registrations },
+        min_class,
+        max_class,
+        region_size,
+    )
+}
+
+/// Makes regions of registered memory.
+struct Registered {
+    pd: Arc<ProtectionDomain>,
+    registrations: Arc<AtomicU64>,
+}
+
+/// Heap memory registered with a protection domain. Field order matters: the MR is
+/// dropped (deregistered) before the memory it names is freed.
+struct RegisteredRegion {
+    mr: Arc<MemoryRegion>,
+    mem: Box<[UnsafeCell<u8>]>,
+}
+
+// SAFETY: the bytes are reached only through the slab, which gives each slot to one
+// owner at a time; the region itself never touches them. `MemoryRegion` is Send + Sync.
+unsafe impl Sync for RegisteredRegion {}
+
+// SAFETY: `mem` is a heap allocation owned by the region: it stays valid and at one
+// address until the region drops, after `mr` (declared first) has been deregistered.
+// `UnsafeCell` makes writes through the pointer sound.
+unsafe impl Region for RegisteredRegion {
+    fn ptr(&self) -> *mut u8 {
+        UnsafeCell::raw_get(self.mem.as_ptr())
+    }
+    fn len(&self) -> usize {
+        self.mem.len()
+    }
+    fn key(&self) -> u32 {
+        self.mr.lkey()
+    }
+}
+
+impl RegionSource for Registered {
+    fn region(&self, len: usize) -> io::Result<Arc<dyn Region>> {
+        let mem: Box<[UnsafeCell<u8>]> = (0..len).map(|_| UnsafeCell::new(0)).collect();
+        let ptr = UnsafeCell::raw_get(mem.as_ptr()) as usize;
+        // SAFETY: `ptr..ptr+len` is the heap block `mem`, which the returned region owns
+        // together with the MR; the MR is dropped first (field order), so the device
+        // never names freed memory, and the block never moves (boxed slice).
+        let mr = unsafe {
+            self.pd.reg_mr(
+                ptr,
+                len,
+                AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead,
+            )
+        }
+        .map_err(|e| io::Error::other(format!("ibv_reg_mr of {len} bytes failed: {e}")))?;
+        self.registrations.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(RegisteredRegion { mr, mem }))
+    }
+}

@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use event_listener::Event;
 use sideway::ibverbs::queue_pair::{
-    BasicQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState,
-    SetScatterGatherEntry, WorkRequestFlags,
+    BasicQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairAttributeMask,
+    QueuePairState, SetScatterGatherEntry, WorkRequestFlags,
 };
 
 use super::buffer::{stage, GiveBack, Lease};
@@ -413,8 +413,15 @@ impl Shared {
         attr.setup_state(QueuePairState::Error);
         // The QP's lock must be released before `st` is: unlocking the state may post
         // receives, which takes the QP's lock again.
-        let res = lock(&self.qp).modify(&attr);
-        if let Err(e) = res {
+        let moved = lock(&self.qp).modify(&attr).map_err(|e| e.to_string());
+        let failed = match moved {
+            Ok(()) => None,
+            // A QP in the error state already (a failed request put it there) needs no
+            // move: its flushes come anyway.
+            Err(_) if self.qp_in_error() => None,
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failed {
             // No flushes will come: fail now.
             let e = Error::new(
                 ErrorKind::ConnectionReset,
@@ -424,6 +431,12 @@ impl Shared {
             drop(st);
             self.changed.notify(usize::MAX);
         }
+    }
+
+    fn qp_in_error(&self) -> bool {
+        lock(&self.qp)
+            .query(QueuePairAttributeMask::State)
+            .is_ok_and(|(a, _)| a.state() == QueuePairState::Error)
     }
 
     /// Post queued fragments while credits and send-queue slots last, then a credit

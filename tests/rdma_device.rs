@@ -5,12 +5,11 @@
 //! skip, saying so, on a machine that has no device.
 #![cfg(feature = "rdma")]
 
+mod rdma_env;
+use rdma_env::{device_ip, required};
+
 use net_rs::drivers::rdma::context::RdmaContext;
 use net_rs::ErrorKind;
-
-fn required() -> bool {
-    std::env::var_os("NET_RS_RDMA_TESTS").is_some_and(|v| v == "1")
-}
 
 /// The device to test, or `None` (skip) when none is present and none is required.
 fn context() -> Option<RdmaContext> {
@@ -191,21 +190,6 @@ fn device_completions_reach_futures_through_the_reactor() {
     );
     assert_eq!(ops.in_flight(), 0);
     poller.shutdown();
-}
-
-/// The guest's own address on the RDMA device (the Soft-RoCE VM exports it).
-fn device_ip() -> Option<std::net::IpAddr> {
-    match std::env::var("SOFTROCE_IP")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        Some(ip) => Some(ip),
-        None if required() => panic!("NET_RS_RDMA_TESTS=1 needs SOFTROCE_IP (the device's IP)"),
-        None => {
-            eprintln!("skipping: set SOFTROCE_IP to the RDMA device's local IP");
-            None
-        }
-    }
 }
 
 mod cm_helpers {

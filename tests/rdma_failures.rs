@@ -6,8 +6,11 @@
 //! down, and every pending operation on this side must fail, none may hang.
 #![cfg(feature = "rdma")]
 
+mod rdma_env;
+use rdma_env::device_ip;
+
 use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -17,21 +20,6 @@ use futures::executor::block_on;
 use net_rs::drivers::rdma::cm;
 use net_rs::transport::Transport;
 use net_rs::ErrorKind;
-
-fn device_ip() -> Option<IpAddr> {
-    let required = std::env::var_os("NET_RS_RDMA_TESTS").is_some_and(|v| v == "1");
-    match std::env::var("SOFTROCE_IP")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        Some(ip) => Some(ip),
-        None if required => panic!("NET_RS_RDMA_TESTS=1 needs SOFTROCE_IP (the device's IP)"),
-        None => {
-            eprintln!("skipping: set NET_RS_RDMA_TESTS=1 and SOFTROCE_IP to run RDMA tests");
-            None
-        }
-    }
-}
 
 /// Run `f` on a thread of its own; fail the test if it takes longer than `secs`.
 fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -2,7 +2,10 @@
 //! for when these run and when they skip).
 #![cfg(feature = "rdma")]
 
-use std::net::{IpAddr, SocketAddr};
+mod rdma_env;
+use rdma_env::device_ip;
+
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,21 +13,6 @@ use net_rs::drivers::rdma::cm;
 use net_rs::drivers::rdma::transport::RdmaTransport;
 use net_rs::transport::Transport;
 use net_rs::ErrorKind;
-
-fn device_ip() -> Option<IpAddr> {
-    let required = std::env::var_os("NET_RS_RDMA_TESTS").is_some_and(|v| v == "1");
-    match std::env::var("SOFTROCE_IP")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        Some(ip) => Some(ip),
-        None if required => panic!("NET_RS_RDMA_TESTS=1 needs SOFTROCE_IP (the device's IP)"),
-        None => {
-            eprintln!("skipping: set NET_RS_RDMA_TESTS=1 and SOFTROCE_IP to run RDMA tests");
-            None
-        }
-    }
-}
 
 fn pattern(n: usize, seed: u8) -> Bytes {
     (0..n)

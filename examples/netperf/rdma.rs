@@ -34,6 +34,8 @@ use net_rs::transport::Transport;
 use super::{fmt_size, Args};
 
 const WARMUP: usize = 100;
+/// Ping-pong trips measured per latency cell (and `ib_send_lat -n`).
+const TRIPS: usize = 1000;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The settings compared: the default, and latency mode (the waiting task polls the CQ
@@ -49,10 +51,6 @@ fn configs() -> [(&'static str, RdmaConfig); 2] {
         ..RdmaConfig::default()
     };
     [("net-rs", RdmaConfig::default()), ("net-rs lat", lat)]
-}
-
-fn trips_for(_size: usize) -> usize {
-    1000
 }
 
 fn iters_for(size: usize) -> usize {
@@ -218,8 +216,8 @@ fn latency(addr: SocketAddr, cfg: RdmaConfig, size: usize) -> Result<(f64, f64),
     block_on(async {
         let t = connect(addr, cfg, b"L").await?;
         let msg = payload(size);
-        let mut rtts = Vec::with_capacity(trips_for(size));
-        for i in 0..WARMUP + trips_for(size) {
+        let mut rtts = Vec::with_capacity(TRIPS);
+        for i in 0..WARMUP + TRIPS {
             let start = Instant::now();
             t.send(msg.clone()).await.map_err(|e| e.to_string())?;
             let back = t.recv().await.map_err(|e| e.to_string())?;
@@ -265,7 +263,7 @@ fn perftest(spec: &str, addr: SocketAddr, size: usize) -> Result<(f64, f64), Str
         .split_once(':')
         .ok_or("--perftest wants DEVICE:GID_INDEX")?;
     let ip = addr.ip().to_string();
-    let lat_n = trips_for(size).to_string();
+    let lat_n = TRIPS.to_string();
     let bw_n = iters_for(size).to_string();
     let common = |n: &str| -> Vec<String> {
         ["-d", dev, "-x", gid, "-s", &size.to_string(), "-n", n]

@@ -5,9 +5,9 @@
 //! channel. Each connection's identifier carries a [`Watch`] (its user context); whoever
 //! reads the channel calls [`dispatch`], which hands the event to that watch:
 //!
-//! * a connecting side owns its channel, and its completion poller reads it while it
-//!   sleeps ([`CqSource::watch_cm`](super::poller::CqSource::watch_cm)), so no extra
-//!   thread;
+//! * a connecting side owns its channel, and the poller thread of its device reads it
+//!   while it sleeps (`CqSource::watch_cm`, handed on to the device reactor), so no
+//!   extra thread;
 //! * accepted connections share the listener's channel, which the listener's thread
 //!   reads for as long as the listener or any connection it accepted is alive.
 //!

@@ -6,9 +6,9 @@
 //! * Receives: `depth` registered buffers of `chunk` bytes stay posted. A message that
 //!   fits one buffer is lent to the application as `Bytes` over that buffer (a
 //!   `Lease`; the buffer is posted again when it drops), while at most half the
-//!   buffers are lent; otherwise the bytes are copied out and the buffer re-posted at
-//!   once, so the receive queue never runs dry however long the application holds its
-//!   messages. Larger messages are reassembled from fragments.
+//!   buffers are lent; otherwise the bytes are copied out and the buffer goes back at
+//!   once (re-posted with the rest of its completion batch), so the receive queue never
+//!   runs dry however long the application holds its messages. Larger messages are reassembled from fragments.
 //! * Sends: `send` queues the whole message (so a dropped `send` future never leaves
 //!   half a message on the wire) and the pump posts it as SEND_WITH_IMM fragments of
 //!   the smaller `chunk` of both sides while credits last, several per doorbell. The
@@ -798,20 +798,9 @@ impl RdmaTransport {
     /// # Errors
     /// As [`cm::connect_qp`](super::cm::connect_qp).
     pub fn connect_blocking(addr: SocketAddr, timeout: Duration, cfg: RdmaConfig) -> Result<Self> {
-        let cfg = cfg.normalized();
-        let (mut setup, mut reactor) = (None, None);
-        let conn = super::cm::connect_qp_with(
-            addr,
-            timeout,
-            |ctx| Self::make_cq(ctx, &cfg, &mut reactor),
-            |ctx, qp| {
-                setup = Some(Self::setup(ctx, qp, &cfg)?);
-                Ok(())
-            },
-        )?;
-        let setup = setup.expect("set up before connecting");
-        let reactor = reactor.expect("made with the CQ");
-        Self::start(conn, reactor, setup, cfg, Some(addr))
+        Self::open(cfg, Some(addr), |make_cq, before| {
+            super::cm::connect_qp_with(addr, timeout, make_cq, before)
+        })
     }
 
     /// Accept one connection on `listener` (blocking for at most `timeout`).
@@ -823,19 +812,40 @@ impl RdmaTransport {
         timeout: Duration,
         cfg: RdmaConfig,
     ) -> Result<Self> {
+        Self::open(cfg, None, |make_cq, before| {
+            listener.accept_with(timeout, make_cq, before)
+        })
+    }
+
+    /// Set a connection up through `dial` (RDMA-CM connect or accept), which makes the
+    /// CQ with the first hook and, once the QP exists, runs the second (registered
+    /// memory, posted receives) before the peer can send.
+    fn open(
+        cfg: RdmaConfig,
+        peer: Option<SocketAddr>,
+        dial: impl FnOnce(
+            &mut dyn FnMut(&RdmaContext) -> Result<CqSource>,
+            &mut dyn FnMut(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
+        ) -> Result<super::cm::CmConnection>,
+    ) -> Result<Self> {
         let cfg = cfg.normalized();
         let (mut setup, mut reactor) = (None, None);
-        let conn = listener.accept_with(
-            timeout,
-            |ctx| Self::make_cq(ctx, &cfg, &mut reactor),
-            |ctx, qp| {
+        let conn = dial(
+            &mut |ctx| Self::make_cq(ctx, &cfg, &mut reactor),
+            &mut |ctx, qp| {
                 setup = Some(Self::setup(ctx, qp, &cfg)?);
                 Ok(())
             },
         )?;
-        let setup = setup.expect("set up before accepting");
-        let reactor = reactor.expect("made with the CQ");
-        Self::start(conn, reactor, setup, cfg, None)
+        let missing = || {
+            Error::new(
+                ErrorKind::Io(std::io::ErrorKind::Other),
+                "RDMA-CM set up a connection without its completion queue or memory",
+            )
+        };
+        let reactor = reactor.ok_or_else(missing)?;
+        let setup = setup.ok_or_else(missing)?;
+        Self::start(conn, reactor, setup, cfg, peer)
     }
 
     /// Memory registrations this connection made: the receive buffers and one bounce
@@ -976,10 +986,17 @@ impl Transport for RdmaTransport {
     async fn close(&self) -> Result<()> {
         let res = self.shutdown().await;
         let mut st = self.shared.lock_state();
+        // The peer ended the stream and then the connection before our end-of-stream
+        // got through: there is nobody left to deliver it to, and closing succeeds (as
+        // a TCP close after the peer's FIN does).
+        let peer_gone_first = st.peer_fin && st.gone.is_some();
         st.closed = true;
         drop(st);
         self.shared.changed.notify(usize::MAX);
         let _ = self.shared.cm.disconnect();
+        if peer_gone_first {
+            return Ok(());
+        }
         res
     }
 

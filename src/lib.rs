@@ -9,9 +9,10 @@
 //!   on [`reactor`] (the runtime-free completion reactor) and [`mem`] (the slab over
 //!   registered memory).
 //! * [`pool`]: a connection pool with reconnection policies, for any transport.
-//! * [`runtime`]: the small boundary to async runtimes; [`adapters`] implement it for
-//!   tokio (feature `tokio`, default) and the async-io reactor shared by async-std and
-//!   smol (feature `async-std`), which also serves hand-written executors.
+//! * [`runtime`]: the small boundary to async runtimes, and its two implementations:
+//!   `runtime::tokio` (feature `tokio`, default) and `runtime::async_io`, the async-io
+//!   reactor shared by async-std and smol (feature `async-std`), which also serves
+//!   hand-written executors.
 //!
 //! ```no_run
 //! use net_rs::transport::Transport;
@@ -32,8 +33,6 @@
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-#[path = "../adapters/mod.rs"]
-pub mod adapters;
 pub mod buffer;
 pub mod codec;
 pub mod drivers;

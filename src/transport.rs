@@ -80,8 +80,18 @@ pub trait Transport: Send + Sync + 'static {
     /// The largest message this transport sends or accepts, in bytes.
     fn max_message_size(&self) -> usize;
 
-    /// Whether the connection is closed or broken: further sends fail.
+    /// Whether the connection is closed or broken, or the peer has ended it: further
+    /// sends fail, or `recv` can only return what is already buffered and then an
+    /// error. Non-blocking; for TCP it also looks at the socket (one `recv(MSG_PEEK)`
+    /// system call when nothing is buffered), so a peer that closed or reset an idle
+    /// connection is seen without a `send` or `recv`.
     fn is_closed(&self) -> bool;
+
+    /// Whether something from the peer has arrived that no `recv` has returned yet: a
+    /// message or part of one. Non-blocking (for TCP, one `recv(MSG_PEEK)` system call
+    /// when nothing is buffered). The [`ConnectionPool`](crate::pool::ConnectionPool)
+    /// uses it to refuse a connection on which a reply nobody waits for has arrived.
+    fn has_unread(&self) -> bool;
 
     /// The local address of the connection.
     fn local_addr(&self) -> Result<SocketAddr>;
@@ -101,6 +111,7 @@ pub trait DynTransport: Send + Sync + 'static {
     fn alloc_buf_dyn(&self, len: usize) -> Buf;
     fn max_message_size_dyn(&self) -> usize;
     fn is_closed_dyn(&self) -> bool;
+    fn has_unread_dyn(&self) -> bool;
     fn local_addr_dyn(&self) -> Result<SocketAddr>;
     fn peer_addr_dyn(&self) -> Result<SocketAddr>;
 }
@@ -129,6 +140,9 @@ impl<T: Transport> DynTransport for T {
     }
     fn is_closed_dyn(&self) -> bool {
         self.is_closed()
+    }
+    fn has_unread_dyn(&self) -> bool {
+        self.has_unread()
     }
     fn local_addr_dyn(&self) -> Result<SocketAddr> {
         self.local_addr()
@@ -165,6 +179,9 @@ impl Transport for BoxTransport {
     }
     fn is_closed(&self) -> bool {
         (**self).is_closed_dyn()
+    }
+    fn has_unread(&self) -> bool {
+        (**self).has_unread_dyn()
     }
     fn local_addr(&self) -> Result<SocketAddr> {
         (**self).local_addr_dyn()

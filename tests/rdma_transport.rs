@@ -184,8 +184,8 @@ fn connect_without_listener_is_refused() {
 
 #[test]
 fn the_connection_pool_serves_rdma_connections() {
-    use net_rs::adapters::tokio::TokioRuntime;
     use net_rs::pool::{ConnectionPool, PoolConfig, RdmaConnector};
+    use net_rs::runtime::tokio::TokioRuntime;
     use std::sync::Arc;
 
     let Some(ip) = device_ip() else { return };

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use net_rs::adapters::async_io::AsyncIoRuntime;
+use net_rs::runtime::async_io::AsyncIoRuntime;
 use net_rs::runtime::Runtime;
 
 use common::Case;

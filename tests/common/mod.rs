@@ -42,7 +42,7 @@ pub fn run_tokio_current_thread(case: Case) {
         .enable_all()
         .build()
         .unwrap();
-    let net: Arc<dyn Runtime> = Arc::new(net_rs::adapters::tokio::TokioRuntime::new(
+    let net: Arc<dyn Runtime> = Arc::new(net_rs::runtime::tokio::TokioRuntime::new(
         rt.handle().clone(),
     ));
     rt.block_on(case(net));
@@ -55,7 +55,7 @@ pub fn run_tokio_multi_thread(case: Case) {
         .enable_all()
         .build()
         .unwrap();
-    let net: Arc<dyn Runtime> = Arc::new(net_rs::adapters::tokio::TokioRuntime::new(
+    let net: Arc<dyn Runtime> = Arc::new(net_rs::runtime::tokio::TokioRuntime::new(
         rt.handle().clone(),
     ));
     rt.block_on(case(net));
@@ -63,7 +63,7 @@ pub fn run_tokio_multi_thread(case: Case) {
 
 #[cfg(feature = "async-std")]
 pub fn run_async_std(case: Case) {
-    let rt: Arc<dyn Runtime> = Arc::new(net_rs::adapters::async_io::AsyncIoRuntime::with_spawner(
+    let rt: Arc<dyn Runtime> = Arc::new(net_rs::runtime::async_io::AsyncIoRuntime::with_spawner(
         |task| {
             async_std::task::spawn(task);
         },
@@ -73,7 +73,7 @@ pub fn run_async_std(case: Case) {
 
 #[cfg(feature = "async-std")]
 pub fn run_smol(case: Case) {
-    let rt: Arc<dyn Runtime> = Arc::new(net_rs::adapters::async_io::AsyncIoRuntime::with_spawner(
+    let rt: Arc<dyn Runtime> = Arc::new(net_rs::runtime::async_io::AsyncIoRuntime::with_spawner(
         |task| smol::spawn(task).detach(),
     ));
     smol::block_on(case(rt));

@@ -1016,6 +1016,11 @@ impl Transport for RdmaTransport {
         st.closed || st.shut || st.error.is_some() || st.peer_fin
     }
 
+    fn has_unread(&self) -> bool {
+        let st = self.shared.lock_state();
+        !st.recvq.is_empty() || !st.partial.is_empty()
+    }
+
     fn local_addr(&self) -> Result<SocketAddr> {
         Err(Error::new(
             ErrorKind::Unsupported,

@@ -153,13 +153,48 @@ impl RecvSide {
         wake.into_iter().for_each(|w| w.wake());
     }
 
-    pub(crate) fn is_failed(&self) -> bool {
+    /// Whether receiving has ended: failed, closed, or (looking at the socket when
+    /// nothing is buffered) the peer has closed or reset the connection.
+    pub(crate) fn peer_ended(&self) -> bool {
         let st = lock(&self.state);
-        st.error.is_some() && st.reader.is_none()
+        if st.error.is_some() || st.eof {
+            return true;
+        }
+        let Some(reader) = st.reader.as_ref() else {
+            return true;
+        };
+        if st.has_buffered() {
+            return false;
+        }
+        match reader.peek_now() {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ),
+        }
+    }
+
+    /// Whether bytes have arrived that no `recv` has returned yet.
+    pub(crate) fn has_unread(&self) -> bool {
+        let st = lock(&self.state);
+        if st.has_buffered() {
+            return true;
+        }
+        match st.reader.as_ref() {
+            Some(reader) => matches!(reader.peek_now(), Ok(n) if n > 0),
+            None => false,
+        }
     }
 }
 
 impl RecvState {
+    /// Bytes of a message (or a length prefix) read from the socket and not returned.
+    fn has_buffered(&self) -> bool {
+        !self.buf.is_empty() || self.large.is_some() || self.decoder.pending_len().is_some()
+    }
+
     fn fail(&mut self, e: Error) -> Poll<Result<Bytes>> {
         self.error = Some(e.clone());
         self.reader = None;

@@ -202,7 +202,11 @@ impl Transport for TcpTransport {
     }
 
     fn is_closed(&self) -> bool {
-        self.shared.send.is_closed() || self.shared.recv.is_failed()
+        self.shared.send.is_closed() || self.shared.recv.peer_ended()
+    }
+
+    fn has_unread(&self) -> bool {
+        self.shared.recv.has_unread()
     }
 
     fn local_addr(&self) -> Result<SocketAddr> {

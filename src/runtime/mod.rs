@@ -2,18 +2,22 @@
 //!
 //! The core never names tokio or async-io. What it needs from a runtime (TCP sockets,
 //! timers, spawning a task) comes through [`Runtime`], held as `Arc<dyn Runtime>` so no
-//! runtime type parameter leaks into connection or pool types. The adapters in
-//! `adapters/` implement it: [`TokioRuntime`](crate::adapters::tokio::TokioRuntime)
-//! (feature `tokio`) and [`AsyncIoRuntime`](crate::adapters::async_io::AsyncIoRuntime)
+//! runtime type parameter leaks into connection or pool types. Two adapters implement it,
+//! each behind its feature: [`TokioRuntime`](crate::runtime::tokio::TokioRuntime)
+//! (feature `tokio`) and [`AsyncIoRuntime`](crate::runtime::async_io::AsyncIoRuntime)
 //! (feature `async-std`, for async-std, smol and any other executor). An embedder with
 //! its own executor implements `Runtime` itself, or uses `AsyncIoRuntime` with its own
 //! spawner.
 //!
 //! None of these calls is on the per-message path: sockets are polled through the
-//! `futures-io` traits the adapter returns.
+//! `futures-io` traits the adapter returns ([`SocketRead`], [`SocketWrite`]). Those two
+//! also offer calls that go straight to the socket, not through the runtime
+//! (`write_now`, `shutdown_now`, `peek_now`): a `send` that finds the connection idle
+//! writes with them (no task hop, no waker registered), and they keep working after the
+//! runtime has shut down, so queued messages can still be delivered then.
 
 use std::fmt;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -24,11 +28,38 @@ use futures::io::{AsyncRead, AsyncWrite};
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::BoxFuture;
 
+#[cfg(feature = "async-std")]
+pub mod async_io;
+#[cfg(feature = "tokio")]
+pub mod tokio;
+
+/// The read half of a connected, non-blocking TCP socket.
+pub trait SocketRead: AsyncRead + Send + Unpin {
+    /// Look at the socket now, without consuming anything and without the runtime (no
+    /// waker is registered, and it works after the runtime has shut down).
+    ///
+    /// `Ok(0)`: the peer has closed its side and everything before that was read;
+    /// `Ok(n)`, `n > 0`: bytes are waiting; `Err` of kind `WouldBlock`: nothing has
+    /// arrived; any other `Err`: the socket's error (for example `ConnectionReset`).
+    fn peek_now(&self) -> io::Result<usize>;
+}
+
+/// The write half of a connected, non-blocking TCP socket. `poll_close` shuts down the
+/// write direction (sends FIN).
+pub trait SocketWrite: AsyncWrite + Send + Unpin {
+    /// Write now, straight to the socket and not through the runtime: no waker is
+    /// registered, and it works after the runtime has shut down. Returns the bytes the
+    /// socket took, or an `Err` of kind `WouldBlock` when its buffer is full.
+    fn write_now(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+
+    /// Shut down the write direction (send FIN) straight on the socket.
+    fn shutdown_now(&self) -> io::Result<()>;
+}
+
 /// The read half of a connected TCP socket.
-pub type TcpReader = Box<dyn AsyncRead + Send + Unpin>;
-/// The write half of a connected TCP socket. `poll_close` shuts down the write
-/// direction (sends FIN).
-pub type TcpWriter = Box<dyn AsyncWrite + Send + Unpin>;
+pub type TcpReader = Box<dyn SocketRead>;
+/// The write half of a connected TCP socket.
+pub type TcpWriter = Box<dyn SocketWrite>;
 
 /// A connected, non-blocking TCP socket, split into halves that can be used from
 /// different tasks.
@@ -88,12 +119,26 @@ pub trait AsyncListener: Send + Sync + fmt::Debug {
 }
 
 /// What the core needs from an async runtime.
+///
+/// # After the runtime has shut down
+/// A connection or pool may outlive the runtime it was made on (kept in a static, or a
+/// test harness that makes a runtime per test). An implementation must then neither
+/// panic nor hang: `spawn` drops the task unpolled, `sleep` completes at once (so every
+/// deadline built on it fires), `tcp_connect` fails, and
+/// [`is_shut_down`](Runtime::is_shut_down) says so.
 pub trait Runtime: Send + Sync + fmt::Debug + 'static {
-    /// Run `task` to completion in the background.
+    /// Run `task` to completion in the background. A task spawned after the runtime
+    /// has shut down is dropped without being polled.
     fn spawn(&self, task: BoxFuture<'static, ()>);
 
-    /// A future that completes after `duration`.
+    /// A future that completes after `duration` (at once, if the runtime has shut down).
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()>;
+
+    /// Whether the runtime has shut down: its tasks were dropped and its timers and
+    /// sockets no longer work. The default is `false` (a runtime that never ends).
+    fn is_shut_down(&self) -> bool {
+        false
+    }
 
     /// The current time. Tests may override it to simulate time.
     fn now(&self) -> Instant {
@@ -114,10 +159,10 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
 
 /// The runtime to use when none is given explicitly.
 ///
-/// * Inside a tokio runtime (feature `tokio`): [`TokioRuntime`](crate::adapters::tokio::TokioRuntime)
+/// * Inside a tokio runtime (feature `tokio`): [`TokioRuntime`](crate::runtime::tokio::TokioRuntime)
 ///   on the current handle.
 /// * Otherwise, with feature `async-std`: the shared
-///   [`AsyncIoRuntime`](crate::adapters::async_io::AsyncIoRuntime), which works under
+///   [`AsyncIoRuntime`](crate::runtime::async_io::AsyncIoRuntime), which works under
 ///   async-std, smol, `futures::executor::block_on` or any other executor.
 ///
 /// # Errors
@@ -125,12 +170,12 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
 /// only `tokio` and no tokio runtime is running).
 pub fn default_runtime() -> Result<Arc<dyn Runtime>> {
     #[cfg(feature = "tokio")]
-    if let Some(rt) = crate::adapters::tokio::TokioRuntime::try_current() {
+    if let Some(rt) = crate::runtime::tokio::TokioRuntime::try_current() {
         return Ok(Arc::new(rt));
     }
     #[cfg(feature = "async-std")]
     {
-        return Ok(crate::adapters::async_io::AsyncIoRuntime::shared());
+        return Ok(crate::runtime::async_io::AsyncIoRuntime::shared());
     }
     #[allow(unreachable_code)]
     Err(Error::new(

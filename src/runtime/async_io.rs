@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_io::{Async, Timer};
 use futures::io::{AsyncRead, AsyncWrite};
 
-use crate::runtime::{AsyncListener, Runtime, SocketOptions, TcpSocket};
+use crate::runtime::{AsyncListener, Runtime, SocketOptions, SocketRead, SocketWrite, TcpSocket};
 use crate::transport::BoxFuture;
 
 type Spawner = dyn Fn(BoxFuture<'static, ()>) + Send + Sync;
@@ -193,5 +193,21 @@ impl AsyncWrite for Half {
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(Pin::new(&mut &*self.0).poll_flush(cx))?;
         Poll::Ready(self.0.get_ref().shutdown(std::net::Shutdown::Write))
+    }
+}
+
+impl SocketRead for Half {
+    fn peek_now(&self) -> io::Result<usize> {
+        self.0.get_ref().peek(&mut [0u8; 1])
+    }
+}
+
+impl SocketWrite for Half {
+    fn write_now(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        std::io::Write::write_vectored(&mut self.0.get_ref(), bufs)
+    }
+
+    fn shutdown_now(&self) -> io::Result<()> {
+        self.0.get_ref().shutdown(std::net::Shutdown::Write)
     }
 }

@@ -1,31 +1,51 @@
 //! The tokio adapter (feature `tokio`, on by default).
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use ::tokio::io::ReadBuf;
 use ::tokio::runtime::Handle;
 
-use crate::runtime::{AsyncListener, Runtime, SocketOptions, TcpSocket};
+use crate::runtime::{AsyncListener, Runtime, SocketOptions, SocketRead, SocketWrite, TcpSocket};
 use crate::transport::BoxFuture;
 
 /// [`Runtime`] on a tokio runtime handle.
 ///
 /// The runtime needs its I/O and time drivers (`enable_all()`, which `#[tokio::main]`
-/// and `#[tokio::test]` do).
+/// and `#[tokio::test]` do). Each adapter parks one idle task on the runtime: when the
+/// runtime shuts down and drops it, the adapter knows, so its timers complete at once
+/// instead of panicking (tokio panics when a timer of a shut-down runtime is polled).
 #[derive(Debug, Clone)]
 pub struct TokioRuntime {
     handle: Handle,
+    alive: Arc<AtomicBool>,
+}
+
+/// Dropped with the idle task when the runtime shuts down.
+struct Sentinel(Arc<AtomicBool>);
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl TokioRuntime {
     /// An adapter for the runtime behind `handle`.
     pub fn new(handle: Handle) -> Self {
-        TokioRuntime { handle }
+        let alive = Arc::new(AtomicBool::new(true));
+        let sentinel = Sentinel(alive.clone());
+        drop(handle.spawn(async move {
+            let _sentinel = sentinel;
+            std::future::pending::<()>().await;
+        }));
+        TokioRuntime { handle, alive }
     }
 
     /// The adapter for the tokio runtime this thread runs in, if any.
@@ -49,6 +69,22 @@ impl<F: Future> Future for Entered<F> {
     }
 }
 
+/// tokio's sleep that completes at once once its runtime has shut down.
+struct Sleep {
+    inner: Pin<Box<::tokio::time::Sleep>>,
+    alive: Arc<AtomicBool>,
+}
+
+impl Future for Sleep {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.alive.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.inner.as_mut().poll(cx)
+    }
+}
+
 impl Runtime for TokioRuntime {
     fn spawn(&self, task: BoxFuture<'static, ()>) {
         drop(self.handle.spawn(task));
@@ -56,7 +92,14 @@ impl Runtime for TokioRuntime {
 
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
         let _guard = self.handle.enter();
-        Box::pin(::tokio::time::sleep(duration))
+        Box::pin(Sleep {
+            inner: Box::pin(::tokio::time::sleep(duration)),
+            alive: self.alive.clone(),
+        })
+    }
+
+    fn is_shut_down(&self) -> bool {
+        !self.alive.load(Ordering::Acquire)
     }
 
     fn tcp_connect(
@@ -64,6 +107,9 @@ impl Runtime for TokioRuntime {
         addr: SocketAddr,
         opts: SocketOptions,
     ) -> BoxFuture<'static, io::Result<TcpSocket>> {
+        if self.is_shut_down() {
+            return Box::pin(std::future::ready(Err(shut_down())));
+        }
         Box::pin(Entered {
             handle: self.handle.clone(),
             fut: Box::pin(async move {
@@ -78,12 +124,19 @@ impl Runtime for TokioRuntime {
         addr: SocketAddr,
         opts: SocketOptions,
     ) -> io::Result<Box<dyn AsyncListener>> {
+        if self.is_shut_down() {
+            return Err(shut_down());
+        }
         let _guard = self.handle.enter();
         let std = std::net::TcpListener::bind(addr)?;
         std.set_nonblocking(true)?;
         let listener = ::tokio::net::TcpListener::from_std(std)?;
         Ok(Box::new(Listener { listener, opts }))
     }
+}
+
+fn shut_down() -> io::Error {
+    io::Error::other("the tokio runtime of this adapter has shut down")
 }
 
 fn socket(stream: ::tokio::net::TcpStream, opts: SocketOptions) -> io::Result<TcpSocket> {
@@ -96,7 +149,7 @@ fn socket(stream: ::tokio::net::TcpStream, opts: SocketOptions) -> io::Result<Tc
             half: r,
             busy_poll: opts.busy_poll,
         }),
-        writer: Box::new(Compat(w)),
+        writer: Box::new(Writer(w)),
         local_addr,
         peer_addr,
     })
@@ -148,43 +201,48 @@ impl futures::io::AsyncRead for Reader {
     }
 }
 
-/// tokio's I/O traits seen through `futures-io`'s.
-struct Compat<T>(T);
-
-impl<T: ::tokio::io::AsyncRead + Unpin> futures::io::AsyncRead for Compat<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let mut rb = ReadBuf::new(buf);
-        ready!(Pin::new(&mut self.0).poll_read(cx, &mut rb))?;
-        Poll::Ready(Ok(rb.filled().len()))
+impl SocketRead for Reader {
+    fn peek_now(&self) -> io::Result<usize> {
+        let mut one = [std::mem::MaybeUninit::<u8>::uninit()];
+        socket2::SockRef::from(self.half.as_ref()).peek(&mut one)
     }
 }
 
-impl<T: ::tokio::io::AsyncWrite + Unpin> futures::io::AsyncWrite for Compat<T> {
+/// The write half: tokio's I/O traits seen through `futures-io`'s.
+struct Writer(::tokio::net::tcp::OwnedWriteHalf);
+
+impl futures::io::AsyncWrite for Writer {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        ::tokio::io::AsyncWrite::poll_write(Pin::new(&mut self.0), cx, buf)
     }
 
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
+        bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        ::tokio::io::AsyncWrite::poll_write_vectored(Pin::new(&mut self.0), cx, bufs)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        ::tokio::io::AsyncWrite::poll_flush(Pin::new(&mut self.0), cx)
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        ::tokio::io::AsyncWrite::poll_shutdown(Pin::new(&mut self.0), cx)
+    }
+}
+
+impl SocketWrite for Writer {
+    fn write_now(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        socket2::SockRef::from(self.0.as_ref()).send_vectored(bufs)
+    }
+
+    fn shutdown_now(&self) -> io::Result<()> {
+        socket2::SockRef::from(self.0.as_ref()).shutdown(std::net::Shutdown::Write)
     }
 }

@@ -37,6 +37,7 @@ pub mod buffer;
 pub mod codec;
 pub mod drivers;
 pub mod error;
+mod linger;
 // `unsafe` is allowed here (disjoint slots of large regions) and in the RDMA driver only.
 #[allow(unsafe_code)]
 pub mod mem;

@@ -1,32 +1,59 @@
-//! The send half: a bounded queue of encoded frames and the writer task that drains it.
+//! The send half: a bounded queue of encoded frames, written by whoever owns the socket.
 //!
-//! `send` encodes a frame into the queue and returns; one writer task per connection
-//! (spawned on the runtime) hands everything queued to the socket with vectored writes.
-//! While the writer is busy, further frames pile up and leave in the next write, so a
-//! stream of small messages costs a few syscalls per batch instead of one per message.
+//! # Who writes
+//! At any moment at most one party owns the socket's write side ([`Owner`]), decided
+//! under the state lock:
+//! * **`Idle`**: nobody; nothing is queued. A `send` that finds the connection idle
+//!   takes ownership (`Inline`) and writes its frame straight to the socket with a
+//!   non-blocking write that does not go through the runtime
+//!   ([`SocketWrite::write_now`]): no task hop, and the bytes are in the kernel before
+//!   `send` returns, so a program that returns right after `send` still delivers.
+//!   What the socket does not take stays queued and ownership passes to the writer
+//!   task, which it wakes.
+//! * **`Task`**: the connection's writer task (spawned on the runtime) drains the
+//!   queue with vectored writes through the runtime, waiting for writability when the
+//!   socket is full. Frames sent meanwhile pile up behind it and leave together, so a
+//!   stream of small messages costs a few syscalls per batch.
+//! * **`Linger`**: the writer task is gone (its runtime shut down and dropped it):
+//!   [`crate::linger`] writes what is left from its own thread, bounded by `linger`.
+//!
+//! Batching without a clock: after an inline write the connection is *corked*: the
+//! next `send` queues and hands over to the writer task instead of writing again. The
+//! cork comes off when the writer task finds the queue empty (the sender yielded to the
+//! executor, so the burst ended) or when a `recv` on the connection has to wait (a
+//! request went out, the reply is awaited: the next request is a new burst). A
+//! ping-pong writes every message inline; a stream writes its first message inline and
+//! the rest in batches.
+//!
+//! Whoever owns the socket holds the `pen` (the socket and the batch taken off the
+//! queue) while writing; inline writes register no waker, so they never steal the
+//! writer task's registration with the runtime.
+//!
+//! # Process exit and a dead runtime
+//! Every send side is on [`crate::linger`]'s list: when the process exits, what is
+//! still queued is written out (up to `linger`). When the writer task's future is
+//! dropped before it finished (its runtime shut down), the connection is adopted by the
+//! linger thread, which delivers what was accepted and sends FIN; later sends fail.
+//!
 //! Frames up to [`COALESCE`] bytes are copied into one contiguous staging buffer (a
 //! memcpy is cheaper than an iovec); larger payloads are queued as they are (no copy).
-//!
-//! The socket and the batch being written live in the `pen`, a mutex that whoever
-//! writes holds: normally the writer task. In latency mode (`TcpConfig::busy_poll`),
-//! `send` takes the pen itself when it is free and writes at once, waking the writer
-//! task only if the socket could not take everything. Both paths write through
-//! [`SendSide::poll_drain`], so frames leave in order whoever writes them.
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use event_listener::{Event, EventListener};
 use futures::io::AsyncWrite;
 
 use crate::codec::HEADER_LEN;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::linger::{self, Deliver, Delivery, Registration};
 use crate::runtime::{Runtime, TcpWriter};
 
 /// Payloads up to this size are copied into the staging buffer.
@@ -39,18 +66,35 @@ const STAGING: usize = 64 * 1024;
 pub(crate) struct SendSide {
     state: Mutex<SendState>,
     pen: Mutex<Pen>,
-    /// Latency mode: write from `send` when the pen is free.
-    inline: bool,
+    /// Set by an inline write, cleared when a burst ends (see the module docs).
+    corked: AtomicBool,
     /// Notified when queue space frees up or the send side fails or closes.
     space: Event,
-    /// Notified when bytes reach the socket or the writer exits.
+    /// Notified when bytes reach the socket or writing ends.
     progress: Event,
     limit: usize,
+    linger: Duration,
+    /// This side, for handing it to the linger thread.
+    me: Weak<SendSide>,
+    /// Its place on the exit hook's list.
+    _registration: Registration,
 }
 
-/// What the writer holds: the socket and the bytes taken from the queue and not yet
-/// fully written.
-pub(crate) struct Pen {
+/// Who may write to the socket now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// Nobody; nothing is queued.
+    Idle,
+    /// A `send` writing its frame itself.
+    Inline,
+    /// The writer task.
+    Task,
+    /// The linger thread or the exit hook (the writer task is gone).
+    Linger,
+}
+
+/// The socket and the bytes taken from the queue and not yet fully written.
+struct Pen {
     sock: Option<TcpWriter>,
     batch: VecDeque<Bytes>,
 }
@@ -65,7 +109,14 @@ enum Drained {
     Stop(Result<()>),
 }
 
-#[derive(Default)]
+/// How a drain writes.
+enum Io<'a, 'b> {
+    /// Through the runtime, registering the waker when the socket is full.
+    Async(&'a mut Context<'b>),
+    /// Straight to the socket; a full socket ends the drain (`Pending`).
+    Now,
+}
+
 struct SendState {
     chunks: VecDeque<Bytes>,
     staging: BytesMut,
@@ -73,15 +124,34 @@ struct SendState {
     queued: usize,
     accepted_total: u64,
     written_total: u64,
-    writer: Option<Waker>,
-    /// No more messages are accepted; the writer sends FIN once the queue is empty.
+    owner: Owner,
+    /// The writer task's waker while it waits for work.
+    parked: Option<Waker>,
+    /// No more messages are accepted; FIN follows the queue.
     shutdown: bool,
+    /// Why sends are refused, when that is not a plain `Closed` (runtime gone).
+    refusal: Option<Error>,
     /// Give up delivering what is queued (after `linger`, or on a fatal receive error).
     abort: bool,
-    /// Every transport handle is gone: deliver what is queued within `linger`, then stop.
-    abandoned: bool,
-    writer_done: bool,
+    /// Every transport handle is gone since then: deliver within `linger`, then stop.
+    abandoned: Option<Instant>,
+    /// Writing has ended: FIN sent, or stopped. Nothing more will be written.
+    finished: bool,
+    /// The writer task has ended or was dropped.
+    task_gone: bool,
     error: Option<Error>,
+}
+
+impl SendState {
+    /// Bytes accepted and not written: in the queue, or in the batch being written.
+    fn has_queued(&self) -> bool {
+        self.queued > 0
+    }
+
+    /// Whether the owner of the socket has something to do: bytes, or FIN.
+    fn has_work(&self) -> bool {
+        self.has_queued() || self.shutdown || self.abort
+    }
 }
 
 fn lock(m: &Mutex<SendState>) -> MutexGuard<'_, SendState> {
@@ -93,25 +163,45 @@ fn lock_pen(m: &Mutex<Pen>) -> MutexGuard<'_, Pen> {
 }
 
 impl SendSide {
-    pub(crate) fn new(limit: usize, sock: TcpWriter, inline: bool) -> Self {
-        SendSide {
-            state: Mutex::new(SendState {
-                staging: BytesMut::with_capacity(STAGING),
-                ..SendState::default()
-            }),
-            pen: Mutex::new(Pen {
-                sock: Some(sock),
-                batch: VecDeque::new(),
-            }),
-            inline,
-            space: Event::new(),
-            progress: Event::new(),
-            limit,
-        }
+    /// A send side over `sock`; it goes on the exit hook's list.
+    pub(crate) fn new(limit: usize, linger: Duration, sock: TcpWriter) -> Arc<Self> {
+        Arc::new_cyclic(|me: &Weak<SendSide>| {
+            let listed: Weak<dyn Deliver> = me.clone();
+            SendSide {
+                state: Mutex::new(SendState {
+                    chunks: VecDeque::new(),
+                    staging: BytesMut::with_capacity(STAGING),
+                    queued: 0,
+                    accepted_total: 0,
+                    written_total: 0,
+                    owner: Owner::Idle,
+                    parked: None,
+                    shutdown: false,
+                    refusal: None,
+                    abort: false,
+                    abandoned: None,
+                    finished: false,
+                    task_gone: false,
+                    error: None,
+                }),
+                pen: Mutex::new(Pen {
+                    sock: Some(sock),
+                    batch: VecDeque::new(),
+                }),
+                corked: AtomicBool::new(false),
+                space: Event::new(),
+                progress: Event::new(),
+                limit,
+                linger,
+                me: me.clone(),
+                _registration: linger::register(listed),
+            }
+        })
     }
 
-    /// Queue one encoded frame unless the queue is full (`force` ignores the limit).
-    /// Returns the payload back when there is no room.
+    /// Queue one encoded frame unless the queue is full (`force` ignores the limit),
+    /// writing it at once if the connection is idle. Returns the payload back when
+    /// there is no room.
     pub(crate) fn try_enqueue(
         &self,
         header: [u8; HEADER_LEN],
@@ -123,7 +213,7 @@ impl SendSide {
             return Err(e.clone());
         }
         if st.shutdown {
-            return Err(Error::closed("send"));
+            return Err(st.refusal.clone().unwrap_or_else(|| Error::closed("send")));
         }
         let len = HEADER_LEN + msg.len();
         if !force && st.queued > 0 && st.queued + len > self.limit {
@@ -139,45 +229,74 @@ impl SendSide {
         }
         st.queued += len;
         st.accepted_total += len as u64;
-        if self.inline && st.writer.is_some() {
-            // The writer task is parked: nothing is being written. Write now.
-            drop(st);
-            self.write_inline();
+        if st.owner != Owner::Idle {
+            // The owner writes it (the inline writer re-checks before it leaves).
             return Ok(None);
         }
-        let writer = st.writer.take();
+        if self.corked.load(Ordering::Relaxed) {
+            st.owner = Owner::Task;
+            let writer = st.parked.take();
+            drop(st);
+            if let Some(w) = writer {
+                w.wake();
+            }
+            return Ok(None);
+        }
+        st.owner = Owner::Inline;
+        drop(st);
+        self.corked.store(true, Ordering::Relaxed);
+        self.write_inline();
+        Ok(None)
+    }
+
+    /// Write what is queued from the caller's thread (the caller owns the socket);
+    /// then hand ownership back: `Idle` when everything went out, else to the writer
+    /// task (or the linger thread if the task is gone).
+    fn write_inline(&self) {
+        let drained = {
+            let mut pen = lock_pen(&self.pen);
+            self.drain(&mut pen, &mut Io::Now)
+        };
+        match drained {
+            Poll::Ready(Drained::Stop(r)) => {
+                self.stop(r);
+                return;
+            }
+            Poll::Ready(Drained::Finished) => {
+                self.finish();
+                return;
+            }
+            Poll::Ready(Drained::Empty) | Poll::Pending => {}
+        }
+        let mut st = lock(&self.state);
+        if !st.has_work() {
+            st.owner = Owner::Idle;
+            return;
+        }
+        if st.task_gone {
+            st.owner = Owner::Linger;
+            drop(st);
+            self.adopt();
+            return;
+        }
+        st.owner = Owner::Task;
+        let writer = st.parked.take();
         drop(st);
         if let Some(w) = writer {
             w.wake();
         }
-        Ok(None)
     }
 
-    /// Latency mode: write what is queued from the caller's thread if the pen is
-    /// free; hand whatever the socket does not take to the writer task.
-    fn write_inline(&self) {
-        let done = match self.pen.try_lock() {
-            Ok(mut pen) => {
-                let mut cx = Context::from_waker(Waker::noop());
-                matches!(
-                    self.poll_drain(&mut pen, &mut cx, false),
-                    Poll::Ready(Drained::Empty)
-                )
-            }
-            Err(_) => false,
-        };
-        if !done {
-            let writer = lock(&self.state).writer.take();
-            if let Some(w) = writer {
-                w.wake();
-            }
+    /// A `recv` on this connection has to wait: the burst of sends before it is over.
+    pub(crate) fn uncork(&self) {
+        if self.corked.load(Ordering::Relaxed) {
+            self.corked.store(false, Ordering::Relaxed);
         }
     }
 
-    /// Write queued bytes until the queue is empty, the socket would block, or the
-    /// send side stops. `finish` sends FIN once empty and shut down (the writer task
-    /// does; inline writers leave that to it).
-    fn poll_drain(&self, pen: &mut Pen, cx: &mut Context<'_>, finish: bool) -> Poll<Drained> {
+    /// Write queued bytes until the queue is empty, the socket is full, or the send
+    /// side stops. Sends FIN once the queue is empty and shut down.
+    fn drain(&self, pen: &mut Pen, io: &mut Io<'_, '_>) -> Poll<Drained> {
         loop {
             {
                 let mut st = lock(&self.state);
@@ -194,7 +313,7 @@ impl SendSide {
                         }
                     }
                 }
-                if pen.batch.is_empty() && !(finish && st.shutdown) {
+                if pen.batch.is_empty() && !st.shutdown {
                     return Poll::Ready(Drained::Empty);
                 }
             }
@@ -205,7 +324,10 @@ impl SendSide {
                 // Shut down and everything written: send FIN. A peer that already
                 // reset the connection makes this fail; nothing is lost by ignoring
                 // that, every message was written.
-                let _ = futures::ready!(Pin::new(sock).poll_close(cx));
+                let _ = match io {
+                    Io::Async(cx) => futures::ready!(Pin::new(sock).poll_close(cx)),
+                    Io::Now => sock.shutdown_now(),
+                };
                 return Poll::Ready(Drained::Finished);
             }
             let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
@@ -214,19 +336,29 @@ impl SendSide {
                 iov[k] = IoSlice::new(b);
                 k += 1;
             }
-            let n = match futures::ready!(Pin::new(sock).poll_write_vectored(cx, &iov[..k])) {
+            let res = match io {
+                Io::Async(cx) => futures::ready!(Pin::new(sock).poll_write_vectored(cx, &iov[..k])),
+                Io::Now => match sock.write_now(&iov[..k]) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
+                    r => r,
+                },
+            };
+            let n = match res {
                 Ok(0) => {
                     return Poll::Ready(Drained::Stop(Err(Error::new(
-                        crate::ErrorKind::ConnectionReset,
+                        ErrorKind::ConnectionReset,
                         "send: the socket accepted no bytes",
                     ))))
                 }
                 Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Poll::Ready(Drained::Stop(Err(e.into()))),
             };
             let mut left = n;
             while left > 0 {
-                let front = pen.batch.front_mut().expect("wrote more than was queued");
+                let Some(front) = pen.batch.front_mut() else {
+                    break;
+                };
                 if front.len() <= left {
                     left -= front.len();
                     pen.batch.pop_front();
@@ -255,7 +387,10 @@ impl SendSide {
             if let Some(e) = &st.error {
                 Some(Err(e.clone()))
             } else if st.shutdown {
-                Some(Err(Error::closed("send")))
+                Some(Err(st
+                    .refusal
+                    .clone()
+                    .unwrap_or_else(|| Error::closed("send"))))
             } else {
                 (st.queued < self.limit).then_some(Ok(()))
             }
@@ -305,7 +440,7 @@ impl SendSide {
         lock(&self.state).accepted_total
     }
 
-    /// Ready once `target` bytes in total have been written (or the writer stopped).
+    /// Ready once `target` bytes in total have been written (or writing ended).
     pub(crate) fn poll_flushed(
         &self,
         cx: &mut Context<'_>,
@@ -313,31 +448,31 @@ impl SendSide {
         listener: &mut Option<EventListener>,
     ) -> Poll<Result<()>> {
         self.poll_until(cx, &self.progress, listener, |st| {
-            if let Some(e) = &st.error {
-                Some(Err(e.clone()))
-            } else if st.written_total >= target {
+            if st.written_total >= target {
                 Some(Ok(()))
+            } else if let Some(e) = &st.error {
+                Some(Err(e.clone()))
             } else {
-                st.writer_done.then(|| Err(Error::closed("flush")))
+                st.finished.then(|| Err(Error::closed("flush")))
             }
         })
     }
 
-    /// Ready once the writer has exited (after `shutdown`/`abort`).
-    pub(crate) fn poll_writer_done(
+    /// Ready once writing has ended (after `shutdown`/`abort`).
+    pub(crate) fn poll_finished(
         &self,
         cx: &mut Context<'_>,
         listener: &mut Option<EventListener>,
     ) -> Poll<Result<()>> {
         self.poll_until(cx, &self.progress, listener, |st| {
-            st.writer_done.then(|| match &st.error {
+            st.finished.then(|| match &st.error {
                 Some(e) => Err(e.clone()),
                 None => Ok(()),
             })
         })
     }
 
-    /// Stop accepting messages; the writer sends FIN after what is queued.
+    /// Stop accepting messages; FIN follows what is queued.
     pub(crate) fn shutdown(&self) {
         self.update(|st| st.shutdown = true);
     }
@@ -350,11 +485,11 @@ impl SendSide {
         });
     }
 
-    /// The last handle is gone.
+    /// The last handle is gone: deliver what is queued within `linger`, then FIN.
     pub(crate) fn abandon(&self) {
         self.update(|st| {
             st.shutdown = true;
-            st.abandoned = true;
+            st.abandoned.get_or_insert_with(Instant::now);
         });
     }
 
@@ -363,41 +498,231 @@ impl SendSide {
         st.shutdown || st.error.is_some()
     }
 
+    /// Change the flags, then make sure the owner of the socket acts on them: an idle
+    /// connection is handed to the writer task (or the linger thread).
     fn update(&self, f: impl FnOnce(&mut SendState)) {
         let mut st = lock(&self.state);
         f(&mut st);
-        let writer = st.writer.take();
+        let mut writer = None;
+        let mut adopt = false;
+        if st.owner == Owner::Idle && st.has_work() && !st.finished {
+            if st.task_gone {
+                st.owner = Owner::Linger;
+                adopt = true;
+            } else {
+                st.owner = Owner::Task;
+                writer = st.parked.take();
+            }
+        } else if st.owner == Owner::Task {
+            writer = st.parked.take();
+        }
         drop(st);
+        if let Some(w) = writer {
+            w.wake();
+        }
+        if adopt {
+            self.adopt();
+        }
+        self.space.notify(usize::MAX);
+        self.progress.notify(usize::MAX);
+    }
+
+    /// Writing ended normally: FIN was sent after everything queued.
+    fn finish(&self) {
+        self.end(None);
+    }
+
+    /// Writing ended: `Ok` after an abort, `Err` when the socket failed.
+    fn stop(&self, result: Result<()>) {
+        self.end(result.err());
+    }
+
+    fn end(&self, error: Option<Error>) {
+        let sock = lock_pen(&self.pen).sock.take();
+        let mut st = lock(&self.state);
+        st.finished = true;
+        st.shutdown = true;
+        if let Some(e) = error {
+            st.error.get_or_insert(e);
+        }
+        st.chunks.clear();
+        st.staging.clear();
+        st.queued = 0;
+        let writer = st.parked.take();
+        drop(st);
+        drop(sock);
         if let Some(w) = writer {
             w.wake();
         }
         self.space.notify(usize::MAX);
         self.progress.notify(usize::MAX);
     }
+
+    /// The writer task is gone (its future was dropped before it finished).
+    fn task_dropped(&self) {
+        let mut st = lock(&self.state);
+        st.task_gone = true;
+        if st.finished {
+            return;
+        }
+        st.shutdown = true;
+        st.refusal.get_or_insert_with(|| {
+            Error::new(
+                ErrorKind::Closed,
+                "send: the runtime that ran this connection has shut down; what was sent \
+                 before is still delivered (up to the linger time)",
+            )
+        });
+        let adopt = matches!(st.owner, Owner::Idle | Owner::Task);
+        if adopt {
+            st.owner = Owner::Linger;
+        }
+        drop(st);
+        if adopt {
+            self.adopt();
+        }
+        self.space.notify(usize::MAX);
+        self.progress.notify(usize::MAX);
+    }
+
+    fn adopt(&self) {
+        if let Some(me) = self.me.upgrade() {
+            linger::adopt(me);
+        }
+    }
+
+    /// The linger time left for an abandoned connection, measured from `now`.
+    fn linger_left(&self, st: &SendState, now: Instant) -> Option<Duration> {
+        st.abandoned
+            .map(|since| (since + self.linger).saturating_duration_since(now))
+    }
 }
 
-/// The writer task: drains the queue into the socket until shut down or failed.
-pub(crate) async fn writer(side: Arc<SendSide>, rt: Arc<dyn Runtime>, linger: Duration) {
+impl Deliver for SendSide {
+    fn deliver_now(&self) -> Delivery {
+        {
+            let st = lock(&self.state);
+            if st.finished {
+                return Delivery::Done;
+            }
+            // Whoever else holds the pen is writing; `try_lock` below leaves it to them.
+            if st.owner == Owner::Idle && !st.has_work() {
+                return Delivery::Done;
+            }
+        }
+        let Ok(mut pen) = self.pen.try_lock() else {
+            return Delivery::Blocked;
+        };
+        let before = lock(&self.state).written_total;
+        match self.drain(&mut pen, &mut Io::Now) {
+            Poll::Ready(Drained::Finished) => {
+                drop(pen);
+                self.finish();
+                Delivery::Done
+            }
+            Poll::Ready(Drained::Stop(r)) => {
+                drop(pen);
+                self.stop(r);
+                Delivery::Done
+            }
+            Poll::Ready(Drained::Empty) => Delivery::Done,
+            Poll::Pending => {
+                if lock(&self.state).written_total > before {
+                    Delivery::Wrote
+                } else {
+                    Delivery::Blocked
+                }
+            }
+        }
+    }
+
+    fn give_up(&self) {
+        let left = lock(&self.state).queued;
+        self.stop(Err(Error::new(
+            ErrorKind::TimedOut,
+            format!(
+                "send: {left} accepted bytes could not be delivered within the linger time \
+                 ({:?}): the peer did not read",
+                self.linger
+            ),
+        )));
+    }
+
+    fn linger(&self) -> Duration {
+        self.linger
+    }
+}
+
+/// Tells the send side when the writer task's future is dropped before it finished.
+struct TaskGuard(Option<Arc<SendSide>>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if let Some(side) = self.0.take() {
+            side.task_dropped();
+        }
+    }
+}
+
+/// The writer task: writes what `send` queued while it owns the socket, until the
+/// connection is shut down (FIN) or fails.
+///
+/// The returned future owns a guard from the start: if the runtime drops it, polled
+/// or not, the connection goes to the linger thread.
+pub(crate) fn writer(side: Arc<SendSide>, rt: Arc<dyn Runtime>) -> impl Future<Output = ()> {
+    let guard = TaskGuard(Some(side.clone()));
+    run_writer(side, rt, guard)
+}
+
+async fn run_writer(side: Arc<SendSide>, rt: Arc<dyn Runtime>, mut guard: TaskGuard) {
     let mut deadline: Option<crate::transport::BoxFuture<'static, ()>> = None;
-    let result: Result<()> = futures::future::poll_fn(|cx| loop {
-        if deadline.is_none() && lock(&side.state).abandoned {
-            deadline = Some(rt.sleep(linger));
+    futures::future::poll_fn(|cx| loop {
+        let mut st = lock(&side.state);
+        if st.finished {
+            return Poll::Ready(());
+        }
+        if deadline.is_none() {
+            if let Some(left) = side.linger_left(&st, Instant::now()) {
+                deadline = Some(rt.sleep(left));
+            }
         }
         if let Some(d) = deadline.as_mut() {
             if d.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(()));
+                drop(st);
+                side.give_up();
+                return Poll::Ready(());
             }
         }
+        match st.owner {
+            Owner::Task => {}
+            Owner::Idle if st.has_work() => st.owner = Owner::Task,
+            Owner::Idle | Owner::Inline => {
+                st.parked = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            Owner::Linger => return Poll::Ready(()),
+        }
+        drop(st);
         let mut pen = lock_pen(&side.pen);
-        match side.poll_drain(&mut pen, cx, true) {
+        match side.drain(&mut pen, &mut Io::Async(cx)) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Drained::Finished) => return Poll::Ready(Ok(())),
-            Poll::Ready(Drained::Stop(r)) => return Poll::Ready(r),
+            Poll::Ready(Drained::Finished) => {
+                drop(pen);
+                side.finish();
+                return Poll::Ready(());
+            }
+            Poll::Ready(Drained::Stop(r)) => {
+                drop(pen);
+                side.stop(r);
+                return Poll::Ready(());
+            }
             Poll::Ready(Drained::Empty) => {
                 drop(pen);
                 let mut st = lock(&side.state);
-                if st.chunks.is_empty() && st.staging.is_empty() && !st.shutdown && !st.abort {
-                    st.writer = Some(cx.waker().clone());
+                if !st.has_work() {
+                    st.owner = Owner::Idle;
+                    st.parked = Some(cx.waker().clone());
+                    side.corked.store(false, Ordering::Relaxed);
                     return Poll::Pending;
                 }
                 // More arrived (or a shutdown) since the drain: go round again.
@@ -405,17 +730,7 @@ pub(crate) async fn writer(side: Arc<SendSide>, rt: Arc<dyn Runtime>, linger: Du
         }
     })
     .await;
-    let sock = lock_pen(&side.pen).sock.take();
+    guard.0 = None;
     let mut st = lock(&side.state);
-    st.writer_done = true;
-    st.shutdown = true;
-    if let Err(e) = result {
-        st.error.get_or_insert(e);
-    }
-    st.chunks.clear();
-    st.staging.clear();
-    drop(st);
-    drop(sock);
-    side.space.notify(usize::MAX);
-    side.progress.notify(usize::MAX);
+    st.task_gone = true;
 }

@@ -111,9 +111,8 @@ impl TcpTransport {
     /// Wrap an already connected socket (from [`Runtime::tcp_connect`] or an
     /// [`AsyncListener`](crate::runtime::AsyncListener)) and start its writer task on `rt`.
     pub fn from_socket(sock: TcpSocket, config: &TcpConfig, rt: Arc<dyn Runtime>) -> TcpTransport {
-        let inline = !config.busy_poll.is_zero();
-        let send = Arc::new(SendSide::new(config.send_buffer, sock.writer, inline));
-        rt.spawn(Box::pin(writer(send.clone(), rt.clone(), config.linger)));
+        let send = SendSide::new(config.send_buffer, config.linger, sock.writer);
+        rt.spawn(Box::pin(writer(send.clone(), rt.clone())));
         TcpTransport {
             shared: Arc::new(Shared {
                 send,
@@ -133,10 +132,24 @@ impl TcpTransport {
 
     fn poll_recv(&self, cx: &mut Context<'_>, slot: &mut Option<usize>) -> Poll<Result<Bytes>> {
         let (res, fatal) = self.shared.recv.poll_recv(cx, slot);
-        if let Fatal::CloseConnection = fatal {
-            self.shared.send.abort();
+        match (&res, fatal) {
+            (Poll::Pending, _) => self.shared.send.uncork(),
+            (_, Fatal::CloseConnection) => self.shared.send.abort(),
+            _ => {}
         }
         res
+    }
+
+    /// The runtime to time `close` with: the connection's own, or, once that has shut
+    /// down, the caller's (none: the linger thread's deadline bounds the wait).
+    fn timer(&self) -> Option<Arc<dyn Runtime>> {
+        let rt = &self.shared.rt;
+        if !rt.is_shut_down() {
+            return Some(rt.clone());
+        }
+        crate::runtime::default_runtime()
+            .ok()
+            .filter(|rt| !rt.is_shut_down())
     }
 }
 
@@ -182,12 +195,15 @@ impl Transport for TcpTransport {
     fn shutdown(&self) -> impl Future<Output = Result<()>> + Send + '_ {
         self.shared.send.shutdown();
         let mut listener = None;
-        futures::future::poll_fn(move |cx| self.shared.send.poll_writer_done(cx, &mut listener))
+        futures::future::poll_fn(move |cx| self.shared.send.poll_finished(cx, &mut listener))
     }
 
     async fn close(&self) -> Result<()> {
         let s = &self.shared;
-        let res = with_timeout(&*s.rt, Some(s.linger), "close", self.shutdown()).await;
+        let res = match self.timer() {
+            Some(rt) => with_timeout(&*rt, Some(s.linger), "close", self.shutdown()).await,
+            None => self.shutdown().await,
+        };
         s.send.abort();
         s.recv.close(Error::closed("recv"));
         res
@@ -267,7 +283,7 @@ impl Sink<Bytes> for TcpTransport {
         this.shared.send.shutdown();
         this.shared
             .send
-            .poll_writer_done(cx, &mut this.sink_space)
+            .poll_finished(cx, &mut this.sink_space)
             .map_err(Into::into)
     }
 }

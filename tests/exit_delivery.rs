@@ -1,0 +1,170 @@
+//! What `send` accepted reaches the peer even when the program ends right after.
+//!
+//! Each case runs the README's seed program in a child process (this test binary run
+//! again with `NET_RS_EXIT_CHILD` set): connect, `send` one message, and end: return
+//! from `main` (the runtime is dropped, or it is net-rs's own executor thread that the
+//! exit kills), or `std::process::exit` with the transport still alive. A plain `std`
+//! server counts the bytes until EOF and must get every one, every run, under every
+//! runtime and for sizes from 4 bytes to 8 MiB (far more than the socket buffer takes).
+#![cfg(feature = "tokio")]
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use net_rs::drivers::tcp::{TcpConfig, TcpTransport};
+use net_rs::transport::Transport;
+
+const CHILD: &str = "NET_RS_EXIT_CHILD";
+
+/// How the child program ends.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// `main` returns; the transport is dropped first.
+    Return,
+    /// `std::process::exit(0)` right after `send`, the transport still alive.
+    Exit,
+}
+
+fn payload(size: usize) -> Bytes {
+    (0..size)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+async fn seed(addr: SocketAddr, size: usize, end: End) {
+    // A config without a runtime: each runtime's default applies.
+    let transport = TcpTransport::connect_with(addr, &TcpConfig::default())
+        .await
+        .expect("connect");
+    transport.send(payload(size)).await.expect("send");
+    if let End::Exit = end {
+        std::process::exit(0);
+    }
+}
+
+/// The child side: run the seed program under the runtime named in the spec.
+#[test]
+fn child() {
+    let Ok(spec) = std::env::var(CHILD) else {
+        return;
+    };
+    let mut it = spec.split(' ');
+    let runtime = it.next().unwrap().to_string();
+    let addr: SocketAddr = it.next().unwrap().parse().unwrap();
+    let size: usize = it.next().unwrap().parse().unwrap();
+    let end = match it.next().unwrap() {
+        "return" => End::Return,
+        _ => End::Exit,
+    };
+    match runtime.as_str() {
+        "tokio-current-thread" => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(seed(addr, size, end)),
+        "tokio-multi-thread" => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(seed(addr, size, end)),
+        #[cfg(feature = "async-std")]
+        "async-std" => async_std::task::block_on(seed(addr, size, end)),
+        #[cfg(feature = "async-std")]
+        "smol" => smol::block_on(seed(addr, size, end)),
+        #[cfg(feature = "async-std")]
+        "futures" => futures::executor::block_on(seed(addr, size, end)),
+        other => panic!("unknown runtime {other}"),
+    }
+}
+
+/// Run one child and return the bytes the server received before EOF.
+fn run_once(runtime: &str, size: usize, end: End) -> usize {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let end_word = match end {
+        End::Return => "return",
+        End::Exit => "exit",
+    };
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child", "--test-threads=1", "--quiet"])
+        .env(CHILD, format!("{runtime} {addr} {size} {end_word}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the child");
+    listener.set_nonblocking(true).unwrap();
+    let start = Instant::now();
+    let (mut sock, _) = loop {
+        match listener.accept() {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "{runtime}: the child never connected"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    sock.set_nonblocking(false).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("{runtime}, {size} B: read after {got} bytes: {e}"),
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{runtime}: the child failed: {status}");
+    got
+}
+
+fn runtimes() -> Vec<&'static str> {
+    let mut v = vec!["tokio-current-thread", "tokio-multi-thread"];
+    if cfg!(feature = "async-std") {
+        v.extend(["async-std", "smol", "futures"]);
+    }
+    v
+}
+
+fn check(end: End, rounds: usize) {
+    for runtime in runtimes() {
+        for size in [4usize, 1024, 1 << 20, 8 << 20] {
+            for round in 0..rounds {
+                let got = run_once(runtime, size, end);
+                assert_eq!(
+                    got,
+                    4 + size,
+                    "{runtime}, {size} B message, {end:?} from main, round {round}: the \
+                     server got {got} of {} bytes",
+                    4 + size
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn message_sent_right_before_main_returns_is_delivered() {
+    if std::env::var(CHILD).is_ok() {
+        return;
+    }
+    check(End::Return, 3);
+}
+
+#[test]
+fn message_sent_right_before_process_exit_is_delivered() {
+    if std::env::var(CHILD).is_ok() {
+        return;
+    }
+    check(End::Exit, 2);
+}

@@ -545,6 +545,101 @@ pub async fn dyn_transport(rt: Arc<dyn Runtime>) {
     assert_eq!(c.local_addr().unwrap(), s.peer_addr().unwrap());
 }
 
+/// Many tasks send on one shared transport at once, in both modes, with sizes from 0
+/// to above the coalescing threshold: every message arrives once, intact, in each
+/// sender's order (the hand-over of the socket between senders, the writer task and
+/// inline writes leaves no bytes without an owner). The receiver is a plain blocking
+/// reader on its own thread, so no net-rs receive path is involved.
+pub async fn many_senders_share_one_transport(rt: Arc<dyn Runtime>) {
+    for busy in [Duration::ZERO, Duration::from_micros(200)] {
+        const TASKS: u16 = 16;
+        const EACH: u32 = 600;
+        let sizes = [0usize, 1, 7, 100, 4096, 8 * 1024, 8 * 1024 + 1, 20_000];
+        let (addr, peer) = {
+            let (tx, rx) = oneshot::channel();
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            std::thread::spawn(move || {
+                let (s, _) = l.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut r = std::io::BufReader::new(s);
+                let mut next = vec![0u32; TASKS as usize];
+                let mut got = 0u64;
+                let mut head = [0u8; 4];
+                let res = loop {
+                    if let Err(e) = r.read_exact(&mut head) {
+                        break Err(format!("read after {got} messages: {e}"));
+                    }
+                    let len = u32::from_be_bytes(head) as usize;
+                    let mut m = vec![0u8; len];
+                    if let Err(e) = r.read_exact(&mut m) {
+                        break Err(format!("read after {got} messages: {e}"));
+                    }
+                    if len == 0 {
+                        continue;
+                    }
+                    let task = u16::from_be_bytes([m[0], m[1]]) as usize;
+                    if task == usize::from(u16::MAX) {
+                        // The last message, larger than the socket takes at once.
+                        break Ok(got);
+                    }
+                    let seq = u32::from_be_bytes(m[2..6].try_into().unwrap());
+                    if seq != next[task] {
+                        break Err(format!("task {task}: got #{seq}, expected #{}", next[task]));
+                    }
+                    if m[6..].iter().any(|&b| b != (seq as u8)) {
+                        break Err(format!("task {task} #{seq}: payload changed"));
+                    }
+                    next[task] += 1;
+                    got += 1;
+                };
+                let _ = tx.send(res);
+            });
+            (addr, rx)
+        };
+        let c = Arc::new(
+            TcpTransport::connect_with(
+                addr,
+                &config(&rt).busy_poll(busy).max_message_size(8 << 20),
+            )
+            .await
+            .unwrap(),
+        );
+        let mut senders = Vec::new();
+        for task in 0..TASKS {
+            let c = c.clone();
+            senders.push(spawn(&rt, async move {
+                for seq in 0..EACH {
+                    let n = sizes[(seq as usize + task as usize) % sizes.len()];
+                    // Zero-length messages go out too; they carry no id.
+                    if n == 0 {
+                        c.send(Bytes::new()).await.unwrap();
+                    }
+                    let mut m = vec![seq as u8; 6 + n];
+                    m[..2].copy_from_slice(&task.to_be_bytes());
+                    m[2..6].copy_from_slice(&seq.to_be_bytes());
+                    c.send(m.into()).await.unwrap();
+                }
+            }));
+        }
+        for s in senders {
+            deadline(&rt, s).await.unwrap();
+        }
+        // A last message far larger than the socket buffer: part of it is written at
+        // once, the rest must still have an owner that writes it.
+        let mut last = vec![0u8; 6 + (8 << 20) - 64];
+        last[..2].copy_from_slice(&u16::MAX.to_be_bytes());
+        deadline(&rt, c.send(last.into())).await.unwrap();
+        deadline(&rt, c.flush()).await.unwrap();
+        let got = deadline(&rt, peer).await.unwrap();
+        assert_eq!(
+            got,
+            Ok(TASKS as u64 * EACH as u64),
+            "busy_poll {busy:?}: every message once, in order"
+        );
+    }
+}
+
 /// Expands to one `#[test]` per suite case, each run through `$run`.
 #[macro_export]
 macro_rules! tcp_suite {
@@ -556,7 +651,8 @@ macro_rules! tcp_suite {
             orderly_shutdown_delivers_everything recv_is_cancel_safe
             concurrent_receivers_share_the_stream dropped_send_sends_nothing
             send_and_recv_from_different_tasks close_fails_pending_recv
-            dead_peer_fails_pending_operations connection_refused stream_and_sink dyn_transport);
+            dead_peer_fails_pending_operations connection_refused stream_and_sink dyn_transport
+            many_senders_share_one_transport);
     };
     (@each $run:path; $($name:ident)*) => {
         $(

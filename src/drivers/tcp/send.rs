@@ -23,7 +23,8 @@
 //! executor, so the burst ended) or when a `recv` on the connection has to wait (a
 //! request went out, the reply is awaited: the next request is a new burst). A
 //! ping-pong writes every message inline; a stream writes its first message inline and
-//! the rest in batches.
+//! the rest in batches. In latency mode (`TcpConfig::busy_poll`) there is no cork: a
+//! busy-polling `recv` rarely waits, and every send to an idle connection writes at once.
 //!
 //! Whoever owns the socket holds the `pen` (the socket and the batch taken off the
 //! queue) while writing; inline writes register no waker, so they never steal the
@@ -68,6 +69,12 @@ pub(crate) struct SendSide {
     pen: Mutex<Pen>,
     /// Set by an inline write, cleared when a burst ends (see the module docs).
     corked: AtomicBool,
+    /// Latency mode's window (zero: off). In latency mode inline writes do not cork
+    /// (every send to an idle connection writes at once: a busy-polling `recv` rarely
+    /// waits, so it would never uncork), and an inline write that finds the socket full
+    /// keeps retrying for up to the window before it hands over to the writer task
+    /// (which cannot run while its thread busy-polls).
+    busy_poll: Duration,
     /// Notified when queue space frees up or the send side fails or closes.
     space: Event,
     /// Notified when bytes reach the socket or writing ends.
@@ -164,7 +171,12 @@ fn lock_pen(m: &Mutex<Pen>) -> MutexGuard<'_, Pen> {
 
 impl SendSide {
     /// A send side over `sock`; it goes on the exit hook's list.
-    pub(crate) fn new(limit: usize, linger: Duration, sock: TcpWriter) -> Arc<Self> {
+    pub(crate) fn new(
+        limit: usize,
+        linger: Duration,
+        busy_poll: Duration,
+        sock: TcpWriter,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|me: &Weak<SendSide>| {
             let listed: Weak<dyn Deliver> = me.clone();
             SendSide {
@@ -189,6 +201,7 @@ impl SendSide {
                     batch: VecDeque::new(),
                 }),
                 corked: AtomicBool::new(false),
+                busy_poll,
                 space: Event::new(),
                 progress: Event::new(),
                 limit,
@@ -244,7 +257,9 @@ impl SendSide {
         }
         st.owner = Owner::Inline;
         drop(st);
-        self.corked.store(true, Ordering::Relaxed);
+        if self.busy_poll.is_zero() {
+            self.corked.store(true, Ordering::Relaxed);
+        }
         self.write_inline();
         Ok(None)
     }
@@ -255,7 +270,15 @@ impl SendSide {
     fn write_inline(&self) {
         let drained = {
             let mut pen = lock_pen(&self.pen);
-            self.drain(&mut pen, &mut Io::Now)
+            let mut drained = self.drain(&mut pen, &mut Io::Now);
+            if drained.is_pending() && !self.busy_poll.is_zero() {
+                let start = Instant::now();
+                while drained.is_pending() && start.elapsed() < self.busy_poll {
+                    std::hint::spin_loop();
+                    drained = self.drain(&mut pen, &mut Io::Now);
+                }
+            }
+            drained
         };
         match drained {
             Poll::Ready(Drained::Stop(r)) => {

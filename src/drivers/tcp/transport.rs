@@ -111,7 +111,12 @@ impl TcpTransport {
     /// Wrap an already connected socket (from [`Runtime::tcp_connect`] or an
     /// [`AsyncListener`](crate::runtime::AsyncListener)) and start its writer task on `rt`.
     pub fn from_socket(sock: TcpSocket, config: &TcpConfig, rt: Arc<dyn Runtime>) -> TcpTransport {
-        let send = SendSide::new(config.send_buffer, config.linger, sock.writer);
+        let send = SendSide::new(
+            config.send_buffer,
+            config.linger,
+            config.busy_poll,
+            sock.writer,
+        );
         rt.spawn(Box::pin(writer(send.clone(), rt.clone())));
         TcpTransport {
             shared: Arc::new(Shared {

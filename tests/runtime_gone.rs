@@ -1,0 +1,221 @@
+//! A transport that outlives its runtime: libraries keep connections in statics, test
+//! harnesses make a runtime per test. After the runtime that made the connection is
+//! gone, every operation returns an error or succeeds (none hangs, none panics), and
+//! what `send` accepted before is still delivered.
+#![cfg(feature = "tokio")]
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use net_rs::drivers::tcp::{TcpConfig, TcpTransport};
+use net_rs::runtime::Runtime;
+use net_rs::transport::Transport;
+use net_rs::ErrorKind;
+
+/// Run `f` on its own thread; fail the test if it takes more than 20 s.
+fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what} hung for 20 s"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
+    }
+}
+
+/// A blocking peer that echoes one message, then counts what arrives until EOF.
+fn peer() -> (SocketAddr, mpsc::Receiver<usize>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut head = [0u8; 4];
+        s.read_exact(&mut head).unwrap();
+        let mut m = vec![0u8; u32::from_be_bytes(head) as usize];
+        s.read_exact(&mut m).unwrap();
+        s.write_all(&head).unwrap();
+        s.write_all(&m).unwrap();
+        let mut n = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
+        let _ = tx.send(n);
+    });
+    (addr, rx)
+}
+
+fn tokio_rt(multi: bool) -> tokio::runtime::Runtime {
+    if multi {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+}
+
+/// Every operation on a transport whose runtime is gone, run from `run` (another
+/// runtime, or a plain `block_on`): an error or success each, within the bound.
+fn use_after(t: Arc<TcpTransport>, run: fn(Box<dyn FnOnce() + Send>)) {
+    let t2 = t.clone();
+    run(Box::new(move || {
+        futures::executor::block_on(async {
+            let err = t2.send(Bytes::from_static(b"late")).await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+            assert!(t2.is_closed());
+            // Everything accepted before was written: flush has nothing to wait for.
+            t2.flush().await.unwrap();
+            assert!(t2.recv().await.is_err());
+            let _ = t2.close().await;
+        })
+    }));
+    drop(t);
+}
+
+fn outlives(multi: bool, then: fn(Box<dyn FnOnce() + Send>)) {
+    let (addr, counted) = peer();
+    let rt = tokio_rt(multi);
+    let t = rt.block_on(async {
+        let t = TcpTransport::connect(addr).await.unwrap();
+        t.send(Bytes::from_static(b"hello")).await.unwrap();
+        assert_eq!(&t.recv().await.unwrap()[..], b"hello");
+        Arc::new(t)
+    });
+    drop(rt);
+    use_after(t, then);
+    assert_eq!(
+        counted.recv_timeout(Duration::from_secs(20)),
+        Ok(0),
+        "the peer sees EOF and nothing after the runtime ended"
+    );
+}
+
+fn in_block_on(f: Box<dyn FnOnce() + Send>) {
+    bounded("an operation from futures::executor::block_on", f);
+}
+
+fn in_other_tokio(f: Box<dyn FnOnce() + Send>) {
+    bounded("an operation from another tokio runtime", move || {
+        tokio_rt(false).block_on(async move { f() })
+    });
+}
+
+#[test]
+fn tokio_current_thread_then_block_on() {
+    outlives(false, in_block_on);
+}
+
+#[test]
+fn tokio_multi_thread_then_block_on() {
+    outlives(true, in_block_on);
+}
+
+#[test]
+fn tokio_current_thread_then_another_tokio_runtime() {
+    outlives(false, in_other_tokio);
+}
+
+#[test]
+fn tokio_multi_thread_then_another_tokio_runtime() {
+    outlives(true, in_other_tokio);
+}
+
+/// Messages accepted just before the runtime is dropped still arrive in full, and
+/// `close` from another runtime waits for them.
+#[test]
+fn queued_messages_are_delivered_after_the_runtime_is_dropped() {
+    for multi in [false, true] {
+        let (addr, counted) = peer();
+        let rt = tokio_rt(multi);
+        let size = 6 << 20;
+        let t = rt.block_on(async {
+            let t = TcpTransport::connect(addr).await.unwrap();
+            t.send(Bytes::from_static(b"hi")).await.unwrap();
+            t.recv().await.unwrap();
+            for _ in 0..2 {
+                t.send(vec![7u8; size].into()).await.unwrap();
+            }
+            t
+        });
+        drop(rt);
+        let t = Arc::new(t);
+        let t2 = t.clone();
+        bounded("close after the runtime ended", move || {
+            tokio_rt(false).block_on(async move { t2.close().await })
+        })
+        .unwrap();
+        assert_eq!(
+            counted.recv_timeout(Duration::from_secs(20)),
+            Ok(2 * (4 + size)),
+            "multi_thread {multi}: both messages arrive"
+        );
+    }
+}
+
+/// The async-io adapter with an executor of the user's that is dropped: the
+/// connection's writer task goes with it; the same rules hold.
+#[cfg(feature = "async-std")]
+#[test]
+fn async_io_with_a_dropped_executor() {
+    use net_rs::runtime::async_io::AsyncIoRuntime;
+    let (addr, counted) = peer();
+    let ex = Arc::new(async_executor::Executor::new());
+    let (stop, stopped) = smol::channel::bounded::<()>(1);
+    let runner = {
+        let ex = ex.clone();
+        std::thread::spawn(move || futures::executor::block_on(ex.run(stopped.recv())))
+    };
+    let spawner = {
+        let ex = Arc::downgrade(&ex);
+        move |task| {
+            if let Some(ex) = ex.upgrade() {
+                ex.spawn(task).detach();
+            }
+        }
+    };
+    let rt: Arc<dyn Runtime> = Arc::new(AsyncIoRuntime::with_spawner(spawner));
+    let cfg = TcpConfig::default().runtime(rt);
+    let size = 6 << 20;
+    let t = futures::executor::block_on(async {
+        let t = TcpTransport::connect_with(addr, &cfg).await.unwrap();
+        t.send(Bytes::from_static(b"hi")).await.unwrap();
+        t.recv().await.unwrap();
+        t.send(vec![1u8; size].into()).await.unwrap();
+        t
+    });
+    stop.send_blocking(()).unwrap();
+    let _ = runner.join().unwrap();
+    drop(ex);
+    let t = Arc::new(t);
+    let t2 = t.clone();
+    bounded("operations after the executor was dropped", move || {
+        futures::executor::block_on(async move {
+            let err = t2.send(Bytes::from_static(b"late")).await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+            t2.close().await
+        })
+    })
+    .unwrap();
+    assert_eq!(
+        counted.recv_timeout(Duration::from_secs(20)),
+        Ok(4 + size),
+        "what was accepted before arrives"
+    );
+}

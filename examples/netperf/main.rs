@@ -9,12 +9,15 @@
 //!     --addr <device IP>:18700 [--perftest rxe0:<gid index>]     # see rdma.rs
 //! ```
 //!
-//! Latency: ping-pong round trips of one message (median and p99). Throughput: one
-//! side streams messages for the duration, then an empty end marker; the receiver
-//! checks every size, counts, and answers with the count; the time runs until that
-//! answer arrives. Every cell runs on a fresh connection. Client and server each use
-//! their own thread (a current-thread tokio runtime for net-rs and `Framed`, plain
-//! blocking I/O for the raw baseline).
+//! Latency: ping-pong round trips of one message (median and p99), each implementation
+//! against itself. Throughput, send side: each sender (net-rs, `Framed` with `send`,
+//! `Framed` with `feed` + one `flush`, a blocking `std` `BufWriter`) streams messages
+//! for the duration, then an empty end marker, to the *same* receiver (a blocking `std`
+//! reader), which checks every size, counts, and answers with the count; the time runs
+//! until that answer arrives. Receive side: the same blocking sender streams to each
+//! receiver. Every cell runs on a fresh connection. Client and server each use their
+//! own thread (current-thread tokio runtimes unless a row says `mt`: a multi-thread
+//! runtime with 2 workers).
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::SocketAddr;
@@ -211,83 +214,116 @@ fn run_tcp(args: &Args) {
     println!(
         "client and server on separate threads; net-rs and Framed on current-thread tokio runtimes"
     );
-    let mut lat64: Vec<(Impl, f64)> = Vec::new();
-    let mut thr: Vec<(usize, Impl, f64, f64)> = Vec::new();
+    let mut lat: Vec<(usize, Impl, f64)> = Vec::new();
+    let mut sends: Vec<(usize, Sender, Thr)> = Vec::new();
     if args.latency {
         println!("\nping-pong latency (round trip, µs)");
         println!(
-            "{:>8} | {:>10} | {:>8} | {:>8} | {:>8}",
+            "{:>8} | {:>14} | {:>8} | {:>8} | {:>8}",
             "size", "impl", "median", "p99", "trips"
         );
         for &size in &args.sizes {
             for &imp in &args.impls {
                 let r = latency(imp, size, args.duration);
                 println!(
-                    "{:>8} | {:>10} | {:>8.1} | {:>8.1} | {:>8}",
+                    "{:>8} | {:>14} | {:>8.1} | {:>8.1} | {:>8}",
                     fmt_size(size),
                     imp.name(),
                     r.median_us,
                     r.p99_us,
                     r.n
                 );
-                if size == 64 {
-                    lat64.push((imp, r.median_us));
-                }
+                lat.push((size, imp, r.median_us));
             }
         }
     }
     if args.throughput {
-        println!("\none-way streaming throughput");
+        println!("\none-way streaming, send side: every sender streams to the same receiver");
+        println!("(a blocking std reader with a 64 KiB BufReader on its own thread)");
         println!(
-            "{:>8} | {:>10} | {:>12} | {:>10}",
-            "size", "impl", "msgs/s", "MB/s"
+            "{:>8} | {:>14} | {:>12} | {:>10}",
+            "size", "sender", "msgs/s", "MB/s"
+        );
+        for &size in &args.sizes {
+            for sender in Sender::of(&args.impls) {
+                let r = send_rate(sender, size, args.duration);
+                println!(
+                    "{:>8} | {:>14} | {:>12.0} | {:>10.1}",
+                    fmt_size(size),
+                    sender.name(),
+                    r.msgs_per_s,
+                    r.mb_per_s
+                );
+                sends.push((size, sender, r));
+            }
+        }
+        println!("\none-way streaming, receive side: the same sender streams to every receiver");
+        println!("(a blocking std writer with a 64 KiB BufWriter on its own thread)");
+        println!(
+            "{:>8} | {:>14} | {:>12} | {:>10}",
+            "size", "receiver", "msgs/s", "MB/s"
         );
         for &size in &args.sizes {
             for &imp in &args.impls {
-                let r = throughput(imp, size, args.duration);
+                let r = recv_rate(imp, size, args.duration);
                 println!(
-                    "{:>8} | {:>10} | {:>12.0} | {:>10.1}",
+                    "{:>8} | {:>14} | {:>12.0} | {:>10.1}",
                     fmt_size(size),
                     imp.name(),
                     r.msgs_per_s,
                     r.mb_per_s
                 );
-                thr.push((size, imp, r.msgs_per_s, r.mb_per_s));
             }
         }
     }
     println!("\ntargets (ratios from this run)");
-    let get = |size: usize, imp: Impl| {
-        thr.iter()
-            .find(|t| t.0 == size && t.1 == imp)
-            .map(|t| (t.2, t.3))
+    let send = |size: usize, sender: Sender| {
+        sends
+            .iter()
+            .find(|t| t.0 == size && t.1 == sender)
+            .map(|t| t.2.msgs_per_s)
     };
-    if let (Some(n), Some(f)) = (get(64, Impl::NetRs), get(64, Impl::Framed)) {
-        let r = n.0 / f.0;
-        println!(
-            "  64 B streaming msg/s, net-rs / Framed: {r:.2}x (target >= 2x) {}",
-            verdict(r >= 2.0)
-        );
+    let netrs = |multi| Sender::NetRs { busy: false, multi };
+    for (multi, flavour) in [(false, "current-thread"), (true, "multi-thread")] {
+        if let (Some(n), Some(f)) = (send(64, netrs(multi)), send(64, Sender::FramedFeed { multi })) {
+            let r = n / f;
+            println!(
+                "  64 B send msg/s, net-rs / Framed feed+flush ({flavour}): {r:.2}x (target >= 1.0x) {}",
+                verdict(r >= 1.0)
+            );
+        }
+        if let (Some(n), Some(w)) = (send(64, netrs(multi)), send(64, Sender::Raw)) {
+            let r = n / w;
+            println!(
+                "  64 B send msg/s, net-rs ({flavour}) / raw std BufWriter: {r:.2}x (target >= 0.9x) {}",
+                verdict(r >= 0.9)
+            );
+        }
     }
-    if let (Some(n), Some(w)) = (get(1 << 20, Impl::NetRs), get(1 << 20, Impl::Raw)) {
-        let r = n.1 / w.1;
+    if let (Some(n), Some(w)) = (send(1 << 20, netrs(false)), send(1 << 20, Sender::Raw)) {
+        let r = n / w;
         println!(
-            "  1 MiB streaming MB/s, net-rs / raw: {r:.2}x (target >= 0.9x) {}",
+            "  1 MiB send MB/s, net-rs / raw std: {r:.2}x (target >= 0.9x) {}",
             verdict(r >= 0.9)
         );
     }
-    let l = |imp| lat64.iter().find(|x| x.0 == imp).map(|x| x.1);
-    for (imp, what) in [
-        (Impl::NetRs, "net-rs"),
-        (Impl::NetRsBusy, "net-rs latency mode"),
-    ] {
-        if let (Some(n), Some(w)) = (l(imp), l(Impl::Raw)) {
-            let r = n / w;
+    let median = |size: usize, imp: Impl| lat.iter().find(|x| x.0 == size && x.1 == imp).map(|x| x.2);
+    for &size in &args.sizes {
+        if let (Some(n), Some(f)) = (median(size, Impl::NetRs), median(size, Impl::Framed)) {
+            let r = n / f;
             println!(
-                "  64 B ping-pong median RTT, {what} / raw: {r:.2}x (target <= 1.1x) {}",
+                "  {} ping-pong median RTT, net-rs / Framed: {r:.2}x (target <= 1.1x) {}",
+                fmt_size(size),
                 verdict(r <= 1.1)
             );
         }
+    }
+    if let (Some(n), Some(w)) = (median(64, Impl::NetRsBusy), median(64, Impl::Raw)) {
+        let r = n / w;
+        println!(
+            "  64 B ping-pong median RTT, net-rs latency mode / raw std: {r:.2}x (target <= 1.1x) {}",
+            verdict(r <= 1.1)
+        );
     }
 }
 
@@ -486,72 +522,133 @@ fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
     r.read_exact(buf)
 }
 
-fn throughput(imp: Impl, size: usize, dur: Duration) -> Thr {
-    let msg = payload(size);
-    let (count, elapsed) = match imp {
-        Impl::NetRs | Impl::NetRsBusy => {
-            let (addr, h) = serve_netrs(imp, move |l| async move {
-                let c = l.accept().await.unwrap();
-                let mut n = 0u64;
-                loop {
-                    let m = c.recv().await.unwrap();
-                    if m.is_empty() {
-                        break;
-                    }
-                    assert_eq!(m.len(), size);
-                    n += 1;
-                }
-                c.send(Bytes::copy_from_slice(&n.to_be_bytes()))
-                    .await
-                    .unwrap();
-                c.close().await.unwrap();
-            });
-            let r = current_thread().block_on(async move {
-                let t = TcpTransport::connect_with(addr, &config(imp))
-                    .await
-                    .unwrap();
-                let t0 = Instant::now();
-                let end = t0 + dur;
-                let mut sent = 0u64;
-                while Instant::now() < end {
-                    for _ in 0..64 {
-                        t.send(msg.clone()).await.unwrap();
-                    }
-                    sent += 64;
-                }
-                t.send(Bytes::new()).await.unwrap();
-                t.flush().await.unwrap();
-                let reply = t.recv().await.unwrap();
-                let got = u64::from_be_bytes(reply[..].try_into().unwrap());
-                assert_eq!(got, sent, "receiver counted every message");
-                (got, t0.elapsed())
-            });
-            h.join().unwrap();
-            r
+/// How the sending side of a throughput cell runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Sender {
+    /// net-rs: a plain `send().await` loop, then `flush`.
+    NetRs { busy: bool, multi: bool },
+    /// `Framed` with `SinkExt::send`: one flush per message.
+    FramedSend,
+    /// `Framed` with `SinkExt::feed` in the loop and one `flush` at the end.
+    FramedFeed { multi: bool },
+    /// A blocking `std` sender behind a 64 KiB `BufWriter`.
+    Raw,
+}
+
+impl Sender {
+    fn name(self) -> &'static str {
+        match self {
+            Sender::NetRs {
+                busy: false,
+                multi: false,
+            } => "net-rs",
+            Sender::NetRs {
+                busy: false,
+                multi: true,
+            } => "net-rs mt",
+            Sender::NetRs { busy: true, .. } => "net-rs lat",
+            Sender::FramedSend => "Framed send",
+            Sender::FramedFeed { multi: false } => "Framed feed",
+            Sender::FramedFeed { multi: true } => "Framed feed mt",
+            Sender::Raw => "raw std",
         }
-        Impl::Framed => {
-            let (addr, h) = serve(move |l| {
-                current_thread().block_on(async move {
-                    l.set_nonblocking(true).unwrap();
-                    let l = tokio::net::TcpListener::from_std(l).unwrap();
-                    let (s, _) = l.accept().await.unwrap();
-                    s.set_nodelay(true).unwrap();
-                    let mut f = Framed::new(s, codec());
-                    let mut n = 0u64;
-                    loop {
-                        let m = f.next().await.unwrap().unwrap();
-                        if m.is_empty() {
-                            break;
-                        }
-                        assert_eq!(m.len(), size);
-                        n += 1;
-                    }
-                    f.send(Bytes::copy_from_slice(&n.to_be_bytes()))
-                        .await
-                        .unwrap();
-                })
-            });
-            let r = current_thread().block_on(async move {
+    }
+
+    fn of(imps: &[Impl]) -> Vec<Sender> {
+        let mut v = Vec::new();
+        for imp in imps {
+            match imp {
+                Impl::NetRs => v.extend([
+                    Sender::NetRs {
+                        busy: false,
+                        multi: false,
+                    },
+                    Sender::NetRs {
+                        busy: false,
+                        multi: true,
+                    },
+                ]),
+                Impl::NetRsBusy => v.push(Sender::NetRs {
+                    busy: true,
+                    multi: false,
+                }),
+                Impl::Framed => v.extend([
+                    Sender::FramedSend,
+                    Sender::FramedFeed { multi: false },
+                    Sender::FramedFeed { multi: true },
+                ]),
+                Impl::Raw => v.push(Sender::Raw),
+            }
+        }
+        v
+    }
+}
+
+fn runtime(multi: bool) -> tokio::runtime::Runtime {
+    if multi {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    } else {
+        current_thread()
+    }
+}
+
+/// The receiver every sender streams to: a blocking `std` reader with a 64 KiB
+/// `BufReader` on its own thread, which checks every size, counts the messages up to
+/// an empty end marker and answers with the count.
+fn raw_receiver(size: usize) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    serve(move |l| {
+        let (s, _) = l.accept().unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut r = BufReader::with_capacity(64 << 10, s.try_clone().unwrap());
+        let mut w = BufWriter::new(s);
+        let mut buf = Vec::new();
+        let mut n = 0u64;
+        loop {
+            read_frame(&mut r, &mut buf).unwrap();
+            if buf.is_empty() {
+                break;
+            }
+            assert_eq!(buf.len(), size);
+            n += 1;
+        }
+        write_frame(&mut w, &n.to_be_bytes()).unwrap();
+        w.flush().unwrap();
+    })
+}
+
+/// Messages per second that `sender` streams to the common raw receiver. The clock
+/// runs from the first message to the receiver's count (every message arrived).
+fn send_rate(sender: Sender, size: usize, dur: Duration) -> Thr {
+    let msg = payload(size);
+    let (addr, h) = raw_receiver(size);
+    let (count, elapsed) = match sender {
+        Sender::NetRs { busy, multi } => runtime(multi).block_on(async move {
+            let imp = if busy { Impl::NetRsBusy } else { Impl::NetRs };
+            let t = TcpTransport::connect_with(addr, &config(imp))
+                .await
+                .unwrap();
+            let t0 = Instant::now();
+            let end = t0 + dur;
+            let mut sent = 0u64;
+            while Instant::now() < end {
+                for _ in 0..64 {
+                    t.send(msg.clone()).await.unwrap();
+                }
+                sent += 64;
+            }
+            t.send(Bytes::new()).await.unwrap();
+            let reply = t.recv().await.unwrap();
+            let got = u64::from_be_bytes(reply[..].try_into().unwrap());
+            assert_eq!(got, sent, "receiver counted every message");
+            (got, t0.elapsed())
+        }),
+        Sender::FramedSend | Sender::FramedFeed { .. } => {
+            let multi = matches!(sender, Sender::FramedFeed { multi: true });
+            runtime(multi).block_on(async move {
                 let s = tokio::net::TcpStream::connect(addr).await.unwrap();
                 s.set_nodelay(true).unwrap();
                 let mut f = Framed::new(s, codec());
@@ -560,7 +657,11 @@ fn throughput(imp: Impl, size: usize, dur: Duration) -> Thr {
                 let mut sent = 0u64;
                 while Instant::now() < end {
                     for _ in 0..64 {
-                        f.send(msg.clone()).await.unwrap();
+                        if sender == Sender::FramedSend {
+                            f.send(msg.clone()).await.unwrap();
+                        } else {
+                            f.feed(msg.clone()).await.unwrap();
+                        }
                     }
                     sent += 64;
                 }
@@ -569,29 +670,9 @@ fn throughput(imp: Impl, size: usize, dur: Duration) -> Thr {
                 let got = u64::from_be_bytes(reply[..].try_into().unwrap());
                 assert_eq!(got, sent, "receiver counted every message");
                 (got, t0.elapsed())
-            });
-            h.join().unwrap();
-            r
+            })
         }
-        Impl::Raw => {
-            let (addr, h) = serve(move |l| {
-                let (s, _) = l.accept().unwrap();
-                s.set_nodelay(true).unwrap();
-                let mut r = BufReader::with_capacity(64 << 10, s.try_clone().unwrap());
-                let mut w = BufWriter::new(s);
-                let mut buf = Vec::new();
-                let mut n = 0u64;
-                loop {
-                    read_frame(&mut r, &mut buf).unwrap();
-                    if buf.is_empty() {
-                        break;
-                    }
-                    assert_eq!(buf.len(), size);
-                    n += 1;
-                }
-                write_frame(&mut w, &n.to_be_bytes()).unwrap();
-                w.flush().unwrap();
-            });
+        Sender::Raw => {
             let s = std::net::TcpStream::connect(addr).unwrap();
             s.set_nodelay(true).unwrap();
             let mut r = BufReader::new(s.try_clone().unwrap());
@@ -611,14 +692,108 @@ fn throughput(imp: Impl, size: usize, dur: Duration) -> Thr {
             read_frame(&mut r, &mut buf).unwrap();
             let got = u64::from_be_bytes(buf[..].try_into().unwrap());
             assert_eq!(got, sent, "receiver counted every message");
-            let e = t0.elapsed();
-            h.join().unwrap();
-            (got, e)
+            (got, t0.elapsed())
         }
     };
+    h.join().unwrap();
+    rate(count, size, elapsed)
+}
+
+fn rate(count: u64, size: usize, elapsed: Duration) -> Thr {
     let secs = elapsed.as_secs_f64();
     Thr {
         msgs_per_s: count as f64 / secs,
         mb_per_s: count as f64 * size as f64 / secs / 1e6,
     }
+}
+
+/// Messages per second that `imp` receives from the common sender: a blocking `std`
+/// sender behind a 64 KiB `BufWriter` that streams for `dur`, then an empty marker,
+/// and reads the receiver's count.
+fn recv_rate(imp: Impl, size: usize, dur: Duration) -> Thr {
+    let msg = payload(size);
+    let (count_tx, count_rx) = std::sync::mpsc::channel();
+    let send = move |s: std::net::TcpStream| {
+        s.set_nodelay(true).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = BufWriter::with_capacity(64 << 10, s);
+        let t0 = Instant::now();
+        let end = t0 + dur;
+        let mut sent = 0u64;
+        while Instant::now() < end {
+            for _ in 0..64 {
+                write_frame(&mut w, &msg).unwrap();
+            }
+            sent += 64;
+        }
+        write_frame(&mut w, &[]).unwrap();
+        w.flush().unwrap();
+        let mut buf = Vec::new();
+        read_frame(&mut r, &mut buf).unwrap();
+        let got = u64::from_be_bytes(buf[..].try_into().unwrap());
+        assert_eq!(got, sent, "receiver counted every message");
+        count_tx.send((got, t0.elapsed())).unwrap();
+    };
+    let (addr, h) = serve(move |l| {
+        let (s, _) = l.accept().unwrap();
+        send(s)
+    });
+    match imp {
+        Impl::NetRs | Impl::NetRsBusy => current_thread().block_on(async move {
+            let c = TcpTransport::connect_with(addr, &config(imp))
+                .await
+                .unwrap();
+            let mut n = 0u64;
+            loop {
+                let m = c.recv().await.unwrap();
+                if m.is_empty() {
+                    break;
+                }
+                assert_eq!(m.len(), size);
+                n += 1;
+            }
+            c.send(Bytes::copy_from_slice(&n.to_be_bytes()))
+                .await
+                .unwrap();
+            c.close().await.unwrap();
+        }),
+        Impl::Framed => current_thread().block_on(async move {
+            let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            let mut f = Framed::new(s, codec());
+            let mut n = 0u64;
+            loop {
+                let m = f.next().await.unwrap().unwrap();
+                if m.is_empty() {
+                    break;
+                }
+                assert_eq!(m.len(), size);
+                n += 1;
+            }
+            f.send(Bytes::copy_from_slice(&n.to_be_bytes()))
+                .await
+                .unwrap();
+        }),
+        Impl::Raw => {
+            let s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_nodelay(true).unwrap();
+            let mut r = BufReader::with_capacity(64 << 10, s.try_clone().unwrap());
+            let mut w = BufWriter::new(s);
+            let mut buf = Vec::new();
+            let mut n = 0u64;
+            loop {
+                read_frame(&mut r, &mut buf).unwrap();
+                if buf.is_empty() {
+                    break;
+                }
+                assert_eq!(buf.len(), size);
+                n += 1;
+            }
+            write_frame(&mut w, &n.to_be_bytes()).unwrap();
+            w.flush().unwrap();
+        }
+    }
+    h.join().unwrap();
+    let (count, elapsed) = count_rx.recv().unwrap();
+    rate(count, size, elapsed)
 }

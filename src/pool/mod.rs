@@ -444,6 +444,11 @@ impl<C: Connector> ConnectionPool<C> {
                             inner.notify();
                             match retry {
                                 Some(t) => ticket.id = t,
+                                // Cut short by the checkout's deadline: a checkout timeout.
+                                None if e.is_timeout() && now >= deadline => {
+                                    inner.lock().timed_out(ticket.id);
+                                    return Err(inner.timeout_error(" while connecting"));
+                                }
                                 None => return Err(e),
                             }
                         }

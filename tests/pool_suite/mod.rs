@@ -652,7 +652,9 @@ fn ms(n: u64) -> Duration {
 /// running `Connector::check`) gives back its slot; and `checkout_timeout` bounds the
 /// check and the connect however long they would take.
 pub async fn a_cancelled_or_slow_checkout_gives_back_what_it_took(rt: Arc<dyn Runtime>) {
-    let server = EchoServer::start("127.0.0.1:0".parse().unwrap());
+    // Replies come 150 ms late, so a ping cut off after 30 ms has no answer yet when
+    // the connection comes back: only the guard can tell it is half-used.
+    let server = EchoServer::start_with_delay("127.0.0.1:0".parse().unwrap(), ms(150));
     let gated = Gated::new(&rt, server.addr());
     let (hang_connect, hang_check, checks) = (
         gated.hang_connect.clone(),
@@ -690,7 +692,7 @@ pub async fn a_cancelled_or_slow_checkout_gives_back_what_it_took(rt: Arc<dyn Ru
     // Dropped while `Connector::check` waits for its pong.
     hang_check.store(true, Ordering::SeqCst);
     let before = checks.load(Ordering::SeqCst);
-    let r = timeout(&*rt, ms(50), p.get()).await;
+    let r = timeout(&*rt, ms(30), p.get()).await;
     assert!(r.unwrap_err().is_timeout());
     assert_eq!(checks.load(Ordering::SeqCst), before + 1, "the check ran");
     assert_free("cancelled during the check");

@@ -576,7 +576,7 @@ async fn ask_impatiently(rt: &Arc<dyn Runtime>, t: &impl Transport, msg: &'stati
     let r = timeout(&**rt, Duration::from_millis(20), t.recv()).await;
     assert!(
         r.unwrap_err().is_timeout(),
-        "the server answers after 100 ms"
+        "the server answers after 150 ms"
     );
 }
 
@@ -584,7 +584,7 @@ async fn ask_impatiently(rt: &Arc<dyn Runtime>, t: &impl Transport, msg: &'stati
 /// user B, later, must get B's reply, never A's. With `max_size(1)` B would get the
 /// very same connection if it were reused.
 pub async fn an_abandoned_reply_never_reaches_the_next_user(rt: Arc<dyn Runtime>) {
-    let server = EchoServer::start_with_delay("127.0.0.1:0".parse().unwrap(), ms(100));
+    let server = EchoServer::start_with_delay("127.0.0.1:0".parse().unwrap(), ms(150));
     let p = pool(&rt, server.addr(), PoolConfig::default().max_size(1));
     let b_asks = || async {
         let c = deadline(&rt, p.get()).await.unwrap();
@@ -603,7 +603,7 @@ pub async fn an_abandoned_reply_never_reaches_the_next_user(rt: Arc<dyn Runtime>
     drop(c);
     discarded += 1;
     assert_eq!(p.status().discarded, discarded, "{}", p.status());
-    pause(&rt, ms(300)).await;
+    pause(&rt, ms(350)).await;
     b_asks().await;
 
     // The same through generic code: `&PooledConnection` is a `Transport`.
@@ -612,7 +612,7 @@ pub async fn an_abandoned_reply_never_reaches_the_next_user(rt: Arc<dyn Runtime>
     drop(c);
     discarded += 1;
     assert_eq!(p.status().discarded, discarded, "{}", p.status());
-    pause(&rt, ms(300)).await;
+    pause(&rt, ms(350)).await;
     b_asks().await;
 
     // A sends and returns the connection without receiving at all: the reply arrives
@@ -621,7 +621,7 @@ pub async fn an_abandoned_reply_never_reaches_the_next_user(rt: Arc<dyn Runtime>
     c.send(Bytes::from_static(b"A3")).await.unwrap();
     drop(c);
     assert_eq!(p.status().idle, 1, "nothing had arrived yet at check-in");
-    pause(&rt, ms(300)).await;
+    pause(&rt, ms(350)).await;
     b_asks().await;
     discarded += 1;
     assert_eq!(p.status().discarded, discarded, "{}", p.status());
@@ -630,7 +630,7 @@ pub async fn an_abandoned_reply_never_reaches_the_next_user(rt: Arc<dyn Runtime>
     // only the probe can tell).
     let c = deadline(&rt, p.get()).await.unwrap();
     (*c).send(Bytes::from_static(b"A4")).await.unwrap();
-    pause(&rt, ms(300)).await;
+    pause(&rt, ms(350)).await;
     drop(c);
     discarded += 1;
     assert_eq!(
@@ -746,7 +746,7 @@ pub async fn a_cancelled_or_slow_checkout_gives_back_what_it_took(rt: Arc<dyn Ru
 /// did not complete (timed out, cancelled, failed midway) or that was marked broken is
 /// never reused.
 pub async fn request_discards_a_connection_whose_exchange_did_not_complete(rt: Arc<dyn Runtime>) {
-    let server = EchoServer::start_with_delay("127.0.0.1:0".parse().unwrap(), ms(100));
+    let server = EchoServer::start_with_delay("127.0.0.1:0".parse().unwrap(), ms(150));
     let tcp = TcpConfig::default()
         .runtime(rt.clone())
         .max_message_size(64);
@@ -767,7 +767,7 @@ pub async fn request_discards_a_connection_whose_exchange_did_not_complete(rt: A
         );
     };
 
-    // request_timeout: the reply comes after 100 ms, the request gives up at 40 ms.
+    // request_timeout: the reply comes after 150 ms, the request gives up at 40 ms.
     let c = deadline(&rt, p.get()).await.unwrap();
     let err = deadline(&rt, c.request(Bytes::from_static(b"slow")))
         .await
@@ -797,7 +797,7 @@ pub async fn request_discards_a_connection_whose_exchange_did_not_complete(rt: A
     assert!(r.await.unwrap_err().is_timeout());
     assert!(c.is_broken(), "a dropped request marks the connection");
     drop(c);
-    pause(&rt, ms(200)).await;
+    pause(&rt, ms(250)).await;
     let reply = deadline(&rt, p2.request(Bytes::from_static(b"B")))
         .await
         .unwrap();

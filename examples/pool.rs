@@ -35,16 +35,17 @@ async fn main() -> std::io::Result<()> {
             .reconnect(ReconnectPolicy::exponential(
                 Duration::from_millis(20),
                 Duration::from_secs(2),
-            )),
+            ))
+            .request_timeout(Some(Duration::from_secs(1))),
     )?;
 
     let mut tasks = Vec::new();
     for i in 0..8u8 {
         let pool = pool.clone();
         tasks.push(tokio::spawn(async move {
-            let conn = pool.get().await?;
-            conn.send(Bytes::from(vec![i; 16])).await?;
-            let reply = conn.recv().await?;
+            // One request, one reply: if it fails or is cancelled midway, the
+            // connection is discarded, so a late reply never reaches another task.
+            let reply = pool.request(Bytes::from(vec![i; 16])).await?;
             assert_eq!(reply[0], i);
             Ok::<_, net_rs::Error>(())
         }));
@@ -52,7 +53,7 @@ async fn main() -> std::io::Result<()> {
     for t in tasks {
         t.await.expect("task panicked")?;
     }
-    println!("{:#?}", pool.status());
+    println!("{}", pool.status());
     pool.close().await;
     Ok(())
 }

@@ -10,13 +10,27 @@ use crate::runtime::Runtime;
 /// Settings of a [`ConnectionPool`](super::ConnectionPool).
 ///
 /// Defaults follow bb8 where it has one: `max_size` 10, `min_idle` 0, checkout timeout
-/// 30 s, idle timeout 10 min, max lifetime 30 min, connect timeout 10 s.
+/// 30 s, idle timeout 10 min, max lifetime 30 min, connect timeout 10 s, no request
+/// timeout.
+///
+/// # Timeouts, from the outside in
+/// * `checkout_timeout` bounds a whole [`get`](super::ConnectionPool::get): waiting its
+///   turn, connecting (every retry included) and [`Connector::check`](super::Connector::check).
+/// * `connect_timeout` bounds one [`Connector::connect`](super::Connector::connect) call,
+///   cut short by what is left of `checkout_timeout`. It is the pool's own and it wins:
+///   it applies to every connector. A connector may have a limit of its own inside it
+///   ([`TcpConfig::connect_timeout`](crate::drivers::tcp::TcpConfig::connect_timeout)
+///   bounds each address a [`TcpConnector`](super::TcpConnector) tries; `RdmaConnector`'s
+///   `timeout` bounds its attempt); whichever expires first ends the attempt, so set the
+///   connector's limit no shorter than the pool's unless you mean it per address.
+/// * `request_timeout` bounds one [`request`](super::PooledConnection::request).
 #[derive(Clone)]
 pub struct PoolConfig {
     pub(crate) max_size: usize,
     pub(crate) min_idle: usize,
     pub(crate) checkout_timeout: Duration,
     pub(crate) connect_timeout: Duration,
+    pub(crate) request_timeout: Option<Duration>,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) max_lifetime: Option<Duration>,
     pub(crate) test_on_checkout: bool,
@@ -32,6 +46,7 @@ impl Default for PoolConfig {
             min_idle: 0,
             checkout_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            request_timeout: None,
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: Some(Duration::from_secs(1800)),
             test_on_checkout: false,
@@ -55,15 +70,27 @@ impl PoolConfig {
         self
     }
 
-    /// How long a checkout may wait, connecting included, before `TimedOut`.
+    /// How long a checkout may take, waiting, connecting and checking included, before
+    /// it fails with `TimedOut` (default 30 s).
     pub fn checkout_timeout(mut self, d: Duration) -> Self {
         self.checkout_timeout = d;
         self
     }
 
-    /// Deadline of one connection attempt.
+    /// Deadline of one connection attempt (one `Connector::connect` call; default
+    /// 10 s), never beyond what is left of the checkout timeout. See the
+    /// [type docs](PoolConfig#timeouts-from-the-outside-in) for how it relates to the
+    /// connector's own limit.
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
+        self
+    }
+
+    /// Deadline of one [`request`](super::PooledConnection::request) (send and the
+    /// reply), default `None` (no limit). A request that runs out of time fails with
+    /// `TimedOut` and its connection is discarded (its reply may still come).
+    pub fn request_timeout(mut self, d: Option<Duration>) -> Self {
+        self.request_timeout = d;
         self
     }
 
@@ -79,8 +106,16 @@ impl PoolConfig {
         self
     }
 
-    /// Run [`Connector::check`](super::Connector::check) on an idle connection before
-    /// handing it out; a failing one is discarded and the checkout goes on.
+    /// Also run [`Connector::check`](super::Connector::check) on an idle connection
+    /// before handing it out (default off). Every checkout of an idle connection probes
+    /// it anyway, without I/O of its own ([`Transport::is_closed`] and
+    /// [`Transport::has_unread`]); the check is for what only the protocol can tell (a
+    /// ping). It is bounded by what is left of `checkout_timeout`: a check that fails is
+    /// discarded and the checkout goes on; one that runs out of time, or is cancelled
+    /// with the checkout, is discarded and the checkout fails with `TimedOut`.
+    ///
+    /// [`Transport::is_closed`]: crate::transport::Transport::is_closed
+    /// [`Transport::has_unread`]: crate::transport::Transport::has_unread
     pub fn test_on_checkout(mut self, on: bool) -> Self {
         self.test_on_checkout = on;
         self
@@ -113,6 +148,7 @@ impl fmt::Debug for PoolConfig {
             .field("min_idle", &self.min_idle)
             .field("checkout_timeout", &self.checkout_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
             .field("idle_timeout", &self.idle_timeout)
             .field("max_lifetime", &self.max_lifetime)
             .field("test_on_checkout", &self.test_on_checkout)

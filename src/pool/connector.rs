@@ -1,10 +1,12 @@
 //! What the pool connects with.
 
+use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 
 use crate::drivers::tcp::{TcpConfig, TcpTransport};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::transport::Transport;
 
 /// Creates connections for a [`ConnectionPool`](super::ConnectionPool).
@@ -15,44 +17,98 @@ pub trait Connector: Send + Sync + 'static {
     /// The connection type.
     type Transport: Transport;
 
-    /// Open one connection. The pool bounds it with its connect timeout.
+    /// Open one connection.
+    ///
+    /// The pool bounds it with its
+    /// [`connect_timeout`](super::PoolConfig::connect_timeout) (cut short by what is left
+    /// of the checkout timeout) and drops the future when that passes or the checkout is
+    /// cancelled. An error is retried per the pool's
+    /// [`ReconnectPolicy`](super::ReconnectPolicy) only if it is
+    /// [transient](super::is_transient): return `Unsupported` (or another permanent
+    /// kind) for what no retry can fix, and the checkout fails at once.
     fn connect(&self) -> impl Future<Output = Result<Self::Transport>> + Send;
 
-    /// Whether an idle connection is still usable (run on checkout when
-    /// `test_on_checkout` is set). The default checks [`Transport::is_closed`].
+    /// Whether an idle connection is still usable, for what only the protocol can tell
+    /// (for example a ping); run on checkout when
+    /// [`test_on_checkout`](super::PoolConfig::test_on_checkout) is set, after the
+    /// pool's own probes ([`Transport::is_closed`], [`Transport::has_unread`]) passed.
+    /// The default checks [`Transport::is_closed`] again.
+    ///
+    /// The pool bounds it with what is left of the checkout timeout and may drop it at
+    /// any `.await`; the connection is then discarded, so a check that sent a ping and
+    /// was cut off before the answer never leaves that answer to the next user.
     fn check(&self, conn: &Self::Transport) -> impl Future<Output = bool> + Send {
         let ok = !conn.is_closed();
         async move { ok }
     }
 }
 
+/// An address a [`TcpConnector`] resolves at each connect.
+trait Target: Send + Sync + fmt::Debug + 'static {
+    fn resolve(&self) -> std::io::Result<Vec<SocketAddr>>;
+}
+
+impl<A: ToSocketAddrs + Send + Sync + fmt::Debug + 'static> Target for A {
+    fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        Ok(self.to_socket_addrs()?.collect())
+    }
+}
+
 /// Connects [`TcpTransport`]s to one address.
+///
+/// The address is anything [`TcpTransport::connect`] accepts that the connector can
+/// own: a [`SocketAddr`], a `String` or `&'static str` such as `"db.local:5432"`, a
+/// `(host, port)` pair with an owned or static host, an `(IpAddr, u16)`, ... It is
+/// resolved at each connect, not at construction: a server that comes back at another
+/// address after a restart (a new container, a DNS change) is found, and a name that
+/// does not resolve yet is a connect error the pool retries (see
+/// [`is_transient`](super::is_transient)), not a construction error. Like
+/// [`TcpTransport::connect`], a host name is resolved with the system resolver, which
+/// blocks the connecting task's thread; give a `SocketAddr` where that matters. Each
+/// address it resolves to is tried in turn.
+///
+/// Timeouts: the pool's [`connect_timeout`](super::PoolConfig::connect_timeout) bounds
+/// the whole connect (every address); the [`TcpConfig::connect_timeout`] given with
+/// [`with_config`](TcpConnector::with_config) (10 s by default, like the pool's) bounds
+/// each address within it. Whichever expires first ends the attempt.
 #[derive(Debug, Clone)]
 pub struct TcpConnector {
-    addr: SocketAddr,
+    addr: Arc<dyn Target>,
     config: TcpConfig,
 }
 
 impl TcpConnector {
     /// A connector for `addr` with the default [`TcpConfig`].
-    pub fn new(addr: SocketAddr) -> Self {
-        TcpConnector {
-            addr,
-            config: TcpConfig::default(),
-        }
+    pub fn new(addr: impl ToSocketAddrs + Send + Sync + fmt::Debug + 'static) -> Self {
+        Self::with_config(addr, TcpConfig::default())
     }
 
     /// A connector for `addr` with `config`.
-    pub fn with_config(addr: SocketAddr, config: TcpConfig) -> Self {
-        TcpConnector { addr, config }
+    pub fn with_config(
+        addr: impl ToSocketAddrs + Send + Sync + fmt::Debug + 'static,
+        config: TcpConfig,
+    ) -> Self {
+        TcpConnector {
+            addr: Arc::new(addr),
+            config,
+        }
     }
 }
 
 impl Connector for TcpConnector {
     type Transport = TcpTransport;
 
+    /// Resolve the address, then connect to each address in turn.
+    ///
+    /// # Errors
+    /// As [`TcpTransport::connect_with`]; a name that cannot be resolved is an `Io`
+    /// error whose message names the address.
     async fn connect(&self) -> Result<TcpTransport> {
-        TcpTransport::connect_with(self.addr, &self.config).await
+        let addrs = self.addr.resolve().map_err(|e| {
+            let kind = Error::from(std::io::Error::from(e.kind())).kind();
+            Error::with_source(kind, format!("resolve {:?}: {e}", self.addr), e)
+        })?;
+        TcpTransport::connect_with(&addrs[..], &self.config).await
     }
 }
 

@@ -1,8 +1,43 @@
 //! Reconnection policies: when to try connecting again after a failure. Pure math, no
 //! clock and no I/O: the delay for the n-th consecutive failure and whether a connect
-//! episode may go on.
+//! episode may go on, and which errors are worth another attempt at all.
 
 use std::time::Duration;
+
+use crate::error::{Error, ErrorKind};
+
+/// Whether `err`, from connecting (or from a request), may go away by itself, so that
+/// trying again later can help.
+///
+/// The pool retries a connect (per its [`ReconnectPolicy`]) only after such an error;
+/// any other fails the checkout at once.
+///
+/// | worth a retry (`true`) | permanent (`false`) |
+/// |---|---|
+/// | `ConnectionRefused` (nobody listens yet: the server is starting or restarting) | `Unsupported` (no RDMA device, no rdma-core, no runtime, the runtime has shut down) |
+/// | `TimedOut`, `ConnectionReset`, `Closed`, `UnexpectedEof` (the network or the server hiccuped) | `PoolClosed` |
+/// | `WorkCompletion`, `Registration` (an RDMA connection failed; registered memory may be freed by then) | `InvalidData`, `MessageTooLarge` (the peers disagree about the protocol) |
+/// | any other `Io` kind (unreachable network, name lookup failure, ...) | `Io` of kind `InvalidInput` (a bad address, an address that resolved to nothing), `PermissionDenied`, `Unsupported`, `InvalidData` |
+///
+/// `Closed` or `UnexpectedEof` in the middle of a request usually means the server
+/// crashed or was restarted: the kernel closes a dead process's sockets with FIN (or RST
+/// when unread data was left), exactly as an orderly close looks. The request may or
+/// may not have been processed; the pool never re-sends it by itself. Whether
+/// re-sending is safe (idempotency) is the caller's decision.
+pub fn is_transient(err: &Error) -> bool {
+    use std::io::ErrorKind as Io;
+    match err.kind() {
+        ErrorKind::Unsupported
+        | ErrorKind::PoolClosed
+        | ErrorKind::InvalidData
+        | ErrorKind::MessageTooLarge { .. } => false,
+        ErrorKind::Io(k) => !matches!(
+            k,
+            Io::InvalidInput | Io::PermissionDenied | Io::Unsupported | Io::InvalidData
+        ),
+        _ => true,
+    }
+}
 
 /// How long to wait between connection attempts after failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +236,31 @@ mod tests {
         let p = ReconnectPolicy::fixed(MS).max_elapsed(10 * MS);
         assert!(p.may_retry(1000, 9 * MS));
         assert!(!p.may_retry(1, 10 * MS));
+    }
+
+    #[test]
+    fn permanent_errors_are_not_transient() {
+        let e = |k| Error::new(k, "x");
+        for k in [
+            ErrorKind::ConnectionRefused,
+            ErrorKind::TimedOut,
+            ErrorKind::ConnectionReset,
+            ErrorKind::Closed,
+            ErrorKind::UnexpectedEof,
+            ErrorKind::Io(std::io::ErrorKind::Other),
+            ErrorKind::Io(std::io::ErrorKind::HostUnreachable),
+        ] {
+            assert!(is_transient(&e(k)), "{k:?}");
+        }
+        for k in [
+            ErrorKind::Unsupported,
+            ErrorKind::PoolClosed,
+            ErrorKind::InvalidData,
+            ErrorKind::Io(std::io::ErrorKind::InvalidInput),
+            ErrorKind::Io(std::io::ErrorKind::PermissionDenied),
+        ] {
+            assert!(!is_transient(&e(k)), "{k:?}");
+        }
     }
 
     #[test]

@@ -6,11 +6,16 @@
 //! (`retry_at`): while it lasts, a fresh checkout that would need a new connection fails
 //! at once with the last connect error (a circuit breaker), and the first checkout (or
 //! background refill) after it probes the server again.
+//!
+//! Whether a connection may serve another checkout is decided here too, from what the
+//! shell observed of it ([`Health`]: non-blocking probes it made outside the lock), at
+//! check-in and again at checkout. A connection handed out by [`Step::Take`] counts as
+//! in use until the shell reports [`PoolState::vetted`] or checks it in.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::policy::{Backoff, ReconnectPolicy, Rng};
+use super::policy::{is_transient, Backoff, ReconnectPolicy, Rng};
 use super::Status;
 use crate::error::Error;
 
@@ -22,9 +27,10 @@ struct Idle<T> {
 
 /// What a waiting checkout should do next.
 pub(crate) enum Step<T> {
-    /// Use this idle connection (created at the given time); the caller now holds it.
+    /// Vet this idle connection (created at the given time), then report
+    /// [`PoolState::vetted`]; until then it counts as in use.
     Take(T, Instant),
-    /// A slot is reserved: connect, then report `connected` or `connect_failed`.
+    /// A slot is reserved: connect, then report `connected` or `checkout_connect_failed`.
     Connect,
     /// Wait for a change, or until the given time at the latest.
     Wait(Option<Instant>),
@@ -32,6 +38,50 @@ pub(crate) enum Step<T> {
     Fail(Error),
     /// The pool is closed.
     Closed,
+}
+
+/// What the shell observed of a connection, at check-in or at checkout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Health {
+    /// `Transport::is_closed`: closed or broken, or the peer closed or reset it.
+    pub(crate) closed: bool,
+    /// `Transport::has_unread`: something arrived that nobody received (a late reply
+    /// to an abandoned request would go to the next user).
+    pub(crate) unread: bool,
+    /// Marked broken: an exchange on it was abandoned (a `recv` dropped before it
+    /// completed), a request failed midway, the user marked it, or `Connector::check`
+    /// failed, timed out or was cancelled.
+    pub(crate) broken: bool,
+    /// The pool's runtime has shut down, so the connection's tasks and timers are gone.
+    pub(crate) runtime_down: bool,
+}
+
+impl Health {
+    /// The rule: only a connection with nothing wrong may serve another checkout.
+    pub(crate) fn reusable(self) -> bool {
+        !(self.closed || self.unread || self.broken || self.runtime_down)
+    }
+}
+
+/// What to do with a connection that was just vetted at checkout.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Vetted {
+    /// Hand it to the checkout.
+    Keep,
+    /// It was discarded (the caller drops it); the checkout goes on with this ticket,
+    /// at the head of the queue.
+    Retry(u64),
+}
+
+/// One checkout's connect episode, for deciding whether it may try again.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Episode {
+    /// Attempts made so far, the failed one included.
+    pub(crate) attempts: u32,
+    /// When the first attempt started.
+    pub(crate) started: Instant,
+    /// The checkout's deadline.
+    pub(crate) deadline: Instant,
 }
 
 /// The limits the state machine enforces.
@@ -124,7 +174,6 @@ impl<T> PoolState<T> {
         now: Instant,
         deadline: Instant,
         retrying: bool,
-        alive: impl Fn(&T) -> bool,
     ) -> Step<T> {
         if self.closed {
             self.leave(ticket);
@@ -134,7 +183,7 @@ impl<T> PoolState<T> {
             return Step::Wait(None);
         }
         while let Some(i) = self.idle.pop_back() {
-            if self.expired(&i, now) || !alive(&i.conn) {
+            if self.expired(&i, now) {
                 self.discarded += 1;
                 continue;
             }
@@ -186,20 +235,42 @@ impl<T> PoolState<T> {
         true
     }
 
-    /// A background connect succeeded: the connection joins the idle set.
-    pub(crate) fn connected_idle(&mut self, conn: T, now: Instant) {
+    /// A background connect succeeded: the connection joins the idle set. Returns it
+    /// if the pool was closed meanwhile (the caller drops it, outside the lock).
+    pub(crate) fn connected_idle(&mut self, conn: T, now: Instant) -> Option<T> {
         self.connecting -= 1;
         self.created += 1;
         self.reset_backoff();
         if self.closed {
             self.discarded += 1;
-            return;
+            return Some(conn);
         }
         self.idle.push_back(Idle {
             conn,
             created: now,
             since: now,
         });
+        None
+    }
+
+    /// A checkout's reserved connect failed with `err`: the pool backs off per its
+    /// policy, and the checkout may try again (returned: its new ticket, at the head of
+    /// the queue) only if the error is [transient](is_transient), its policy allows
+    /// another attempt in this episode and its deadline has not passed.
+    pub(crate) fn checkout_connect_failed(
+        &mut self,
+        now: Instant,
+        err: Error,
+        episode: Episode,
+    ) -> Option<u64> {
+        let retry = is_transient(&err)
+            && now < episode.deadline
+            && self.limits.policy.may_retry(
+                episode.attempts,
+                now.saturating_duration_since(episode.started),
+            );
+        self.connect_failed(now, err);
+        retry.then(|| self.rejoin_front())
     }
 
     /// A reserved connect failed with `err`; the pool backs off per its policy.
@@ -219,19 +290,40 @@ impl<T> PoolState<T> {
         self.connecting -= 1;
     }
 
-    /// A checked-out connection comes back; `healthy` is false if it failed in use.
-    pub(crate) fn checkin(&mut self, conn: T, created: Instant, now: Instant, healthy: bool) {
+    /// The connection a checkout took with [`Step::Take`] was vetted with `health`.
+    /// A connection that is not [reusable](Health::reusable) is discarded (its slot is
+    /// free again) and the checkout keeps its turn at the head of the queue.
+    pub(crate) fn vetted(&mut self, health: Health) -> Vetted {
+        if health.reusable() {
+            return Vetted::Keep;
+        }
+        self.in_use -= 1;
+        self.discarded += 1;
+        Vetted::Retry(self.rejoin_front())
+    }
+
+    /// A checked-out connection comes back with what the shell saw of it. Returns it if
+    /// it is discarded (not reusable, expired, or the pool is closed); the caller drops
+    /// it outside the lock.
+    pub(crate) fn checkin(
+        &mut self,
+        conn: T,
+        created: Instant,
+        now: Instant,
+        health: Health,
+    ) -> Option<T> {
         self.in_use -= 1;
         let i = Idle {
             conn,
             created,
             since: now,
         };
-        if self.closed || !healthy || self.expired(&i, now) {
+        if self.closed || !health.reusable() || self.expired(&i, now) {
             self.discarded += 1;
-            return;
+            return Some(i.conn);
         }
         self.idle.push_back(i);
+        None
     }
 
     /// A checked-out connection left the pool for good (detached or discarded).
@@ -337,8 +429,19 @@ mod tests {
         matches!(s, Step::Connect)
     }
 
-    fn alive(_: &u32) -> bool {
-        true
+    const GOOD: Health = Health {
+        closed: false,
+        unread: false,
+        broken: false,
+        runtime_down: false,
+    };
+
+    fn episode(t0: Instant, attempts: u32) -> Episode {
+        Episode {
+            attempts,
+            started: t0,
+            deadline: t0 + Duration::from_secs(60),
+        }
     }
 
     #[test]
@@ -351,25 +454,25 @@ mod tests {
         let c = s.join();
         // Only the head may act.
         assert!(matches!(
-            s.poll_checkout(c, t0, far, false, alive),
+            s.poll_checkout(c, t0, far, false),
             Step::Wait(None)
         ));
-        assert!(is_connect(&s.poll_checkout(a, t0, far, false, alive)));
+        assert!(is_connect(&s.poll_checkout(a, t0, far, false)));
         assert!(s.connected());
         // Full: b waits even though it is now the head.
         assert!(matches!(
-            s.poll_checkout(b, t0, far, false, alive),
+            s.poll_checkout(b, t0, far, false),
             Step::Wait(None)
         ));
-        s.checkin(7, t0, t0, true);
+        assert!(s.checkin(7, t0, t0, GOOD).is_none());
         // c must not jump b.
         assert!(matches!(
-            s.poll_checkout(c, t0, far, false, alive),
+            s.poll_checkout(c, t0, far, false),
             Step::Wait(None)
         ));
-        assert_eq!(take(s.poll_checkout(b, t0, far, false, alive)), 7);
-        s.checkin(7, t0, t0, true);
-        assert_eq!(take(s.poll_checkout(c, t0, far, false, alive)), 7);
+        assert_eq!(take(s.poll_checkout(b, t0, far, false)), 7);
+        assert!(s.checkin(7, t0, t0, GOOD).is_none());
+        assert_eq!(take(s.poll_checkout(c, t0, far, false)), 7);
         let st = s.status();
         assert_eq!(
             (st.in_use, st.idle, st.waiting, st.total_created),
@@ -383,41 +486,144 @@ mod tests {
         let far = t0 + Duration::from_secs(60);
         let mut s: PoolState<u32> = PoolState::new(limits(4, ReconnectPolicy::none()), 1);
         s.in_use = 2;
-        s.checkin(1, t0, t0, true);
-        s.checkin(2, t0, t0 + 50 * MS, true);
+        assert!(s.checkin(1, t0, t0, GOOD).is_none());
+        assert!(s.checkin(2, t0, t0 + 50 * MS, GOOD).is_none());
         // At 120 ms, conn 1 is idle 120 ms (> 100) and conn 2 only 70 ms.
         let gone = s.reap(t0 + 120 * MS);
         assert_eq!(gone, vec![1]);
         assert_eq!(s.status().idle, 1);
         // An old connection is discarded when it comes back past its lifetime.
         s.in_use = 1;
-        s.checkin(3, t0, t0 + 1000 * MS, true);
+        assert!(s.checkin(3, t0, t0 + 1000 * MS, GOOD).is_some());
         assert_eq!(s.status().idle, 1);
         // Lazy expiry on checkout: conn 2 is idle-expired at 200 ms, so a connect is due.
         let w = s.join();
-        assert!(is_connect(&s.poll_checkout(
-            w,
-            t0 + 200 * MS,
-            far,
-            false,
-            alive
-        )));
+        assert!(is_connect(&s.poll_checkout(w, t0 + 200 * MS, far, false)));
         assert_eq!(s.status().discarded, 3);
     }
 
     #[test]
-    fn broken_or_closed_connections_are_discarded() {
+    fn connections_that_are_not_reusable_are_discarded_at_checkin() {
+        let t0 = Instant::now();
+        let mut s: PoolState<u32> = PoolState::new(limits(8, ReconnectPolicy::none()), 1);
+        s.in_use = 5;
+        let bad = [
+            Health {
+                closed: true,
+                ..GOOD
+            },
+            Health {
+                unread: true,
+                ..GOOD
+            },
+            Health {
+                broken: true,
+                ..GOOD
+            },
+            Health {
+                runtime_down: true,
+                ..GOOD
+            },
+        ];
+        for (n, h) in bad.into_iter().enumerate() {
+            assert_eq!(s.checkin(n as u32, t0, t0, h), Some(n as u32), "{h:?}");
+        }
+        assert!(s.checkin(9, t0, t0, GOOD).is_none());
+        let st = s.status();
+        assert_eq!((st.idle, st.in_use, st.discarded), (1, 0, 4));
+    }
+
+    #[test]
+    fn a_connection_that_fails_vetting_frees_its_slot_and_the_checkout_keeps_its_turn() {
         let t0 = Instant::now();
         let far = t0 + Duration::from_secs(60);
-        let mut s: PoolState<u32> = PoolState::new(limits(4, ReconnectPolicy::none()), 1);
-        s.in_use = 2;
-        s.checkin(1, t0, t0, false);
-        assert_eq!(s.status().idle, 0);
-        s.checkin(2, t0, t0, true);
-        let w = s.join();
-        // `alive` says the idle one died while idle (peer closed).
-        assert!(is_connect(&s.poll_checkout(w, t0, far, false, |_| false)));
-        assert_eq!(s.status().discarded, 2);
+        // max_size 1: the stale idle connection holds the only slot.
+        let mut s: PoolState<u32> = PoolState::new(limits(1, ReconnectPolicy::none()), 1);
+        s.in_use = 1;
+        assert!(s.checkin(7, t0, t0, GOOD).is_none());
+        let a = s.join();
+        let b = s.join();
+        assert_eq!(take(s.poll_checkout(a, t0, far, false)), 7);
+        // Being vetted, it still counts: b can neither take it nor connect.
+        assert!(matches!(
+            s.poll_checkout(b, t0, far, false),
+            Step::Wait(None)
+        ));
+        assert_eq!(s.status().in_use, 1);
+        // The peer had closed it while it was idle.
+        let Vetted::Retry(a) = s.vetted(Health {
+            closed: true,
+            ..GOOD
+        }) else {
+            panic!("a closed connection must not be kept");
+        };
+        assert_eq!((s.status().in_use, s.status().discarded), (0, 1));
+        // a is back at the head, ahead of b, and connects into the freed slot.
+        assert!(matches!(
+            s.poll_checkout(b, t0, far, false),
+            Step::Wait(None)
+        ));
+        assert!(is_connect(&s.poll_checkout(a, t0, far, false)));
+        assert!(s.connected());
+        // A healthy one is kept.
+        assert!(s.checkin(8, t0, t0, GOOD).is_none());
+        assert_eq!(take(s.poll_checkout(b, t0, far, false)), 8);
+        assert_eq!(s.vetted(GOOD), Vetted::Keep);
+        assert_eq!(s.status().in_use, 1);
+    }
+
+    #[test]
+    fn permanent_connect_errors_are_not_retried() {
+        let t0 = Instant::now();
+        let far = t0 + Duration::from_secs(60);
+        let mut s: PoolState<u32> = PoolState::new(limits(4, ReconnectPolicy::fixed(100 * MS)), 1);
+        let a = s.join();
+        assert!(is_connect(&s.poll_checkout(a, t0, far, false)));
+        let unsupported = Error::new(ErrorKind::Unsupported, "no RDMA device");
+        assert_eq!(
+            s.checkout_connect_failed(t0, unsupported, episode(t0, 1)),
+            None
+        );
+        assert_eq!(s.status().waiting, 0);
+        // A transient one is retried, within the policy and the deadline.
+        s.retry_at = None;
+        let b = s.join();
+        assert!(is_connect(&s.poll_checkout(b, t0, far, false)));
+        assert!(s
+            .checkout_connect_failed(t0, refused(), episode(t0, 1))
+            .is_some());
+        let b = s.waiters[0];
+        s.leave(b);
+        s.retry_at = None;
+        let c = s.join();
+        assert!(is_connect(&s.poll_checkout(c, t0, far, false)));
+        let mut past = episode(t0, 1);
+        past.deadline = t0;
+        assert_eq!(s.checkout_connect_failed(t0, refused(), past), None);
+        assert_eq!(s.status().failed_connects, 3);
+    }
+
+    #[test]
+    fn the_policy_limits_attempts_and_elapsed_time_of_an_episode() {
+        let t0 = Instant::now();
+        let far = t0 + Duration::from_secs(60);
+        let policy = ReconnectPolicy::fixed(MS)
+            .max_attempts(2)
+            .max_elapsed(50 * MS);
+        let mut s: PoolState<u32> = PoolState::new(limits(4, policy), 1);
+        let fail = |s: &mut PoolState<u32>, now: Instant, ep: Episode| {
+            s.retry_at = None;
+            let w = s.join();
+            assert!(is_connect(&s.poll_checkout(w, now, far, false)));
+            let r = s.checkout_connect_failed(now, refused(), ep);
+            if let Some(t) = r {
+                s.leave(t);
+            }
+            r.is_some()
+        };
+        assert!(fail(&mut s, t0, episode(t0, 1)));
+        assert!(!fail(&mut s, t0, episode(t0, 2)), "max_attempts 2");
+        assert!(!fail(&mut s, t0 + 50 * MS, episode(t0, 1)), "max_elapsed");
     }
 
     #[test]
@@ -427,31 +633,25 @@ mod tests {
         let policy = ReconnectPolicy::fixed(50 * MS);
         let mut s: PoolState<u32> = PoolState::new(limits(4, policy), 1);
         let a = s.join();
-        assert!(is_connect(&s.poll_checkout(a, t0, far, false, alive)));
+        assert!(is_connect(&s.poll_checkout(a, t0, far, false)));
         s.connect_failed(t0, refused());
         // The failing checkout may retry: it waits for the backoff to end.
         let a = s.rejoin_front();
-        match s.poll_checkout(a, t0 + MS, far, true, alive) {
+        match s.poll_checkout(a, t0 + MS, far, true) {
             Step::Wait(Some(at)) => assert_eq!(at, t0 + 50 * MS),
             _ => panic!("expected a timed wait"),
         }
         s.leave(a);
         // A fresh checkout during backoff fails at once with the connect error.
         let b = s.join();
-        match s.poll_checkout(b, t0 + 10 * MS, far, false, alive) {
+        match s.poll_checkout(b, t0 + 10 * MS, far, false) {
             Step::Fail(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused),
             _ => panic!("expected fail-fast"),
         }
         assert_eq!(s.status().waiting, 0);
         // After the delay the next checkout probes again; success resets the backoff.
         let c = s.join();
-        assert!(is_connect(&s.poll_checkout(
-            c,
-            t0 + 50 * MS,
-            far,
-            false,
-            alive
-        )));
+        assert!(is_connect(&s.poll_checkout(c, t0 + 50 * MS, far, false)));
         assert!(s.connected());
         let st = s.status();
         assert_eq!((st.consecutive_failures, st.failed_connects), (0, 1));
@@ -463,17 +663,11 @@ mod tests {
         let t0 = Instant::now();
         let mut s: PoolState<u32> = PoolState::new(limits(4, ReconnectPolicy::fixed(500 * MS)), 1);
         let a = s.join();
-        assert!(is_connect(&s.poll_checkout(
-            a,
-            t0,
-            t0 + 100 * MS,
-            false,
-            alive
-        )));
+        assert!(is_connect(&s.poll_checkout(a, t0, t0 + 100 * MS, false)));
         s.connect_failed(t0, refused());
         let a = s.rejoin_front();
         assert!(matches!(
-            s.poll_checkout(a, t0, t0 + 100 * MS, true, alive),
+            s.poll_checkout(a, t0, t0 + 100 * MS, true),
             Step::Fail(_)
         ));
     }
@@ -490,8 +684,7 @@ mod tests {
                 w,
                 now,
                 now + Duration::from_secs(9),
-                false,
-                alive
+                false
             )));
             s.connect_failed(now, refused());
             let delay = s.retry_at.unwrap() - now;
@@ -509,7 +702,7 @@ mod tests {
         let mut s: PoolState<u32> = PoolState::new(limits(4, ReconnectPolicy::none()), 1);
         for _ in 0..3 {
             let w = s.join();
-            assert!(is_connect(&s.poll_checkout(w, t0, far, false, alive)));
+            assert!(is_connect(&s.poll_checkout(w, t0, far, false)));
             s.connect_failed(t0, refused());
         }
         assert_eq!(s.status().failed_connects, 3);
@@ -525,11 +718,11 @@ mod tests {
         assert!(s.reserve_refill(t0));
         assert!(s.reserve_refill(t0));
         assert!(!s.reserve_refill(t0), "two already connecting");
-        s.connected_idle(1, t0);
+        assert!(s.connected_idle(1, t0).is_none());
         s.connect_failed(t0, refused());
         assert!(!s.reserve_refill(t0 + MS), "backing off");
         assert!(s.reserve_refill(t0 + 20 * MS));
-        s.connected_idle(2, t0 + 20 * MS);
+        assert!(s.connected_idle(2, t0 + 20 * MS).is_none());
         assert!(!s.reserve_refill(t0 + 20 * MS), "min_idle met");
     }
 
@@ -539,15 +732,12 @@ mod tests {
         let far = t0 + Duration::from_secs(60);
         let mut s: PoolState<u32> = PoolState::new(limits(4, ReconnectPolicy::none()), 1);
         s.in_use = 2;
-        s.checkin(1, t0, t0, true);
+        assert!(s.checkin(1, t0, t0, GOOD).is_none());
         let w = s.join();
         assert_eq!(s.close(), vec![1]);
-        assert!(matches!(
-            s.poll_checkout(w, t0, far, false, alive),
-            Step::Closed
-        ));
+        assert!(matches!(s.poll_checkout(w, t0, far, false), Step::Closed));
         assert!(!s.drained());
-        s.checkin(2, t0, t0, true);
+        assert!(s.checkin(2, t0, t0, GOOD).is_some());
         assert!(s.drained());
         assert_eq!(s.status().idle, 0, "nothing returns to a closed pool");
     }

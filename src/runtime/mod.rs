@@ -224,3 +224,56 @@ pub(crate) async fn with_timeout<T>(
         )),
     }
 }
+
+/// Run `fut` for at most `duration`, timed by `rt`: `Ok` with its output if it finished
+/// in time, else an error (and `fut` is dropped, so it is cancelled at its current
+/// `.await`). Works the same on every runtime (tokio, async-std, smol, your own), which
+/// is what the runtime-specific `tokio::time::timeout` or `async_std::future::timeout`
+/// do not. The clock starts when `timeout` is called, not when the future is first
+/// polled.
+///
+/// For a [`Transport`](crate::transport::Transport) call, cancellation is safe per the
+/// transport's contract (`recv` loses nothing, an unfinished `send` sends nothing), but
+/// a request whose reply is abandoned leaves that reply on the connection: see
+/// [`PooledConnection::request`](crate::pool::PooledConnection::request), which discards
+/// such a connection. Get a runtime from [`default_runtime`] or
+/// [`ConnectionPool::runtime`](crate::pool::ConnectionPool::runtime).
+///
+/// ```no_run
+/// # async fn run() -> net_rs::Result<()> {
+/// use std::time::Duration;
+/// use net_rs::runtime::{default_runtime, timeout};
+/// let rt = default_runtime()?;
+/// let n = timeout(&*rt, Duration::from_millis(50), async { 7 }).await?;
+/// assert_eq!(n, 7);
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// * [`ErrorKind::TimedOut`] when `duration` passed first;
+/// * [`ErrorKind::Unsupported`] at once if `rt` has already shut down (its timers no
+///   longer run, so no deadline could be kept; see [`Runtime::is_shut_down`]).
+pub fn timeout<F: std::future::Future>(
+    rt: &dyn Runtime,
+    duration: Duration,
+    fut: F,
+) -> impl std::future::Future<Output = Result<F::Output>> {
+    use futures::future::{select, Either};
+    let sleep = (!rt.is_shut_down()).then(|| rt.sleep(duration));
+    async move {
+        let Some(sleep) = sleep else {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "timeout: the runtime has shut down, its timers no longer run",
+            ));
+        };
+        let fut = std::pin::pin!(fut);
+        match select(fut, sleep).await {
+            Either::Left((out, _)) => Ok(out),
+            Either::Right(((), _)) => Err(Error::new(
+                ErrorKind::TimedOut,
+                format!("timed out after {duration:?}"),
+            )),
+        }
+    }
+}

@@ -285,7 +285,10 @@ fn run_tcp(args: &Args) {
     };
     let netrs = |multi| Sender::NetRs { busy: false, multi };
     for (multi, flavour) in [(false, "current-thread"), (true, "multi-thread")] {
-        if let (Some(n), Some(f)) = (send(64, netrs(multi)), send(64, Sender::FramedFeed { multi })) {
+        if let (Some(n), Some(f)) = (
+            send(64, netrs(multi)),
+            send(64, Sender::FramedFeed { multi }),
+        ) {
             let r = n / f;
             println!(
                 "  64 B send msg/s, net-rs / Framed feed+flush ({flavour}): {r:.2}x (target >= 1.0x) {}",
@@ -307,7 +310,8 @@ fn run_tcp(args: &Args) {
             verdict(r >= 0.9)
         );
     }
-    let median = |size: usize, imp: Impl| lat.iter().find(|x| x.0 == size && x.1 == imp).map(|x| x.2);
+    let median =
+        |size: usize, imp: Impl| lat.iter().find(|x| x.0 == size && x.1 == imp).map(|x| x.2);
     for &size in &args.sizes {
         if let (Some(n), Some(f)) = (median(size, Impl::NetRs), median(size, Impl::Framed)) {
             let r = n / f;

@@ -136,7 +136,10 @@ impl Runtime for TokioRuntime {
 }
 
 fn shut_down() -> io::Error {
-    io::Error::other("the tokio runtime of this adapter has shut down")
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "the tokio runtime of this adapter has shut down",
+    )
 }
 
 fn socket(stream: ::tokio::net::TcpStream, opts: SocketOptions) -> io::Result<TcpSocket> {

@@ -43,6 +43,9 @@ pub struct Args {
     duration: Duration,
     latency: bool,
     throughput: bool,
+    /// Which throughput tables: the send side, the receive side.
+    send_side: bool,
+    recv_side: bool,
     impls: Vec<Impl>,
     transport: String,
     /// RDMA: the device IP and port to listen and connect on.
@@ -77,7 +80,7 @@ impl Impl {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: netperf [--sizes 64,1024,...] [--duration-ms N] [--only latency|throughput]\n\
+        "usage: netperf [--sizes 64,1024,...] [--duration-ms N] [--only latency|throughput|send|recv]\n\
          \x20              [--impl netrs,netrs-lat,framed,raw] [--transport tcp|rdma]\n\
          \x20              [--addr IP:PORT] [--perftest DEVICE:GID_INDEX]   (rdma)"
     );
@@ -90,6 +93,8 @@ fn parse_args() -> Args {
         duration: Duration::from_millis(500),
         latency: true,
         throughput: true,
+        send_side: true,
+        recv_side: true,
         impls: vec![Impl::NetRs, Impl::NetRsBusy, Impl::Framed, Impl::Raw],
         transport: "tcp".into(),
         addr: None,
@@ -114,6 +119,14 @@ fn parse_args() -> Args {
             "--only" => match val().as_str() {
                 "latency" => a.throughput = false,
                 "throughput" => a.latency = false,
+                "send" => {
+                    a.latency = false;
+                    a.recv_side = false;
+                }
+                "recv" => {
+                    a.latency = false;
+                    a.send_side = false;
+                }
                 _ => usage(),
             },
             "--impl" => {
@@ -237,7 +250,7 @@ fn run_tcp(args: &Args) {
             }
         }
     }
-    if args.throughput {
+    if args.throughput && args.send_side {
         println!("\none-way streaming, send side: every sender streams to the same receiver");
         println!("(a blocking std reader with a 64 KiB BufReader on its own thread)");
         println!(
@@ -257,6 +270,8 @@ fn run_tcp(args: &Args) {
                 sends.push((size, sender, r));
             }
         }
+    }
+    if args.throughput && args.recv_side {
         println!("\none-way streaming, receive side: the same sender streams to every receiver");
         println!("(a blocking std writer with a 64 KiB BufWriter on its own thread)");
         println!(

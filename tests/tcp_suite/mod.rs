@@ -508,8 +508,42 @@ pub async fn connection_refused(rt: Arc<dyn Runtime>) {
         err.to_string().contains(&port.to_string()),
         "error names the address: {err}"
     );
+    // Debug is one line: kind, message, and the OS error's text once (not once per
+    // layer of wrapping).
+    let dbg = format!("{err:?}");
+    assert!(!dbg.contains('\n'), "{dbg}");
+    assert!(dbg.starts_with("Error(ConnectionRefused): "), "{dbg}");
+    let mut os: &dyn std::error::Error = &err;
+    while let Some(below) = os.source() {
+        os = below;
+    }
+    let os = os.to_string();
+    assert_eq!(dbg.matches(&os).count(), 1, "the OS error once: {dbg}");
     let io: std::io::Error = err.into();
     assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+}
+
+pub async fn bind_error_names_the_address(rt: Arc<dyn Runtime>) {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let err = TcpListener::bind_with(addr, &config(&rt))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Io(std::io::ErrorKind::AddrInUse),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!("bind {addr}: ")),
+        "the error names the address: {text}"
+    );
+    assert!(std::error::Error::source(&err).is_some(), "{err:?}");
+    assert_eq!(
+        std::io::Error::from(err).kind(),
+        std::io::ErrorKind::AddrInUse
+    );
 }
 
 pub async fn stream_and_sink(rt: Arc<dyn Runtime>) {
@@ -556,7 +590,7 @@ macro_rules! tcp_suite {
             orderly_shutdown_delivers_everything recv_is_cancel_safe
             concurrent_receivers_share_the_stream dropped_send_sends_nothing
             send_and_recv_from_different_tasks close_fails_pending_recv
-            dead_peer_fails_pending_operations connection_refused stream_and_sink dyn_transport);
+            dead_peer_fails_pending_operations connection_refused bind_error_names_the_address stream_and_sink dyn_transport);
     };
     (@each $run:path; $($name:ident)*) => {
         $(

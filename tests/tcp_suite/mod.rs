@@ -579,6 +579,99 @@ pub async fn dyn_transport(rt: Arc<dyn Runtime>) {
     assert_eq!(c.local_addr().unwrap(), s.peer_addr().unwrap());
 }
 
+/// This process's resident memory (VmRSS) and address space (VmSize), in KiB, from
+/// `/proc/self/status`; `None` where there is no such file.
+pub fn memory_kib() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((field("VmRSS:")?, field("VmSize:")?))
+}
+
+/// Connections in [`lying_length_prefixes_cost_what_arrived`].
+pub const LIARS: usize = 256;
+/// The bound on what those connections may add to the process, in KiB: resident memory
+/// and address space. Announced are 256 x 8 MiB = 2 GiB; what arrived is 256 x 1 KiB.
+pub const LIARS_MAX_RSS_KIB: u64 = 32 << 10;
+/// See [`LIARS_MAX_RSS_KIB`].
+pub const LIARS_MAX_VMSIZE_KIB: u64 = 192 << 10;
+
+/// 256 connections each announce an 8 MiB message (the maximum), send 1 KiB of it and
+/// stall. What the receiving side holds must follow what arrived, not what was
+/// announced. Not in `tcp_suite!`: it measures the whole process, so it runs in a
+/// process of its own (`tests/tcp_memory.rs`), one runtime after another.
+pub async fn lying_length_prefixes_cost_what_arrived(rt: Arc<dyn Runtime>) {
+    const CLAIM: usize = 8 << 20;
+    let cfg = config(&rt);
+    let l = TcpListener::bind_with("127.0.0.1:0", &cfg).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    // Warm up (runtime threads, allocator arenas), and check that a genuine message of
+    // the announced size still arrives whole. Its buffer goes back to the shared pool.
+    {
+        let (c, s) = futures::join!(TcpTransport::connect_with(addr, &cfg), l.accept());
+        let (c, s) = (c.unwrap(), s.unwrap());
+        let msg = pattern(CLAIM, 5);
+        let (sent, got) =
+            deadline(&rt, async { futures::join!(c.send(msg.clone()), s.recv()) }).await;
+        sent.unwrap();
+        assert!(
+            got.unwrap() == msg,
+            "a genuine 8 MiB message came in changed"
+        );
+        deadline(&rt, c.close()).await.unwrap();
+    }
+    let before = memory_kib();
+
+    let mut liars = Vec::with_capacity(LIARS);
+    let mut conns = Vec::with_capacity(LIARS);
+    for _ in 0..LIARS {
+        // A blocking connect completes against the listen backlog; each is accepted
+        // right after, so the backlog never fills.
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(&(CLAIM as u32).to_be_bytes()).unwrap();
+        s.write_all(&[0xA5; 1024]).unwrap();
+        liars.push(s);
+        conns.push(deadline(&rt, l.accept()).await.unwrap());
+    }
+    // Every connection reads what it was sent and waits for the rest.
+    let mut recvs: futures::stream::FuturesUnordered<_> = conns.iter().map(|c| c.recv()).collect();
+    match select(recvs.next(), rt.sleep(Duration::from_millis(500))).await {
+        Either::Left((r, _)) => panic!("a recv of a stalled frame returned: {r:?}"),
+        Either::Right(_) => {}
+    }
+    let after = memory_kib();
+
+    // The liars leave: every connection reports its cut frame.
+    drop(liars);
+    for _ in 0..LIARS {
+        let err = deadline(&rt, recvs.next()).await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::UnexpectedEof, "{err}");
+        assert!(err.to_string().contains("1024 of 8388608"), "{err}");
+    }
+
+    let (Some((rss0, vm0)), Some((rss1, vm1))) = (before, after) else {
+        eprintln!("no /proc/self/status here: memory not measured");
+        return;
+    };
+    let (rss, vm) = (rss1.saturating_sub(rss0), vm1.saturating_sub(vm0));
+    eprintln!(
+        "{LIARS} connections announcing {} MiB and sending 1 KiB added {} KiB RSS \
+         (bound {LIARS_MAX_RSS_KIB}) and {} KiB address space (bound {LIARS_MAX_VMSIZE_KIB})",
+        CLAIM >> 20,
+        rss,
+        vm
+    );
+    assert!(rss <= LIARS_MAX_RSS_KIB, "RSS grew by {rss} KiB");
+    assert!(vm <= LIARS_MAX_VMSIZE_KIB, "address space grew by {vm} KiB");
+}
+
 /// Expands to one `#[test]` per suite case, each run through `$run`.
 #[macro_export]
 macro_rules! tcp_suite {

@@ -1,7 +1,7 @@
 //! The TCP driver: length-prefixed messages over a TCP stream.
 //!
-//! * [`TcpTransport`]: one connection ([`Transport`](crate::transport::Transport),
-//!   `Stream`, `Sink`).
+//! * [`TcpTransport`]: one connection ([`Transport`](crate::transport::Transport); its
+//!   `Stream`/`Sink` view is [`Messages`](crate::transport::Messages)).
 //! * [`TcpListener`]: accepts connections.
 //! * [`TcpConfig`]: maximum message size, send buffer, timeouts, runtime.
 //!
@@ -13,6 +13,9 @@
 mod config;
 mod listener;
 mod recv;
+// `SendSide::poll_space` served only the `Sink` impl that `TcpTransport` no longer has;
+// send.rs is being rewritten on another branch, where it goes (and this with it).
+#[expect(dead_code)]
 mod send;
 mod transport;
 

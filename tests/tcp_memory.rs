@@ -2,6 +2,7 @@
 //! (`tcp_suite::lying_length_prefixes_cost_what_arrived`), in a process of its own:
 //! resident memory and address space belong to the whole process, so the other suites'
 //! tests, running in parallel, would blur them. One runtime after another, in one test.
+#![cfg(any(feature = "tokio", feature = "async-std"))]
 
 mod common;
 mod tcp_suite;

@@ -33,8 +33,8 @@ type Handle<'a, T> = Arc<dyn Deref<Target = T> + Send + Sync + 'a>;
 /// Yields each received message as `Ok(Bytes)`. It ends (`None`) after the peer's
 /// orderly close (a [`Closed`](ErrorKind::Closed) error from `recv` is not yielded)
 /// and after the first other error, which is yielded once: `Some(Err(e))`, then `None`
-/// forever ([`FusedStream`]). So a loop that logs errors and continues terminates. The
-/// transport keeps returning that error from [`recv`](Transport::recv).
+/// forever ([`FusedStream`]). So a loop that logs errors and continues terminates. A
+/// TCP transport keeps returning that error from [`recv`](Transport::recv).
 ///
 /// # Sink
 /// * `poll_ready` waits until the previous message has been accepted by

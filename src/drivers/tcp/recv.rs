@@ -102,7 +102,7 @@ impl Large {
     fn grow(&mut self, pool: &HeapPool) {
         let mut next = pool
             .take_cached(self.len)
-            .unwrap_or_else(|| Self::take(self.len, 2 * self.filled, pool));
+            .unwrap_or_else(|| Self::take(self.len, self.filled.saturating_mul(2), pool));
         next.as_mut()[..self.filled].copy_from_slice(&self.buf.as_ref()[..self.filled]);
         // The old buffer goes back to the pool.
         self.buf = next;

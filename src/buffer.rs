@@ -166,6 +166,9 @@ impl HeapPool {
     /// A buffer of exactly `len` initialized bytes, recycled when possible. Its contents
     /// are unspecified (zero or an earlier message); the receive path overwrites them.
     pub(crate) fn take_uninit(&self, len: usize) -> PooledVec {
+        if let Some(v) = self.take_cached(len) {
+            return v;
+        }
         let Some(class) = class_of(len) else {
             return PooledVec {
                 vec: vec![0; len],
@@ -173,19 +176,25 @@ impl HeapPool {
                 pool: Weak::new(),
             };
         };
-        let reused = lock(&self.inner.classes[class]).pop();
-        let vec = match reused {
-            Some(v) => {
-                *lock(&self.inner.cached) -= v.len();
-                v
-            }
-            None => vec![0; MIN_CLASS << class],
-        };
         PooledVec {
-            vec,
+            vec: vec![0; MIN_CLASS << class],
             len,
             pool: Arc::downgrade(&self.inner),
         }
+    }
+
+    /// A buffer of exactly `len` initialized bytes if the pool holds an idle one of its
+    /// size class (so taking it allocates nothing), else `None`. Contents as
+    /// [`take_uninit`](HeapPool::take_uninit).
+    pub(crate) fn take_cached(&self, len: usize) -> Option<PooledVec> {
+        let class = class_of(len)?;
+        let vec = lock(&self.inner.classes[class]).pop()?;
+        *lock(&self.inner.cached) -= vec.len();
+        Some(PooledVec {
+            vec,
+            len,
+            pool: Arc::downgrade(&self.inner),
+        })
     }
 }
 

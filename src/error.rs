@@ -167,9 +167,10 @@ impl Error {
     }
 }
 
-impl From<io::Error> for Error {
-    fn from(err: io::Error) -> Self {
-        let kind = match err.kind() {
+impl ErrorKind {
+    /// The kind an [`io::Error`] of kind `k` converts to.
+    fn from_io_kind(k: io::ErrorKind) -> ErrorKind {
+        match k {
             io::ErrorKind::TimedOut => ErrorKind::TimedOut,
             io::ErrorKind::ConnectionRefused => ErrorKind::ConnectionRefused,
             io::ErrorKind::ConnectionReset
@@ -179,8 +180,25 @@ impl From<io::Error> for Error {
             io::ErrorKind::InvalidData => ErrorKind::InvalidData,
             io::ErrorKind::Unsupported => ErrorKind::Unsupported,
             k => ErrorKind::Io(k),
-        };
-        Error::with_source(kind, err.to_string(), err)
+        }
+    }
+}
+
+impl Error {
+    /// `err` with what was being done in front of its text: `"{context}: {err}"`, of
+    /// the kind `err` converts to, with `err` as the source.
+    pub(crate) fn io_context(context: impl fmt::Display, err: io::Error) -> Self {
+        Error::with_source(
+            ErrorKind::from_io_kind(err.kind()),
+            format!("{context}: {err}"),
+            err,
+        )
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(err: io::Error) -> Self {
+        Error::with_source(ErrorKind::from_io_kind(err.kind()), err.to_string(), err)
     }
 }
 
@@ -190,13 +208,22 @@ impl From<Error> for io::Error {
     }
 }
 
+/// One line: `Error(<kind>): <message>`, then each underlying cause whose text the
+/// line does not already contain, as `; caused by: <cause>`. So an OS error that the
+/// message quotes appears once, not once per layer of wrapping.
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Error")
-            .field("kind", &self.inner.kind)
-            .field("message", &self.inner.message)
-            .field("source", &self.inner.source)
-            .finish()
+        let mut line = format!("Error({:?}): {}", self.inner.kind, self.inner.message);
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !text.is_empty() && !line.contains(&text) {
+                line.push_str("; caused by: ");
+                line.push_str(&text);
+            }
+            cause = c.source();
+        }
+        f.write_str(&line.replace('\n', " "))
     }
 }
 
@@ -240,6 +267,47 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn debug_is_one_line_with_kind_message_and_source_once() {
+        // The shape `TcpTransport::connect` builds: an io::Error wrapping an Error that
+        // wraps the OS error, each quoting the one below.
+        let os = io::Error::new(io::ErrorKind::ConnectionRefused, "refused (os error 111)");
+        let os_text = os.to_string();
+        let inner: Error = os.into();
+        let wrapped = Error::with_source(
+            inner.kind(),
+            format!("connect to 127.0.0.1:9: {inner}"),
+            io::Error::new(inner.io_kind(), inner),
+        );
+        let dbg = format!("{wrapped:?}");
+        assert!(!dbg.contains('\n'), "{dbg}");
+        assert!(
+            dbg.starts_with("Error(ConnectionRefused): connect to 127.0.0.1:9"),
+            "{dbg}"
+        );
+        assert_eq!(dbg.matches(&os_text).count(), 1, "OS message once: {dbg}");
+        assert_eq!(
+            format!("{wrapped:#?}"),
+            dbg,
+            "pretty Debug is the same line"
+        );
+
+        // A cause the message does not quote is shown once, after the message.
+        let e = Error::with_source(
+            ErrorKind::Io(io::ErrorKind::Other),
+            "bind 127.0.0.1:1",
+            io::Error::other("multi\nline cause"),
+        );
+        assert_eq!(
+            format!("{e:?}"),
+            "Error(Io(Other)): bind 127.0.0.1:1; caused by: multi line cause"
+        );
+        assert_eq!(
+            format!("{:?}", Error::closed("recv")),
+            "Error(Closed): recv: connection closed"
+        );
     }
 
     #[test]

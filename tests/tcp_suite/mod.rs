@@ -10,10 +10,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::{select, Either};
+use futures::stream::FusedStream;
 use futures::{SinkExt, StreamExt};
 use net_rs::drivers::tcp::{TcpConfig, TcpListener, TcpTransport};
+use net_rs::pool::{ConnectionPool, PoolConfig, TcpConnector};
 use net_rs::runtime::Runtime;
-use net_rs::transport::{BoxTransport, Transport};
+use net_rs::transport::{BoxTransport, Messages, Transport};
 use net_rs::ErrorKind;
 
 pub use crate::common::{deadline, spawn};
@@ -282,7 +284,7 @@ pub async fn truncated_frame_gives_unexpected_eof(rt: Arc<dyn Runtime>) {
 }
 
 pub async fn orderly_shutdown_delivers_everything(rt: Arc<dyn Runtime>) {
-    let (c, mut s) = pair(&config(&rt)).await;
+    let (c, s) = pair(&config(&rt)).await;
     for i in 0..3u8 {
         c.send(pattern(100 * i as usize, i)).await.unwrap();
     }
@@ -292,10 +294,12 @@ pub async fn orderly_shutdown_delivers_everything(rt: Arc<dyn Runtime>) {
         "no send after shutdown"
     );
     let mut got = Vec::new();
-    while let Some(m) = deadline(&rt, s.next()).await {
+    let mut stream = s.messages();
+    while let Some(m) = deadline(&rt, stream.next()).await {
         got.push(m.unwrap());
     }
     assert_eq!(got.len(), 3, "Stream ends after the peer's last message");
+    drop(stream);
     // The half-closed side can still receive.
     s.send(Bytes::from_static(b"late")).await.unwrap();
     assert_eq!(&deadline(&rt, c.recv()).await.unwrap()[..], b"late");
@@ -508,25 +512,326 @@ pub async fn connection_refused(rt: Arc<dyn Runtime>) {
         err.to_string().contains(&port.to_string()),
         "error names the address: {err}"
     );
+    // Debug is one line: kind, message, and the OS error's text once (not once per
+    // layer of wrapping).
+    let dbg = format!("{err:?}");
+    assert!(!dbg.contains('\n'), "{dbg}");
+    assert!(dbg.starts_with("Error(ConnectionRefused): "), "{dbg}");
+    let mut os: &dyn std::error::Error = &err;
+    while let Some(below) = os.source() {
+        os = below;
+    }
+    let os = os.to_string();
+    assert_eq!(dbg.matches(&os).count(), 1, "the OS error once: {dbg}");
     let io: std::io::Error = err.into();
     assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
 }
 
+pub async fn bind_error_names_the_address(rt: Arc<dyn Runtime>) {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let err = TcpListener::bind_with(addr, &config(&rt))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Io(std::io::ErrorKind::AddrInUse),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!("bind {addr}: ")),
+        "the error names the address: {text}"
+    );
+    assert!(std::error::Error::source(&err).is_some(), "{err:?}");
+    assert_eq!(
+        std::io::Error::from(err).kind(),
+        std::io::ErrorKind::AddrInUse
+    );
+}
+
 pub async fn stream_and_sink(rt: Arc<dyn Runtime>) {
-    let (mut c, mut s) = pair(&config(&rt)).await;
+    let (mut c, s) = pair(&config(&rt)).await;
+    // With `SinkExt` in scope, `send` on the transport is `Transport::send` however it
+    // is borrowed: the transport is no `Sink` (this would not compile if it were, the
+    // error types differ).
+    // The `&mut` borrow is the point: it is what used to pick `SinkExt::send`.
+    #[allow(clippy::unnecessary_mut_passed, clippy::needless_borrow)]
+    let first: net_rs::Result<()> = (&mut c).send(Bytes::from_static(b"first")).await;
+    first.unwrap();
+    let first: net_rs::Result<()> = c.send(Bytes::from_static(b"second")).await;
+    first.unwrap();
+
     let msgs: Vec<Bytes> = (0..500).map(|i| pattern(i % 300, i as u8)).collect();
-    let expect = msgs.clone();
+    let mut expect = vec![Bytes::from_static(b"first"), Bytes::from_static(b"second")];
+    expect.extend(msgs.iter().cloned());
+    // A 'static stream over a shared transport, moved into a task.
+    let s = Arc::new(s);
+    let stream = Messages::from_handle(s.clone());
     let reader = spawn(&rt, async move {
-        let mut got = Vec::new();
-        while let Some(m) = s.next().await {
-            got.push(m.unwrap());
-        }
-        got
+        stream.map(|m| m.unwrap()).collect::<Vec<Bytes>>().await
     });
+    let mut sink = c.messages();
     let mut items = futures::stream::iter(msgs.into_iter().map(Ok));
-    deadline(&rt, c.send_all(&mut items)).await.unwrap();
-    deadline(&rt, SinkExt::close(&mut c)).await.unwrap();
+    deadline(&rt, sink.send_all(&mut items)).await.unwrap();
+    // `poll_close` is the transport's `close`: it also stops receiving.
+    deadline(&rt, SinkExt::close(&mut sink)).await.unwrap();
+    assert!(c.is_closed());
+    assert_eq!(
+        deadline(&rt, c.recv()).await.unwrap_err().kind(),
+        ErrorKind::Closed,
+        "close, not just shutdown"
+    );
     assert_eq!(deadline(&rt, reader).await.unwrap(), expect);
+}
+
+pub async fn sink_flush_is_the_transports_flush(rt: Arc<dyn Runtime>) {
+    let cfg = config(&rt).send_buffer(128 << 20);
+    let (c, s) = pair(&cfg).await;
+    let mut sink = c.messages();
+    let chunk = pattern(1 << 20, 4);
+    const N: usize = 64;
+    // `feed` queues without flushing; 64 MiB is more than the socket buffers hold.
+    for _ in 0..N {
+        deadline(&rt, sink.feed(chunk.clone())).await.unwrap();
+    }
+    match select(sink.flush(), rt.sleep(Duration::from_millis(300))).await {
+        Either::Left((r, _)) => panic!("flush finished while the peer read nothing: {r:?}"),
+        Either::Right(_) => {}
+    }
+    let reader = spawn(&rt, async move {
+        for _ in 0..N {
+            assert!(s.recv().await.unwrap().len() == 1 << 20);
+        }
+        s
+    });
+    deadline(&rt, sink.flush()).await.unwrap();
+    let _s = deadline(&rt, reader).await.unwrap();
+
+    // An oversized message fails in the sink and leaves the connection usable.
+    let cfg = config(&rt).max_message_size(100);
+    let (c, s) = pair(&cfg).await;
+    let mut sink = c.messages();
+    let err = deadline(&rt, sink.send(pattern(101, 0))).await.unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::MessageTooLarge {
+                size: 101,
+                max: 100,
+                received: false
+            }
+        ),
+        "{err:?}"
+    );
+    deadline(&rt, sink.send(pattern(100, 1))).await.unwrap();
+    assert!(deadline(&rt, s.recv()).await.unwrap() == pattern(100, 1));
+}
+
+/// Collect what a stream yields until it ends; fail if it goes on (the old behaviour:
+/// the same error forever).
+async fn drain<T: Transport>(
+    rt: &Arc<dyn Runtime>,
+    stream: &mut Messages<'_, T>,
+) -> Vec<net_rs::Result<Bytes>> {
+    let mut items = Vec::new();
+    while let Some(item) = deadline(rt, stream.next()).await {
+        items.push(item);
+        assert!(items.len() <= 10, "the stream does not end: {items:?}");
+    }
+    items
+}
+
+/// After the first fatal error the stream yields it once and ends; `recv` keeps
+/// returning it. Three causes: an oversized length, a frame cut short by the peer's
+/// close, and a connection reset.
+pub async fn stream_ends_after_a_fatal_error(rt: Arc<dyn Runtime>) {
+    async fn check(
+        rt: &Arc<dyn Runtime>,
+        c: &TcpTransport,
+        mut stream: Messages<'_, TcpTransport>,
+        kind: ErrorKind,
+    ) {
+        let items = drain(rt, &mut stream).await;
+        assert_eq!(items.len(), 1, "one error, then the end: {items:?}");
+        let err = items.into_iter().next().unwrap().unwrap_err();
+        assert_eq!(err.kind(), kind, "{err:?}");
+        assert!(stream.is_terminated());
+        assert!(deadline(rt, stream.next()).await.is_none(), "still ended");
+        for _ in 0..2 {
+            let again = deadline(rt, c.recv()).await.unwrap_err();
+            assert_eq!(again.kind(), kind, "recv keeps returning the error");
+        }
+    }
+
+    // 1. A length over the maximum.
+    let (addr, peer) = raw_peer(|mut s| {
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        s.write_all(b"abc").unwrap();
+        s.write_all(&2000u32.to_be_bytes()).unwrap();
+        let mut buf = [0u8; 16];
+        let _ = s.read(&mut buf); // until the receiver closes
+    });
+    let c = TcpTransport::connect_with(addr, &config(&rt).max_message_size(1024))
+        .await
+        .unwrap();
+    let mut stream = c.messages();
+    assert_eq!(
+        &deadline(&rt, stream.next()).await.unwrap().unwrap()[..],
+        b"abc"
+    );
+    let too_large = ErrorKind::MessageTooLarge {
+        size: 2000,
+        max: 1024,
+        received: true,
+    };
+    check(&rt, &c, stream, too_large).await;
+    drop(c);
+    deadline(&rt, peer.join())
+        .await
+        .expect("the raw peer panicked");
+
+    // 2. A frame cut short: the peer closes after 10 of 100 announced bytes.
+    let (addr, peer) = raw_peer(|mut s| {
+        s.write_all(&2u32.to_be_bytes()).unwrap();
+        s.write_all(b"ok").unwrap();
+        s.write_all(&100u32.to_be_bytes()).unwrap();
+        s.write_all(&[1u8; 10]).unwrap();
+    });
+    let c = TcpTransport::connect_with(addr, &config(&rt))
+        .await
+        .unwrap();
+    let mut stream = c.messages();
+    assert_eq!(
+        &deadline(&rt, stream.next()).await.unwrap().unwrap()[..],
+        b"ok"
+    );
+    check(&rt, &c, stream, ErrorKind::UnexpectedEof).await;
+    deadline(&rt, peer.join())
+        .await
+        .expect("the raw peer panicked");
+
+    // 3. A reset: the peer closes with our message unread, so its kernel sends RST.
+    let (addr, peer) = raw_peer(|mut s| {
+        s.write_all(&2u32.to_be_bytes()).unwrap();
+        s.write_all(b"hi").unwrap();
+        // Wait (without consuming it) until our message is there, then close.
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(s.peek(&mut buf).unwrap(), 1, "our message never came");
+    });
+    let c = TcpTransport::connect_with(addr, &config(&rt))
+        .await
+        .unwrap();
+    let mut stream = c.messages();
+    assert_eq!(
+        &deadline(&rt, stream.next()).await.unwrap().unwrap()[..],
+        b"hi"
+    );
+    c.send(pattern(10, 0)).await.unwrap();
+    deadline(&rt, peer.join())
+        .await
+        .expect("the raw peer panicked");
+    check(&rt, &c, stream, ErrorKind::ConnectionReset).await;
+}
+
+/// Dropping a `Messages` (with a `recv` pending in it, or after taking some messages)
+/// loses nothing: the transport's `recv` returns the rest, in order.
+pub async fn dropped_messages_view_loses_nothing(rt: Arc<dyn Runtime>) {
+    let (c, s) = pair(&config(&rt)).await;
+    let mut view = s.messages();
+    match select(view.next(), rt.sleep(Duration::from_millis(50))).await {
+        Either::Left((m, _)) => panic!("nothing was sent yet: {m:?}"),
+        Either::Right(_) => {}
+    }
+    c.send(Bytes::from_static(b"while pending")).await.unwrap();
+    deadline(&rt, c.flush()).await.unwrap();
+    rt.sleep(Duration::from_millis(50)).await; // it arrives while the view's recv waits
+    drop(view);
+    assert_eq!(
+        &deadline(&rt, s.recv()).await.unwrap()[..],
+        b"while pending"
+    );
+
+    for i in 0..10u32 {
+        c.send(Bytes::copy_from_slice(&i.to_be_bytes()))
+            .await
+            .unwrap();
+    }
+    let mut view = s.messages();
+    for i in 0..3u32 {
+        let m = deadline(&rt, view.next()).await.unwrap().unwrap();
+        assert_eq!(u32::from_be_bytes(m[..].try_into().unwrap()), i);
+    }
+    drop(view);
+    for i in 3..10u32 {
+        let m = deadline(&rt, s.recv()).await.unwrap();
+        assert_eq!(u32::from_be_bytes(m[..].try_into().unwrap()), i);
+    }
+}
+
+/// `Messages` works over every kind of handle: a pooled connection (borrowed through
+/// `Deref`, and owned so the view is `'static`), a `BoxTransport`, an `Arc`.
+pub async fn messages_over_any_handle(rt: Arc<dyn Runtime>) {
+    let l = TcpListener::bind_with("127.0.0.1:0", &config(&rt))
+        .await
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    let echo = spawn(&rt, async move {
+        let conn = l.accept().await.unwrap();
+        while let Ok(m) = conn.recv().await {
+            if conn.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let pool = ConnectionPool::new(
+        TcpConnector::with_config(addr, config(&rt)),
+        PoolConfig::default().max_size(1).runtime(rt.clone()),
+    )
+    .unwrap();
+    {
+        let conn = deadline(&rt, pool.get()).await.unwrap();
+        let mut view = conn.messages();
+        deadline(&rt, view.send(Bytes::from_static(b"pooled")))
+            .await
+            .unwrap();
+        assert_eq!(
+            &deadline(&rt, view.next()).await.unwrap().unwrap()[..],
+            b"pooled"
+        );
+    }
+    let conn = deadline(&rt, pool.get()).await.unwrap();
+    let mut view = Messages::from_handle(conn);
+    let task = spawn(&rt, async move {
+        view.send(Bytes::from_static(b"owned")).await.unwrap();
+        let back = view.next().await.unwrap().unwrap();
+        (back, view)
+    });
+    let (back, view) = deadline(&rt, task).await.unwrap();
+    assert_eq!(&back[..], b"owned");
+    drop(view); // the connection goes back to the pool
+    assert_eq!(pool.status().idle, 1, "{:?}", pool.status());
+    deadline(&rt, pool.close()).await;
+    deadline(&rt, echo).await.unwrap();
+
+    let (c, s) = pair(&config(&rt)).await;
+    let c: BoxTransport = Box::new(c);
+    let s = Arc::new(s);
+    let mut tx = c.messages();
+    let mut rx = Messages::from_handle(s.clone());
+    deadline(&rt, tx.send(Bytes::from_static(b"boxed")))
+        .await
+        .unwrap();
+    assert_eq!(
+        &deadline(&rt, rx.next()).await.unwrap().unwrap()[..],
+        b"boxed"
+    );
+    deadline(&rt, SinkExt::close(&mut tx)).await.unwrap();
+    assert!(
+        deadline(&rt, rx.next()).await.is_none(),
+        "ends at the peer's close"
+    );
 }
 
 pub async fn dyn_transport(rt: Arc<dyn Runtime>) {
@@ -640,6 +945,99 @@ pub async fn many_senders_share_one_transport(rt: Arc<dyn Runtime>) {
     }
 }
 
+/// This process's resident memory (VmRSS) and address space (VmSize), in KiB, from
+/// `/proc/self/status`; `None` where there is no such file.
+pub fn memory_kib() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((field("VmRSS:")?, field("VmSize:")?))
+}
+
+/// Connections in [`lying_length_prefixes_cost_what_arrived`].
+pub const LIARS: usize = 256;
+/// The bound on what those connections may add to the process, in KiB: resident memory
+/// and address space. Announced are 256 x 8 MiB = 2 GiB; what arrived is 256 x 1 KiB.
+pub const LIARS_MAX_RSS_KIB: u64 = 32 << 10;
+/// See [`LIARS_MAX_RSS_KIB`].
+pub const LIARS_MAX_VMSIZE_KIB: u64 = 192 << 10;
+
+/// 256 connections each announce an 8 MiB message (the maximum), send 1 KiB of it and
+/// stall. What the receiving side holds must follow what arrived, not what was
+/// announced. Not in `tcp_suite!`: it measures the whole process, so it runs in a
+/// process of its own (`tests/tcp_memory.rs`), one runtime after another.
+pub async fn lying_length_prefixes_cost_what_arrived(rt: Arc<dyn Runtime>) {
+    const CLAIM: usize = 8 << 20;
+    let cfg = config(&rt);
+    let l = TcpListener::bind_with("127.0.0.1:0", &cfg).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    // Warm up (runtime threads, allocator arenas), and check that a genuine message of
+    // the announced size still arrives whole. Its buffer goes back to the shared pool.
+    {
+        let (c, s) = futures::join!(TcpTransport::connect_with(addr, &cfg), l.accept());
+        let (c, s) = (c.unwrap(), s.unwrap());
+        let msg = pattern(CLAIM, 5);
+        let (sent, got) =
+            deadline(&rt, async { futures::join!(c.send(msg.clone()), s.recv()) }).await;
+        sent.unwrap();
+        assert!(
+            got.unwrap() == msg,
+            "a genuine 8 MiB message came in changed"
+        );
+        deadline(&rt, c.close()).await.unwrap();
+    }
+    let before = memory_kib();
+
+    let mut liars = Vec::with_capacity(LIARS);
+    let mut conns = Vec::with_capacity(LIARS);
+    for _ in 0..LIARS {
+        // A blocking connect completes against the listen backlog; each is accepted
+        // right after, so the backlog never fills.
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(&(CLAIM as u32).to_be_bytes()).unwrap();
+        s.write_all(&[0xA5; 1024]).unwrap();
+        liars.push(s);
+        conns.push(deadline(&rt, l.accept()).await.unwrap());
+    }
+    // Every connection reads what it was sent and waits for the rest.
+    let mut recvs: futures::stream::FuturesUnordered<_> = conns.iter().map(|c| c.recv()).collect();
+    match select(recvs.next(), rt.sleep(Duration::from_millis(500))).await {
+        Either::Left((r, _)) => panic!("a recv of a stalled frame returned: {r:?}"),
+        Either::Right(_) => {}
+    }
+    let after = memory_kib();
+
+    // The liars leave: every connection reports its cut frame.
+    drop(liars);
+    for _ in 0..LIARS {
+        let err = deadline(&rt, recvs.next()).await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::UnexpectedEof, "{err}");
+        assert!(err.to_string().contains("1024 of 8388608"), "{err}");
+    }
+
+    let (Some((rss0, vm0)), Some((rss1, vm1))) = (before, after) else {
+        eprintln!("no /proc/self/status here: memory not measured");
+        return;
+    };
+    let (rss, vm) = (rss1.saturating_sub(rss0), vm1.saturating_sub(vm0));
+    eprintln!(
+        "{LIARS} connections announcing {} MiB and sending 1 KiB added {} KiB RSS \
+         (bound {LIARS_MAX_RSS_KIB}) and {} KiB address space (bound {LIARS_MAX_VMSIZE_KIB})",
+        CLAIM >> 20,
+        rss,
+        vm
+    );
+    assert!(rss <= LIARS_MAX_RSS_KIB, "RSS grew by {rss} KiB");
+    assert!(vm <= LIARS_MAX_VMSIZE_KIB, "address space grew by {vm} KiB");
+}
+
 /// Expands to one `#[test]` per suite case, each run through `$run`.
 #[macro_export]
 macro_rules! tcp_suite {
@@ -651,7 +1049,9 @@ macro_rules! tcp_suite {
             orderly_shutdown_delivers_everything recv_is_cancel_safe
             concurrent_receivers_share_the_stream dropped_send_sends_nothing
             send_and_recv_from_different_tasks close_fails_pending_recv
-            dead_peer_fails_pending_operations connection_refused stream_and_sink dyn_transport
+            dead_peer_fails_pending_operations connection_refused bind_error_names_the_address stream_and_sink
+            sink_flush_is_the_transports_flush stream_ends_after_a_fatal_error
+            dropped_messages_view_loses_nothing messages_over_any_handle dyn_transport
             many_senders_share_one_transport);
     };
     (@each $run:path; $($name:ident)*) => {

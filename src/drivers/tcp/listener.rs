@@ -39,8 +39,13 @@ pub struct TcpListener {
 impl TcpListener {
     /// Bind to `addr` with the default [`TcpConfig`].
     ///
+    /// Each address `addr` resolves to is tried in turn.
+    ///
     /// # Errors
-    /// The bind error (`AddrInUse`, ...), or `Unsupported` when no runtime is available.
+    /// The bind error of the last address tried (kind `Io(AddrInUse)`,
+    /// `Io(PermissionDenied)`, ...; its message names that address, e.g.
+    /// `bind 127.0.0.1:80: Permission denied (os error 13)`), the resolver's error, or
+    /// `Unsupported` when no runtime is available.
     pub async fn bind(addr: impl ToSocketAddrs) -> Result<TcpListener> {
         Self::bind_with(addr, &TcpConfig::default()).await
     }
@@ -64,7 +69,7 @@ impl TcpListener {
                         rt,
                     })
                 }
-                Err(e) => last = e.into(),
+                Err(e) => last = Error::io_context(format_args!("bind {a}"), e),
             }
         }
         Err(last)

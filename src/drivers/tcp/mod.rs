@@ -1,7 +1,7 @@
 //! The TCP driver: length-prefixed messages over a TCP stream.
 //!
-//! * [`TcpTransport`]: one connection ([`Transport`](crate::transport::Transport),
-//!   `Stream`, `Sink`).
+//! * [`TcpTransport`]: one connection ([`Transport`](crate::transport::Transport); its
+//!   `Stream`/`Sink` view is [`Messages`](crate::transport::Messages)).
 //! * [`TcpListener`]: accepts connections.
 //! * [`TcpConfig`]: maximum message size, send buffer, timeouts, runtime.
 //!

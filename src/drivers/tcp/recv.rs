@@ -4,7 +4,17 @@
 //! All state (buffered bytes, the half-read frame) lives here, not in the `recv`
 //! futures, which is what makes `recv` cancel-safe: a dropped future owns nothing.
 //! Small frames are split off a shared read buffer without copying; a frame larger than
-//! [`DIRECT`] is read straight into a recycled buffer of exactly its size.
+//! [`DIRECT`] is read into a buffer of its own ([`Large`]).
+//!
+//! Memory follows what arrives, not what a length prefix claims: a frame's own buffer
+//! starts at the bytes already read rounded up to a power of two (at least
+//! [`MIN_LARGE`]) and doubles each time it fills, up to the frame's size, so it is never
+//! more than twice what arrived (or `MIN_LARGE`). A peer that announces 8 MiB and sends 1 KiB costs
+//! 4 KiB, not 8 MiB; a genuine message is copied about once more in all while it grows
+//! (each byte moves at most once per doubling after it arrived: amortized linear). When
+//! the [`HeapPool`] holds an idle buffer of the frame's full size, that one is taken at
+//! once instead (no new memory, no growing), which is the steady state of a stream of
+//! large messages whose buffers the application drops.
 //!
 //! A socket remembers only the last waker that polled it. So every pending caller also
 //! waits in `waiters`; whoever completes (or is dropped while pending) wakes one of them,
@@ -25,6 +35,8 @@ use crate::runtime::TcpReader;
 
 /// Frames with more payload than this are read directly into their own buffer.
 pub(crate) const DIRECT: usize = 64 * 1024;
+/// Smallest buffer of a [`Large`] frame: what a frame that has barely started costs.
+const MIN_LARGE: usize = 4 * 1024;
 /// Capacity added to the read buffer when it runs low.
 const READ_CHUNK: usize = 64 * 1024;
 /// Smallest read attempted.
@@ -39,14 +51,67 @@ struct RecvState {
     reader: Option<TcpReader>,
     buf: BytesMut,
     decoder: Decoder,
-    /// The frame being read directly into its own buffer, and how much of it is filled.
-    large: Option<(PooledVec, usize)>,
+    /// The frame being read directly into its own buffer.
+    large: Option<Large>,
     /// Size of the next read attempt: grows while reads fill it, shrinks when they don't.
     read_size: usize,
     eof: bool,
     /// Sticky failure: every later `recv` returns it.
     error: Option<Error>,
     waiters: Slab<std::task::Waker>,
+}
+
+/// A frame over [`DIRECT`] bytes, read into a buffer of its own that grows with what
+/// has arrived.
+struct Large {
+    /// The payload read so far, at the start. Its length (`as_ref().len()`) is a power
+    /// of two below `len` while growing, then exactly `len`.
+    buf: PooledVec,
+    /// Payload bytes read into `buf`.
+    filled: usize,
+    /// The frame's payload length, from its prefix.
+    len: usize,
+}
+
+impl Large {
+    /// Start a frame of `len` payload bytes whose first bytes are `have`
+    /// (`have.len() < len`).
+    fn start(len: usize, have: &[u8], pool: &HeapPool) -> Large {
+        let mut buf = pool
+            .take_cached(len)
+            .unwrap_or_else(|| Self::take(len, have.len().max(MIN_LARGE), pool));
+        buf.as_mut()[..have.len()].copy_from_slice(have);
+        Large {
+            buf,
+            filled: have.len(),
+            len,
+        }
+    }
+
+    /// A buffer of `want` bytes rounded up to a power of two, or of exactly `len` if
+    /// that is no larger.
+    fn take(len: usize, want: usize, pool: &HeapPool) -> PooledVec {
+        match want.checked_next_power_of_two() {
+            Some(cap) if cap < len => pool.take_uninit(cap),
+            _ => pool.take_uninit(len),
+        }
+    }
+
+    /// The buffer is full but the frame is not: move to one twice as large (or of the
+    /// frame's full size, when the pool has one idle or the frame needs no more).
+    fn grow(&mut self, pool: &HeapPool) {
+        let mut next = pool
+            .take_cached(self.len)
+            .unwrap_or_else(|| Self::take(self.len, self.filled.saturating_mul(2), pool));
+        next.as_mut()[..self.filled].copy_from_slice(&self.buf.as_ref()[..self.filled]);
+        // The old buffer goes back to the pool.
+        self.buf = next;
+    }
+
+    /// Where the next read goes: the free part of the buffer (never past the frame).
+    fn spare(&mut self) -> &mut [u8] {
+        &mut self.buf.as_mut()[self.filled..]
+    }
 }
 
 /// What a finished `poll_recv` means for the connection.
@@ -207,26 +272,30 @@ impl RecvState {
             if let Some(e) = &self.error {
                 return Poll::Ready(Err(e.clone()));
             }
-            if let Some((vec, filled)) = &mut self.large {
-                let len = vec.as_ref().len();
-                if *filled == len {
-                    let (vec, _) = self.large.take().expect("checked above");
+            if let Some(large) = &mut self.large {
+                if large.filled == large.len {
+                    // Only the last buffer has room for the whole frame: it is `len` long.
+                    let large = self.large.take().expect("checked above");
                     self.decoder.finish_frame();
-                    return Poll::Ready(Ok(Bytes::from_owner(vec)));
+                    return Poll::Ready(Ok(Bytes::from_owner(large.buf)));
                 }
                 if self.eof {
                     let msg = format!(
-                        "peer closed the connection after {filled} of {len} bytes of a message"
+                        "peer closed the connection after {} of {} bytes of a message",
+                        large.filled, large.len
                     );
                     return self.fail(Error::new(ErrorKind::UnexpectedEof, msg));
                 }
                 let Some(reader) = self.reader.as_mut() else {
                     return self.fail(Error::closed("recv"));
                 };
-                match Pin::new(reader).poll_read(cx, &mut vec.as_mut()[*filled..]) {
+                if large.spare().is_empty() {
+                    large.grow(pool);
+                }
+                match Pin::new(reader).poll_read(cx, large.spare()) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(0)) => self.eof = true,
-                    Poll::Ready(Ok(n)) => *filled += n,
+                    Poll::Ready(Ok(n)) => large.filled += n,
                     Poll::Ready(Err(e)) => return self.fail(e.into()),
                 }
                 continue;
@@ -241,11 +310,8 @@ impl RecvState {
                     );
                 }
                 Ok(Some(n)) if n > DIRECT => {
-                    let mut vec = pool.take_uninit(n);
-                    let have = self.buf.len();
-                    vec.as_mut()[..have].copy_from_slice(&self.buf);
+                    self.large = Some(Large::start(n, &self.buf, pool));
                     self.buf.clear();
-                    self.large = Some((vec, have));
                     continue;
                 }
                 Ok(_) => {}
@@ -294,6 +360,222 @@ impl RecvState {
                     };
                 }
                 Poll::Ready(Err(e)) => return self.fail(e.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::io;
+    use std::task::Waker;
+
+    /// What the fake socket does at each read.
+    enum Step {
+        Data(Vec<u8>),
+        /// No data now (`Pending`).
+        Stall,
+    }
+
+    /// A read half that plays a script; `Ok(0)` (end of stream) once it is played out.
+    struct Script(VecDeque<Step>);
+
+    impl AsyncRead for Script {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            out: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            match self.0.pop_front() {
+                None => Poll::Ready(Ok(0)),
+                Some(Step::Stall) => Poll::Pending,
+                Some(Step::Data(mut d)) => {
+                    let n = d.len().min(out.len());
+                    out[..n].copy_from_slice(&d[..n]);
+                    if n < d.len() {
+                        self.0.push_front(Step::Data(d.split_off(n)));
+                    }
+                    Poll::Ready(Ok(n))
+                }
+            }
+        }
+    }
+
+    impl crate::runtime::SocketRead for Script {
+        fn peek_now(&self) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+
+    fn side(steps: Vec<Step>, max: usize, pool: &HeapPool) -> RecvSide {
+        RecvSide::new(Box::new(Script(steps.into())), max, pool.clone())
+    }
+
+    fn poll(side: &RecvSide) -> Poll<Result<Bytes>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut slot = None;
+        let (res, _) = side.poll_recv(&mut cx, &mut slot);
+        side.cancel(&mut slot);
+        res
+    }
+
+    /// Bytes of the frame buffer in use, if a large frame is in progress.
+    fn large_capacity(side: &RecvSide) -> Option<usize> {
+        lock(&side.state)
+            .large
+            .as_ref()
+            .map(|l| l.buf.as_ref().len())
+    }
+
+    fn frame(len: usize, seed: u8) -> (Vec<u8>, Vec<u8>) {
+        let payload: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+            .collect();
+        let mut wire = (len as u32).to_be_bytes().to_vec();
+        wire.extend_from_slice(&payload);
+        (wire, payload)
+    }
+
+    #[test]
+    fn a_lying_prefix_costs_what_arrived() {
+        let pool = HeapPool::default();
+        let mut wire = (8u32 << 20).to_be_bytes().to_vec();
+        wire.extend_from_slice(&[7; 1024]);
+        let side = side(vec![Step::Data(wire), Step::Stall], 8 << 20, &pool);
+        assert!(poll(&side).is_pending());
+        assert_eq!(
+            large_capacity(&side),
+            Some(MIN_LARGE),
+            "an 8 MiB claim with 1 KiB behind it holds 4 KiB"
+        );
+        // The peer leaves: the cut frame is reported, and its buffer is released.
+        match poll(&side) {
+            Poll::Ready(Err(e)) => {
+                assert_eq!(e.kind(), ErrorKind::UnexpectedEof);
+                assert!(e.to_string().contains("1024 of 8388608"), "{e}");
+            }
+            other => panic!("expected UnexpectedEof, got {other:?}"),
+        }
+        assert_eq!(large_capacity(&side), None);
+    }
+
+    #[test]
+    fn a_genuine_large_frame_grows_geometrically() {
+        let pool = HeapPool::default();
+        let len = 8 << 20;
+        let (wire, payload) = frame(len, 1);
+        // 64 KiB at a time, the socket empty in between.
+        let mut steps = Vec::new();
+        for c in wire.chunks(64 * 1024) {
+            steps.push(Step::Data(c.to_vec()));
+            steps.push(Step::Stall);
+        }
+        let side = side(steps, len, &pool);
+        let (mut arrived, mut caps) = (0usize, Vec::new());
+        let got = loop {
+            match poll(&side) {
+                Poll::Pending => {
+                    arrived = (arrived + 64 * 1024).min(wire.len());
+                    let cap = large_capacity(&side).expect("frame in progress");
+                    assert!(
+                        cap <= (2 * (arrived - 4)).max(MIN_LARGE),
+                        "{cap} bytes held after {arrived} arrived"
+                    );
+                    if caps.last() != Some(&cap) {
+                        caps.push(cap);
+                    }
+                }
+                Poll::Ready(r) => break r.unwrap(),
+            }
+        };
+        assert!(got[..] == payload[..], "payload changed");
+        assert_eq!(caps.last(), Some(&len));
+        // Each buffer is at least twice the one before, so all copies while growing
+        // (each buffer's content once) add up to less than the frame.
+        assert!(caps.windows(2).all(|w| w[1] >= 2 * w[0]), "{caps:?}");
+        let copied: usize = caps[..caps.len() - 1].iter().sum();
+        assert!(
+            copied < len,
+            "copied {copied} bytes growing a {len}-byte frame"
+        );
+        drop(got);
+
+        // With the frame's buffer back in the pool, the next frame of that size takes it
+        // at once: no growing, no copying.
+        let (wire, payload) = frame(len, 2);
+        let (head, tail) = wire.split_at(1000);
+        let side = self::side(
+            vec![
+                Step::Data(head.to_vec()),
+                Step::Stall,
+                Step::Data(tail.to_vec()),
+            ],
+            len,
+            &pool,
+        );
+        assert!(poll(&side).is_pending());
+        assert_eq!(
+            large_capacity(&side),
+            Some(len),
+            "idle full-size buffer reused"
+        );
+        match poll(&side) {
+            Poll::Ready(Ok(got)) => assert!(got[..] == payload[..]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn frames_split_anywhere_decode_in_order() {
+        let pool = HeapPool::default();
+        let sizes = [70_000usize, 3, 200_000, 0, 65_537, 1 << 20, 5];
+        let mut wire = Vec::new();
+        let mut expect = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let (w, p) = frame(n, i as u8);
+            wire.extend(w);
+            expect.push(p);
+        }
+        for seed in [1u64, 7, 1234] {
+            // Chunks of 1 byte to 100 KiB, from a fixed pseudo-random sequence.
+            let (mut steps, mut at, mut x) = (Vec::new(), 0, seed);
+            while at < wire.len() {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let n = match x >> 62 {
+                    0 => 1 + (x >> 40) as usize % 16,
+                    1 => 1 + (x >> 40) as usize % 4096,
+                    _ => 1 + (x >> 40) as usize % 100_000,
+                };
+                let end = (at + n).min(wire.len());
+                steps.push(Step::Data(wire[at..end].to_vec()));
+                if x & 1 == 0 {
+                    steps.push(Step::Stall);
+                }
+                at = end;
+            }
+            let side = side(steps, 1 << 20, &pool);
+            let mut got = Vec::new();
+            loop {
+                match poll(&side) {
+                    Poll::Pending => {}
+                    Poll::Ready(Ok(m)) => got.push(m),
+                    Poll::Ready(Err(e)) => {
+                        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+                        break;
+                    }
+                }
+            }
+            assert_eq!(got.len(), expect.len(), "seed {seed}");
+            for (g, e) in got.iter().zip(&expect) {
+                assert!(
+                    g[..] == e[..],
+                    "seed {seed}: a {}-byte frame changed",
+                    e.len()
+                );
             }
         }
     }

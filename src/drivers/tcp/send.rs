@@ -212,14 +212,13 @@ impl SendSide {
         })
     }
 
-    /// Queue one encoded frame unless the queue is full (`force` ignores the limit),
+    /// Queue one encoded frame unless the queue is full,
     /// writing it at once if the connection is idle. Returns the payload back when
     /// there is no room.
     pub(crate) fn try_enqueue(
         &self,
         header: [u8; HEADER_LEN],
         msg: Bytes,
-        force: bool,
     ) -> Result<Option<Bytes>> {
         let mut st = lock(&self.state);
         if let Some(e) = &st.error {
@@ -229,7 +228,7 @@ impl SendSide {
             return Err(st.refusal.clone().unwrap_or_else(|| Error::closed("send")));
         }
         let len = HEADER_LEN + msg.len();
-        if !force && st.queued > 0 && st.queued + len > self.limit {
+        if st.queued > 0 && st.queued + len > self.limit {
             return Ok(Some(msg));
         }
         st.staging.extend_from_slice(&header);
@@ -400,26 +399,6 @@ impl SendSide {
         }
     }
 
-    /// Ready when a message of any size could be queued now (the `Sink::poll_ready` test).
-    pub(crate) fn poll_space(
-        &self,
-        cx: &mut Context<'_>,
-        listener: &mut Option<EventListener>,
-    ) -> Poll<Result<()>> {
-        self.poll_until(cx, &self.space, listener, |st| {
-            if let Some(e) = &st.error {
-                Some(Err(e.clone()))
-            } else if st.shutdown {
-                Some(Err(st
-                    .refusal
-                    .clone()
-                    .unwrap_or_else(|| Error::closed("send"))))
-            } else {
-                (st.queued < self.limit).then_some(Ok(()))
-            }
-        })
-    }
-
     /// Check → listen → re-check on `event` until `check` gives a value.
     fn poll_until<T>(
         &self,
@@ -447,7 +426,7 @@ impl SendSide {
         let mut msg = msg;
         let mut listener: Option<EventListener> = None;
         loop {
-            match self.try_enqueue(header, msg, false)? {
+            match self.try_enqueue(header, msg)? {
                 None => return Ok(()),
                 Some(back) => msg = back,
             }

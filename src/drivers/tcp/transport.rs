@@ -8,8 +8,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use event_listener::EventListener;
-use futures::{Sink, Stream};
 
 use super::config::TcpConfig;
 use super::recv::{Fatal, RecvSide};
@@ -24,9 +22,9 @@ use crate::transport::{BufferPool, Transport};
 ///
 /// Runtime-agnostic: the socket, timers and the writer task come from the
 /// [`Runtime`] in its [`TcpConfig`] (by default tokio inside a tokio runtime, else the
-/// async-io adapter). Implements [`Transport`], and also
-/// `Stream<Item = io::Result<Bytes>>` (ending at the peer's orderly close) and
-/// `Sink<Bytes>`, like tokio-util's `Framed`.
+/// async-io adapter). Implements [`Transport`]; for a `futures::Stream`/`Sink` view
+/// (like tokio-util's `Framed`) use [`Transport::messages`] or
+/// [`Messages`](crate::transport::Messages).
 ///
 /// ```no_run
 /// use net_rs::transport::Transport;
@@ -42,9 +40,6 @@ use crate::transport::{BufferPool, Transport};
 /// ```
 pub struct TcpTransport {
     shared: Arc<Shared>,
-    stream_slot: Option<usize>,
-    sink_space: Option<EventListener>,
-    sink_flush: Option<(u64, Option<EventListener>)>,
 }
 
 struct Shared {
@@ -129,9 +124,6 @@ impl TcpTransport {
                 local_addr: sock.local_addr,
                 peer_addr: sock.peer_addr,
             }),
-            stream_slot: None,
-            sink_space: None,
-            sink_flush: None,
         }
     }
 
@@ -236,66 +228,6 @@ impl Transport for TcpTransport {
 
     fn peer_addr(&self) -> Result<SocketAddr> {
         Ok(self.shared.peer_addr)
-    }
-}
-
-impl Stream for TcpTransport {
-    type Item = std::io::Result<Bytes>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        let mut slot = this.stream_slot.take();
-        let res = this.poll_recv(cx, &mut slot);
-        this.stream_slot = slot;
-        match res {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(b)) => Poll::Ready(Some(Ok(b))),
-            Poll::Ready(Err(e)) if e.kind() == ErrorKind::Closed => Poll::Ready(None),
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-        }
-    }
-}
-
-impl Sink<Bytes> for TcpTransport {
-    type Error = std::io::Error;
-
-    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        this.shared
-            .send
-            .poll_space(cx, &mut this.sink_space)
-            .map_err(Into::into)
-    }
-
-    fn start_send(self: Pin<&mut Self>, item: Bytes) -> std::io::Result<()> {
-        let header = encode_header(item.len(), self.shared.max)?;
-        self.shared.send.try_enqueue(header, item, true)?;
-        Ok(())
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let (target, listener) = this
-            .sink_flush
-            .get_or_insert_with(|| (this.shared.send.accepted_total(), None));
-        let res = futures::ready!(this.shared.send.poll_flushed(cx, *target, listener));
-        this.sink_flush = None;
-        Poll::Ready(res.map_err(Into::into))
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        this.shared.send.shutdown();
-        this.shared
-            .send
-            .poll_finished(cx, &mut this.sink_space)
-            .map_err(Into::into)
-    }
-}
-
-impl Drop for TcpTransport {
-    fn drop(&mut self) {
-        self.shared.recv.cancel(&mut self.stream_slot);
     }
 }
 

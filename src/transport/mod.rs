@@ -11,6 +11,12 @@
 //! and [`BoxTransport`] (`Box<dyn DynTransport>`) implements `Transport` again, so a
 //! boxed transport can go wherever a generic one can (for example into a
 //! [`ConnectionPool`](crate::pool::ConnectionPool)).
+//!
+//! # Stream and Sink
+//! Transports are not `futures::Stream`/`Sink` themselves (with `SinkExt` in scope,
+//! `send` would mean two different things). [`Messages`] is that view, asked for
+//! explicitly: `transport.messages()`, or [`Messages::from_handle`] over an `Arc` or a
+//! pooled connection.
 
 use std::fmt;
 use std::future::Future;
@@ -21,6 +27,10 @@ use bytes::Bytes;
 
 use crate::buffer::Buf;
 use crate::error::Result;
+
+mod messages;
+
+pub use messages::Messages;
 
 /// A source of message buffers for one kind of transport.
 ///
@@ -98,6 +108,16 @@ pub trait Transport: Send + Sync + 'static {
 
     /// The address of the peer.
     fn peer_addr(&self) -> Result<SocketAddr>;
+
+    /// This transport, borrowed, as a `futures::Stream` of received messages and a
+    /// `futures::Sink` of messages to send; see [`Messages`] (and
+    /// [`Messages::from_handle`] for one that owns an `Arc` or a pooled connection).
+    fn messages(&self) -> Messages<'_, Self>
+    where
+        Self: Sized,
+    {
+        Messages::new(self)
+    }
 }
 
 /// The object-safe form of [`Transport`]; implemented for every `Transport`.

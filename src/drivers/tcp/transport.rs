@@ -173,7 +173,7 @@ impl Drop for Recv<'_> {
 impl Transport for TcpTransport {
     fn send(&self, msg: Bytes) -> impl Future<Output = Result<()>> + Send + '_ {
         let header = encode_header(msg.len(), self.shared.max);
-        async move { self.shared.send.send(header?, msg).await }
+        self.shared.send.send(header, msg)
     }
 
     fn recv(&self) -> impl Future<Output = Result<Bytes>> + Send + '_ {

@@ -44,6 +44,7 @@ pub mod mem;
 pub mod pool;
 pub mod reactor;
 pub mod runtime;
+mod sync;
 pub mod transport;
 
 pub use error::{Error, ErrorKind, Result};

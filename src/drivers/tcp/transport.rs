@@ -112,6 +112,7 @@ impl TcpTransport {
             config.busy_poll,
             sock.writer,
         );
+        send.register();
         rt.spawn(Box::pin(writer(send.clone(), rt.clone())));
         TcpTransport {
             shared: Arc::new(Shared {

@@ -42,6 +42,7 @@ mod linger;
 #[allow(unsafe_code)]
 pub mod mem;
 pub mod pool;
+pub mod prelude;
 pub mod reactor;
 pub mod runtime;
 mod sync;

@@ -101,7 +101,7 @@ fn main() {
 
 /// Start a server and the same few requests against it through the pool.
 fn self_check() -> Result<(), String> {
-    let client_rt = server::runtime("kv-client", 2);
+    let client_rt = server::runtime(CLIENT_THREADS, 2);
     let work = Arc::new(Workload::new());
     for imp in Impl::ALL {
         let srv = start(imp, "127.0.0.1:0")?;
@@ -165,14 +165,22 @@ fn serve(args: Args) -> Result<(), String> {
 fn load(args: Args) -> Result<(), String> {
     let addr = args.addr.unwrap_or_else(|| usage());
     let addr: SocketAddr = addr.parse().map_err(|e| format!("--addr {addr}: {e}"))?;
-    let client_rt = server::runtime("kv-client", 2);
+    let client_rt = server::runtime(CLIENT_THREADS, 2);
     let work = Arc::new(Workload::new());
     for run in 1..=args.runs {
-        let rate = client_rt.block_on(cell(addr, &work, args.clients, args.requests))?;
-        println!("run {run}/{}: {} req/s", args.runs, rate as u64);
+        let c = client_rt.block_on(cell(addr, None, &work, args.clients, args.requests))?;
+        println!(
+            "run {run}/{}: {:.0} req/s, client CPU {}/req",
+            args.runs,
+            c.rate,
+            us(c.client_cpu)
+        );
     }
     Ok(())
 }
+
+/// The client runtime's thread name.
+const CLIENT_THREADS: &str = "kv-client";
 
 /// Every server in this process, the same client against each, `runs` times.
 fn bench(args: Args) -> Result<(), String> {
@@ -181,7 +189,7 @@ fn bench(args: Args) -> Result<(), String> {
         .iter()
         .map(|&imp| start(imp, "127.0.0.1:0"))
         .collect::<Result<Vec<Server>, String>>()?;
-    let client_rt = server::runtime("kv-client", 2);
+    let client_rt = server::runtime(CLIENT_THREADS, 2);
     let work = Arc::new(Workload::new());
     println!(
         "kv bench: {} clients (one ConnectionPool, max_size {}), {} requests per cell \
@@ -193,30 +201,45 @@ fn bench(args: Args) -> Result<(), String> {
          with 2 workers; machine: {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    // rates[server][run]
-    let mut rates = vec![Vec::new(); servers.len()];
+    println!(
+        "per cell: req/s, and the CPU time the server's threads used per request (µs, \
+         from /proc/self/task/*/schedstat)"
+    );
+    // cells[server][run]
+    let mut cells: Vec<Vec<Cell>> = servers.iter().map(|_| Vec::new()).collect();
     for run in 0..args.runs {
         let mut order: Vec<usize> = (0..servers.len()).collect();
         if run % 2 == 1 {
             order.reverse();
         }
         for &i in &order {
-            let rate =
-                client_rt.block_on(cell(servers[i].addr, &work, args.clients, args.requests));
-            rates[i].push(rate.map_err(|e| format!("{}: {e}", servers[i].imp.name()))?);
+            let s = &servers[i];
+            let c = client_rt.block_on(cell(
+                s.addr,
+                Some(s.imp.thread_name()),
+                &work,
+                args.clients,
+                args.requests,
+            ));
+            cells[i].push(c.map_err(|e| format!("{}: {e}", s.imp.name()))?);
         }
         let mut line = format!("run {}/{}:", run + 1, args.runs);
         for &i in &order {
-            line += &format!("  {} {:.0}", servers[i].imp.name(), rates[i][run]);
+            let c = &cells[i][run];
+            line += &format!(
+                "  {} {:.0} ({})",
+                servers[i].imp.name(),
+                c.rate,
+                us(c.server_cpu)
+            );
         }
-        line += " req/s";
         if let Some(n) = find(&servers, Impl::NetRs) {
             for (f, s) in servers.iter().enumerate() {
                 if s.imp != Impl::NetRs {
                     line += &format!(
                         "  | net-rs/{} {:.3}x",
                         s.imp.name(),
-                        rates[n][run] / rates[f][run]
+                        cells[n][run].rate / cells[f][run].rate
                     );
                 }
             }
@@ -224,37 +247,49 @@ fn bench(args: Args) -> Result<(), String> {
         println!("{line}");
     }
 
-    println!("\nmedian req/s:");
+    println!("\nmedians:");
     for (i, s) in servers.iter().enumerate() {
-        println!("  {:>17}: {:.0}", s.imp.name(), median(&rates[i]));
+        let cpu: Vec<f64> = cells[i].iter().filter_map(|c| c.server_cpu).collect();
+        let client: Vec<f64> = cells[i].iter().filter_map(|c| c.client_cpu).collect();
+        let rates: Vec<f64> = cells[i].iter().map(|c| c.rate).collect();
+        println!(
+            "  {:>17}: {:.0} req/s, server CPU {}/req (client CPU {}/req)",
+            s.imp.name(),
+            median(&rates),
+            us((!cpu.is_empty()).then(|| median(&cpu))),
+            us((!client.is_empty()).then(|| median(&client)))
+        );
     }
     let Some(n) = find(&servers, Impl::NetRs) else {
         return Ok(());
     };
+    let ratios = |f: usize, of: fn(&Cell) -> Option<f64>| -> Vec<f64> {
+        (0..args.runs)
+            .filter_map(|r| Some(of(&cells[n][r])? / of(&cells[f][r])?))
+            .collect()
+    };
     let framed: Vec<usize> = (0..servers.len()).filter(|&i| i != n).collect();
     for &f in &framed {
-        let ratios: Vec<f64> = (0..args.runs).map(|r| rates[n][r] / rates[f][r]).collect();
+        let rate = ratios(f, |c| Some(c.rate));
+        let cpu = ratios(f, |c| c.server_cpu);
         println!(
-            "net-rs / {}: per run {}; median {:.3}x",
+            "net-rs / {}: req/s per run {}, median {:.3}x; server CPU/req per run {}, median {:.3}x",
             servers[f].imp.name(),
-            ratios
-                .iter()
-                .map(|r| format!("{r:.3}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            median(&ratios)
+            list(&rate),
+            median(&rate),
+            list(&cpu),
+            median(&cpu),
         );
     }
+    let median_rate = |i: usize| median(&cells[i].iter().map(|c| c.rate).collect::<Vec<_>>());
     if let Some(&base) = framed
         .iter()
-        .max_by(|&&a, &&b| median(&rates[a]).total_cmp(&median(&rates[b])))
+        .max_by(|&&a, &&b| median_rate(a).total_cmp(&median_rate(b)))
     {
-        let ratios: Vec<f64> = (0..args.runs)
-            .map(|r| rates[n][r] / rates[base][r])
-            .collect();
-        let m = median(&ratios);
+        let m = median(&ratios(base, |c| Some(c.rate)));
         println!(
-            "baseline (faster Framed variant by median req/s): {}; median ratio net-rs / baseline {m:.3}x ({})",
+            "baseline (the faster Framed variant by median req/s): {}; median ratio net-rs / \
+             baseline {m:.3}x ({})",
             servers[base].imp.name(),
             if m >= 1.0 {
                 "net-rs at least as fast"
@@ -266,22 +301,71 @@ fn bench(args: Args) -> Result<(), String> {
     Ok(())
 }
 
+/// What one cell measured.
+struct Cell {
+    /// Requests per second.
+    rate: f64,
+    /// CPU time of the server's threads per request, in µs (server in this process).
+    server_cpu: Option<f64>,
+    /// CPU time of the client runtime's threads per request, in µs.
+    client_cpu: Option<f64>,
+}
+
 /// One measurement: a fresh pool, warm-up (untimed), `requests` timed requests, close.
-/// Returns requests per second.
+/// `server_threads`: the thread name of a server in this process, to measure its CPU.
 async fn cell(
     addr: SocketAddr,
+    server_threads: Option<&str>,
     work: &Arc<Workload>,
     clients: usize,
     requests: u64,
-) -> Result<f64, String> {
+) -> Result<Cell, String> {
     bounded(RUN_TIMEOUT, async {
         let pool = client::pool(addr, clients).map_err(|e| e.to_string())?;
         client::warm_up(&pool, work, clients).await?;
+        let server0 = server_threads.and_then(thread_cpu);
+        let client0 = thread_cpu(CLIENT_THREADS);
         let elapsed = client::drive(&pool, work, clients, requests).await?;
+        let server1 = server_threads.and_then(thread_cpu);
+        let client1 = thread_cpu(CLIENT_THREADS);
         bounded(REQUEST_TIMEOUT, pool.close()).await?;
-        Ok(requests as f64 / elapsed.as_secs_f64())
+        let per_req = |a: Option<Duration>, b: Option<Duration>| {
+            Some((b? - a?).as_secs_f64() * 1e6 / requests as f64)
+        };
+        Ok(Cell {
+            rate: requests as f64 / elapsed.as_secs_f64(),
+            server_cpu: per_req(server0, server1),
+            client_cpu: per_req(client0, client1),
+        })
     })
     .await?
+}
+
+/// CPU time used so far by this process's threads called `name` (Linux only: the
+/// scheduler's run time from `/proc/self/task/*/schedstat`; `None` elsewhere).
+fn thread_cpu(name: &str) -> Option<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let path = task.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(path.join("schedstat")).unwrap_or_default();
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
+fn us(v: Option<f64>) -> String {
+    v.map_or_else(|| "? µs".into(), |v| format!("{v:.1} µs"))
+}
+
+fn list(xs: &[f64]) -> String {
+    xs.iter()
+        .map(|r| format!("{r:.3}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn bounded<T>(

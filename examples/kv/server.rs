@@ -37,6 +37,16 @@ impl Impl {
         }
     }
 
+    /// The name of its runtime's threads (at most 15 bytes: Linux truncates longer
+    /// names), by which `bench` finds the CPU time they use.
+    pub fn thread_name(self) -> &'static str {
+        match self {
+            Impl::NetRs => "kv-netrs",
+            Impl::FramedSend => "kv-framed-send",
+            Impl::FramedFeed => "kv-framed-feed",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Impl> {
         match s {
             "netrs" | "net-rs" => Some(Impl::NetRs),
@@ -74,7 +84,7 @@ pub fn runtime(name: &str, workers: usize) -> tokio::runtime::Runtime {
 
 /// Start `imp` on `addr` on a runtime of its own with 2 worker threads.
 pub fn start(imp: Impl, addr: &str) -> io::Result<Server> {
-    let rt = runtime(&format!("kv-{}", imp.name().replace(' ', "-")), 2);
+    let rt = runtime(imp.thread_name(), 2);
     let store = Arc::new(Store::default());
     let addr = match imp {
         Impl::NetRs => {

@@ -55,6 +55,9 @@ struct RecvState {
     large: Option<Large>,
     /// Size of the next read attempt: grows while reads fill it, shrinks when they don't.
     read_size: usize,
+    /// Where reads land before their bytes are appended to `buf` (grows with
+    /// `read_size`, at most `READ_CHUNK`).
+    scratch: Vec<u8>,
     eof: bool,
     /// Sticky failure: every later `recv` returns it.
     error: Option<Error>,
@@ -135,6 +138,7 @@ impl RecvSide {
                 decoder: Decoder::new(max),
                 large: None,
                 read_size: MIN_READ,
+                scratch: Vec::new(),
                 eof: false,
                 error: None,
                 waiters: Slab::new(),
@@ -337,18 +341,20 @@ impl RecvState {
             let Some(reader) = self.reader.as_mut() else {
                 return self.fail(Error::closed("recv"));
             };
-            if self.buf.capacity() - self.buf.len() < MIN_READ {
-                self.buf.reserve(READ_CHUNK);
+            // Read into the scratch buffer, zeroed once and reused, then append what
+            // came: a read that finds nothing (every `recv` that waits) costs no
+            // zeroing of fresh buffer space, and a small message a copy of its size.
+            let want = self.read_size;
+            if self.scratch.len() < want {
+                self.scratch.resize(want, 0);
             }
-            let start = self.buf.len();
-            let want = (self.buf.capacity() - start).min(self.read_size);
-            self.buf.resize(start + want, 0);
-            let res = Pin::new(reader).poll_read(cx, &mut self.buf[start..]);
-            let got = match &res {
-                Poll::Ready(Ok(n)) => *n,
-                _ => 0,
-            };
-            self.buf.truncate(start + got);
+            let res = Pin::new(reader).poll_read(cx, &mut self.scratch[..want]);
+            if let Poll::Ready(Ok(n)) = res {
+                if self.buf.capacity() - self.buf.len() < n {
+                    self.buf.reserve(n.max(READ_CHUNK));
+                }
+                self.buf.extend_from_slice(&self.scratch[..n]);
+            }
             match res {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => self.eof = true,

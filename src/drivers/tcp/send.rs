@@ -235,6 +235,19 @@ impl SendSide {
         if st.queued > 0 && st.queued + len > self.limit {
             return Ok(Some(msg));
         }
+        if st.owner == Owner::Idle && !self.corked.load(Ordering::Relaxed) {
+            // Idle (so nothing is queued): write this frame now, straight from the
+            // caller's `Bytes`, without staging it.
+            st.owner = Owner::Inline;
+            st.queued += len;
+            st.accepted_total += len as u64;
+            drop(st);
+            if self.busy_poll.is_zero() {
+                self.corked.store(true, Ordering::Relaxed);
+            }
+            self.write_first(header, msg);
+            return Ok(None);
+        }
         let mut sealed_full = false;
         if msg.len() <= COALESCE {
             if st.staging.capacity() - st.staging.len() < len {
@@ -271,51 +284,89 @@ impl SendSide {
             }
             return Ok(None);
         }
-        if self.corked.load(Ordering::Relaxed) {
-            st.owner = Owner::Task;
-            let writer = st.parked.take();
-            drop(st);
-            if let Some(w) = writer {
-                w.wake();
-            }
-            return Ok(None);
-        }
-        st.owner = Owner::Inline;
+        // Idle but corked: the burst goes on; the writer task takes it from here.
+        st.owner = Owner::Task;
+        let writer = st.parked.take();
         drop(st);
-        if self.busy_poll.is_zero() {
-            self.corked.store(true, Ordering::Relaxed);
+        if let Some(w) = writer {
+            w.wake();
         }
-        self.write_inline();
         Ok(None)
     }
 
-    /// Write what is queued from the caller's thread (the caller owns the socket);
-    /// then hand ownership back: `Idle` when everything went out, else to the writer
-    /// task (or the linger thread if the task is gone).
-    fn write_inline(&self) {
-        let drained = {
-            let mut pen = lock_pen(&self.pen);
-            let mut drained = self.drain(&mut pen, &mut Io::Now);
-            if drained.is_pending() && !self.busy_poll.is_zero() {
-                let start = Instant::now();
-                while drained.is_pending() && start.elapsed() < self.busy_poll {
-                    std::hint::spin_loop();
-                    drained = self.drain(&mut pen, &mut Io::Now);
+    /// The inline fast path: the caller owns the socket and writes its one frame
+    /// without blocking; what the socket does not take goes to the front of the pen's
+    /// batch (before anything queued meanwhile) and ownership passes on.
+    fn write_first(&self, header: [u8; HEADER_LEN], msg: Bytes) {
+        let len = HEADER_LEN + msg.len();
+        let mut pen = lock_pen(&self.pen);
+        let mut written = 0usize;
+        let mut failed = None;
+        let start = (!self.busy_poll.is_zero()).then(Instant::now);
+        while written < len {
+            let Some(sock) = pen.sock.as_ref() else {
+                failed = Some(Ok(()));
+                break;
+            };
+            let iov = if written < HEADER_LEN {
+                [IoSlice::new(&header[written..]), IoSlice::new(&msg)]
+            } else {
+                [
+                    IoSlice::new(&msg[written - HEADER_LEN..]),
+                    IoSlice::new(&[]),
+                ]
+            };
+            match sock.write_now(&iov) {
+                Ok(0) => {
+                    failed = Some(Err(Error::new(
+                        ErrorKind::ConnectionReset,
+                        "send: the socket accepted no bytes",
+                    )));
+                    break;
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Latency mode keeps trying for its window (see `busy_poll`).
+                    match start {
+                        Some(t) if t.elapsed() < self.busy_poll => std::hint::spin_loop(),
+                        _ => break,
+                    }
+                }
+                Err(e) => {
+                    failed = Some(Err(e.into()));
+                    break;
                 }
             }
-            drained
-        };
-        match drained {
-            Poll::Ready(Drained::Stop(r)) => {
-                self.stop(r);
-                return;
-            }
-            Poll::Ready(Drained::Finished) => {
-                self.finish();
-                return;
-            }
-            Poll::Ready(Drained::Empty) | Poll::Pending => {}
         }
+        if failed.is_none() && written < len {
+            if written < HEADER_LEN {
+                pen.batch
+                    .push_back(Bytes::copy_from_slice(&header[written..]));
+                pen.batch.push_back(msg);
+            } else {
+                pen.batch.push_back(msg.slice(written - HEADER_LEN..));
+            }
+        }
+        drop(pen);
+        if written > 0 {
+            {
+                let mut st = lock(&self.state);
+                st.queued -= written;
+                st.written_total += written as u64;
+            }
+            self.space.notify(usize::MAX);
+            self.progress.notify(usize::MAX);
+        }
+        match failed {
+            Some(r) => self.stop(r),
+            None => self.release_inline(),
+        }
+    }
+
+    /// An inline writer is done: `Idle` if nothing is left, else ownership passes to
+    /// the writer task (or the linger thread if the task is gone).
+    fn release_inline(&self) {
         let mut st = lock(&self.state);
         if !st.has_work() {
             st.owner = Owner::Idle;

@@ -50,6 +50,16 @@ pub mod transport;
 
 pub use error::{Error, ErrorKind, Result};
 
+/// Internals for the fuzz targets in `fuzz/` (built only with `--cfg fuzzing`, as
+/// `cargo fuzz` does): not part of the API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The RDMA wire encodings (`drivers/rdma/wire.rs`).
+    #[cfg(feature = "rdma")]
+    pub use crate::drivers::rdma::wire::{Hello, Imm, ImmFlags, WireError, WrKind};
+}
+
 /// The README's code examples, compiled as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -15,6 +15,8 @@
 //!   connections.
 //! * `events`: RDMA-CM events after setup (peer disconnected or dead) routed to the
 //!   connection they concern.
+//! * `wire`: everything on the wire or in a `wr_id`, typed: the immediate data, the
+//!   hello, the work-request numbering.
 
 mod buffer;
 pub mod cm;
@@ -25,3 +27,7 @@ pub mod poller;
 mod recv_pool;
 mod slab_allocator;
 pub mod transport;
+// Its items are `pub` so that `crate::fuzzing` can re-export them to the fuzz targets
+// (`--cfg fuzzing`); in every other build they are private to the driver.
+#[cfg_attr(not(fuzzing), allow(unreachable_pub))]
+pub(crate) mod wire;

@@ -1,7 +1,7 @@
 //! The pre-posted receive buffers of one connection.
 //!
 //! `depth` registered buffers of `chunk` bytes, each named by its index (the receive
-//! `wr_id` is the driver tag plus that index, never a pointer). A buffer is in exactly
+//! `wr_id` is [`WrKind::Recv`] of that index, never a pointer). A buffer is in exactly
 //! one place: posted (the table holds it while the device may write it), taken by a
 //! receive completion, lent to the application (a [`Lease`](super::buffer::Lease)
 //! holds it), or waiting to be posted again. Buffers coming back are posted in batches:
@@ -9,12 +9,9 @@
 
 use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair, SetScatterGatherEntry};
 
+use super::wire::WrKind;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mem::{Slab, SlabBuf};
-use crate::reactor::WrId;
-
-/// `wr_id` of receive `idx`: driver-tagged.
-pub(crate) const RECV_TAG: u64 = WrId::DRIVER_TAG;
 
 impl std::fmt::Debug for RecvPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -69,9 +66,9 @@ impl RecvPool {
         Ok(pool)
     }
 
-    /// The buffer of a receive completion's `wr_id`, out of the table.
-    pub(crate) fn take(&mut self, wr_id: u64) -> Option<(usize, SlabBuf)> {
-        let idx = (wr_id & 0xFFFF_FFFF) as usize;
+    /// Buffer `idx` (from a receive completion's [`WrKind::Recv`]), out of the table.
+    pub(crate) fn take(&mut self, idx: u32) -> Option<(usize, SlabBuf)> {
+        let idx = idx as usize;
         Some((idx, self.bufs.get_mut(idx)?.take()?))
     }
 
@@ -110,7 +107,8 @@ impl RecvPool {
             // it stays in `self.bufs[idx]` until this receive's completion has been
             // polled (`take`); the QP is destroyed before the pool and the slab's memory.
             unsafe {
-                g.construct_wr(RECV_TAG | idx as u64).setup_sge(
+                // `idx < depth`, a `u32`.
+                g.construct_wr(WrKind::Recv(idx as u32).to_u64()).setup_sge(
                     buf.key(),
                     buf.as_ref().as_ptr() as u64,
                     self.chunk as u32,

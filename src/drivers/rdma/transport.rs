@@ -13,7 +13,8 @@
 //!   half a message on the wire) and the pump posts it as SEND_WITH_IMM fragments of
 //!   the smaller `chunk` of both sides while credits last, several per doorbell. The
 //!   immediate data carries the credits being returned (16 bits) and flags: last
-//!   fragment, credit-only update, hello, end of stream. A fragment in registered
+//!   fragment, credit-only update, hello, end of stream (their encodings, and the
+//!   `wr_id` numbering, are in `wire.rs`). A fragment in registered
 //!   memory (an `alloc_buf` buffer, a received message) is sent where it is; others go
 //!   through a registered bounce slot. The op-slab entry owns either until the
 //!   completion; the pump runs again when credits or send-queue slots come back.
@@ -45,25 +46,20 @@ use super::cm::{CmHandle, CmListener, CQ_ENTRIES, QUEUE_DEPTH};
 use super::context::RdmaContext;
 use super::device::{DeviceReactor, Member};
 use super::poller::CqSource;
-use super::recv_pool::{RecvPool, RECV_TAG};
+use super::recv_pool::RecvPool;
+use super::wire::{Hello, Imm, ImmFlags, WrKind};
 use crate::buffer::Buf;
 use crate::codec::too_large;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mem::{Slab, SlabBuf};
 use crate::reactor::credit::Credits;
-use crate::reactor::{Completion, CompletionSource, OpSlab, PollerConfig, WrId};
+use crate::reactor::{Completion, CompletionSource, OpSlab, PollerConfig};
 use crate::transport::Transport;
 
-/// The `wr_id` of credit updates: driver-tagged, above every receive index.
-const CONTROL_WR: u64 = WrId::DRIVER_TAG | 1 << 40;
-const LAST: u32 = 1 << 16;
-const CONTROL: u32 = 1 << 17;
-const FIN: u32 = 1 << 18;
-const HELLO: u32 = 1 << 19;
 /// Sends in flight from which `send` queues without posting (see `send`).
 const CORK_IN_FLIGHT: u32 = 8;
 /// Smallest receive buffer (a hello must fit).
-const MIN_CHUNK: usize = 64;
+const MIN_CHUNK: usize = Hello::MIN_CHUNK as usize;
 
 /// Largest `alloc_buf` served from registered memory; larger buffers come from the
 /// heap (and are copied when sent).
@@ -101,7 +97,7 @@ impl RdmaConfig {
     /// receive queue's size).
     fn normalized(mut self) -> Self {
         self.chunk = self.chunk.max(MIN_CHUNK);
-        self.depth = self.depth.clamp(3, QUEUE_DEPTH);
+        self.depth = self.depth.clamp(Hello::MIN_DEPTH, QUEUE_DEPTH);
         self
     }
 }
@@ -132,54 +128,6 @@ struct Outgoing {
     kind: Kind,
 }
 
-/// What a peer announces in its hello.
-#[derive(Debug, Clone, Copy)]
-struct PeerParams {
-    depth: u32,
-    chunk: u32,
-    max_message_size: u64,
-}
-
-/// "NR" and the protocol version, first in every hello.
-const HELLO_MAGIC: u32 = 0x4E52_0001;
-const HELLO_LEN: usize = 20;
-
-impl PeerParams {
-    fn encode(&self) -> Bytes {
-        let mut b = Vec::with_capacity(HELLO_LEN);
-        b.extend_from_slice(&HELLO_MAGIC.to_be_bytes());
-        b.extend_from_slice(&self.depth.to_be_bytes());
-        b.extend_from_slice(&self.chunk.to_be_bytes());
-        b.extend_from_slice(&self.max_message_size.to_be_bytes());
-        b.into()
-    }
-
-    fn decode(b: &[u8]) -> Result<PeerParams> {
-        let bad = |why: &str| {
-            Error::new(
-                ErrorKind::InvalidData,
-                format!("the peer's hello is not net-rs protocol 1: {why}"),
-            )
-        };
-        if b.len() < HELLO_LEN {
-            return Err(bad("too short"));
-        }
-        let word = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        if word(0) != HELLO_MAGIC {
-            return Err(bad(&format!("magic {:#x}", word(0))));
-        }
-        let p = PeerParams {
-            depth: word(4),
-            chunk: word(8),
-            max_message_size: u64::from_be_bytes(b[12..20].try_into().expect("8 bytes")),
-        };
-        if p.depth < 3 || (p.chunk as usize) < MIN_CHUNK {
-            return Err(bad(&format!("depth {} / chunk {}", p.depth, p.chunk)));
-        }
-        Ok(p)
-    }
-}
-
 struct State {
     credits: Credits,
     sq_free: u32,
@@ -197,7 +145,7 @@ struct State {
     partial: Vec<u8>,
     recv: RecvPool,
     /// The peer's parameters, from its hello.
-    peer: Option<PeerParams>,
+    peer: Option<Hello>,
     /// Fragment size: the smaller of both sides' receive buffers.
     frag: usize,
     peer_fin: bool,
@@ -240,6 +188,14 @@ struct Shared {
     cfg: RdmaConfig,
     cm: CmHandle,
     _context: RdmaContext,
+}
+
+/// The immediate data of a SEND carrying `credits` (at most
+/// [`MAX_PIGGYBACK`](crate::reactor::credit::MAX_PIGGYBACK), which [`Credits`] never
+/// exceeds) and `flags`.
+fn imm_data(credits: u32, flags: ImmFlags) -> u32 {
+    let credits = u16::try_from(credits).expect("Credits hands out at most 16 bits");
+    Imm { credits, flags }.encode()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -467,10 +423,10 @@ impl Shared {
             };
             let Some(piggy) = piggy else { break };
             let flags = match kind {
-                Kind::Hello => CONTROL | HELLO,
-                Kind::Fin => FIN,
-                Kind::Data if n == left => LAST,
-                Kind::Data => 0,
+                Kind::Hello => ImmFlags::Hello,
+                Kind::Fin => ImmFlags::Fin,
+                Kind::Data if n == left => ImmFlags::LastFragment,
+                Kind::Data => ImmFlags::Fragment,
             };
             let front = st.sendq.front_mut().expect("checked above");
             let frag = front.data.slice(front.off..front.off + n);
@@ -492,8 +448,8 @@ impl Shared {
             let (key, addr) = (staged.lkey, staged.addr);
             let op = self.ops.register(staged.keep);
             wrs.push(Wr {
-                wr_id: op.wr_id().to_u64(),
-                imm: flags | piggy,
+                wr_id: WrKind::Op(op.wr_id()).to_u64(),
+                imm: imm_data(piggy, flags),
                 sge: Some((key, addr, n as u32)),
                 _op: Some(op),
             });
@@ -502,8 +458,8 @@ impl Shared {
             if let Some(piggy) = st.credits.take_for_update() {
                 st.sq_free -= 1;
                 wrs.push(Wr {
-                    wr_id: CONTROL_WR,
-                    imm: CONTROL | piggy,
+                    wr_id: WrKind::Control.to_u64(),
+                    imm: imm_data(piggy, ImmFlags::CreditUpdate),
                     sge: None,
                     _op: None,
                 });
@@ -543,8 +499,8 @@ impl Shared {
         }
     }
 
-    fn on_recv(&self, st: &mut State, c: &Completion) {
-        let Some((idx, buf)) = st.recv.take(c.wr_id) else {
+    fn on_recv(&self, st: &mut State, idx: u32, c: &Completion) {
+        let Some((idx, buf)) = st.recv.take(idx) else {
             return;
         };
         if !c.is_success() {
@@ -555,20 +511,31 @@ impl Shared {
             self.fail(st, e);
             return;
         }
-        let imm = c.imm.unwrap_or(0);
-        st.credits.on_receive(imm & 0xFFFF);
-        if imm & HELLO != 0 {
-            match PeerParams::decode(&buf.as_ref()[..c.byte_len as usize]) {
+        let imm = match c.imm.map(Imm::decode) {
+            Some(Ok(imm)) => imm,
+            Some(Err(e)) => {
+                self.fail(st, e.into());
+                return;
+            }
+            None => {
+                let e = Error::new(ErrorKind::InvalidData, "a receive without immediate data");
+                self.fail(st, e);
+                return;
+            }
+        };
+        st.credits.on_receive(u32::from(imm.credits));
+        if imm.flags == ImmFlags::Hello {
+            match Hello::decode(&buf.as_ref()[..c.byte_len as usize]) {
                 Ok(p) if st.peer.is_none() => {
                     st.credits.on_hello(p.depth);
                     st.frag = self.cfg.chunk.min(p.chunk as usize);
                     st.peer = Some(p);
                 }
                 Ok(_) => {}
-                Err(e) => self.fail(st, e),
+                Err(e) => self.fail(st, e.into()),
             }
         }
-        if imm & (CONTROL | FIN) == 0 {
+        if imm.flags.is_data() {
             let len = c.byte_len as usize;
             if st.partial.len() + len > self.cfg.max_message_size {
                 let size = (st.partial.len() + len) as u64;
@@ -578,18 +545,19 @@ impl Shared {
             // A whole message in one buffer is lent as it is, while at most half the
             // receive buffers are out: the rest keep cycling, so receives never run dry
             // however many messages the application holds (those are copied).
-            if imm & LAST != 0 && st.partial.is_empty() && len > 0 && st.recv.try_lend() {
+            let last = imm.flags == ImmFlags::LastFragment;
+            if last && st.partial.is_empty() && len > 0 && st.recv.try_lend() {
                 let msg = Lease::bytes(buf, idx, len, self.me.clone());
                 st.recvq.push_back(msg);
                 return;
             }
             st.partial.extend_from_slice(&buf.as_ref()[..len]);
-            if imm & LAST != 0 {
+            if last {
                 let msg = std::mem::take(&mut st.partial);
                 st.recvq.push_back(Bytes::from(msg));
             }
         }
-        if imm & FIN != 0 {
+        if imm.flags == ImmFlags::Fin {
             st.peer_fin = true;
         }
         // Posted again with the batch's other buffers (`post_receives`).
@@ -610,20 +578,27 @@ impl Shared {
         // ever registered.
         let sends: Vec<Completion> = batch
             .iter()
-            .filter(|c| c.wr_id & RECV_TAG == 0)
+            .filter(|c| matches!(WrKind::try_from(c.wr_id), Ok(WrKind::Op(_))))
             .copied()
             .collect();
         self.ops.complete_batch(&sends, &mut Vec::new());
         {
             let mut st = self.lock_state();
             for c in batch {
-                if c.wr_id == CONTROL_WR {
-                    st.sq_free += 1;
-                    continue;
-                }
-                if c.wr_id & RECV_TAG != 0 {
-                    self.on_recv(&mut st, c);
-                    continue;
+                match WrKind::try_from(c.wr_id) {
+                    Ok(WrKind::Op(_)) => {}
+                    Ok(WrKind::Control) => {
+                        st.sq_free += 1;
+                        continue;
+                    }
+                    Ok(WrKind::Recv(idx)) => {
+                        self.on_recv(&mut st, idx, c);
+                        continue;
+                    }
+                    Err(e) => {
+                        self.fail(&mut st, e.into());
+                        continue;
+                    }
                 }
                 st.sq_free += 1;
                 st.data_in_flight -= 1;
@@ -726,12 +701,14 @@ impl RdmaTransport {
         let (qp, source, context, cm) = conn.into_parts();
         // Parameters travel in-band (sideway has no RDMA-CM private data): the hello
         // is the first message each side sends.
-        let hello = PeerParams {
-            depth: cfg.depth,
-            chunk: cfg.chunk as u32,
-            max_message_size: cfg.max_message_size as u64,
-        }
-        .encode();
+        let hello = Bytes::copy_from_slice(
+            &Hello {
+                depth: cfg.depth,
+                chunk: cfg.chunk as u32,
+                max_message_size: cfg.max_message_size as u64,
+            }
+            .encode(),
+        );
         let mut source =
             source.ok_or_else(|| Error::new(ErrorKind::Registration, "no completion queue"))?;
         let cm_channel = source.take_cm();

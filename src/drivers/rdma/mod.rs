@@ -18,14 +18,26 @@
 //! * `wire`: everything on the wire or in a `wr_id`, typed: the immediate data, the
 //!   hello, the work-request numbering.
 
+#[cfg(feature = "rdma")]
 mod buffer;
+#[cfg(feature = "rdma")]
 pub mod cm;
+pub(crate) mod conn;
+#[cfg(feature = "rdma")]
 pub mod context;
+#[cfg(feature = "rdma")]
 mod device;
+#[cfg(feature = "rdma")]
 mod events;
+#[cfg(feature = "rdma")]
 pub mod poller;
+#[cfg(feature = "rdma")]
 mod recv_pool;
+#[cfg(test)]
+mod sim;
+#[cfg(feature = "rdma")]
 mod slab_allocator;
+#[cfg(feature = "rdma")]
 pub mod transport;
 // Its items are `pub` so that `crate::fuzzing` can re-export them to the fuzz targets
 // (`--cfg fuzzing`); in every other build they are private to the driver.

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use net_rs::drivers::tcp::{TcpConfig, TcpTransport};
-use net_rs::runtime::Runtime;
+use net_rs::drivers::tcp::TcpTransport;
 use net_rs::transport::Transport;
 use net_rs::ErrorKind;
 
@@ -174,7 +173,9 @@ fn queued_messages_are_delivered_after_the_runtime_is_dropped() {
 #[cfg(feature = "async-std")]
 #[test]
 fn async_io_with_a_dropped_executor() {
+    use net_rs::drivers::tcp::TcpConfig;
     use net_rs::runtime::async_io::AsyncIoRuntime;
+    use net_rs::runtime::Runtime;
     let (addr, counted) = peer();
     let ex = Arc::new(async_executor::Executor::new());
     let (stop, stopped) = smol::channel::bounded::<()>(1);

@@ -12,7 +12,6 @@
 //! boxed transport can go wherever a generic one can (for example into a
 //! [`ConnectionPool`](crate::pool::ConnectionPool)).
 
-use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,14 +21,7 @@ use bytes::Bytes;
 use crate::buffer::Buf;
 use crate::error::Result;
 
-/// A source of message buffers for one kind of transport.
-///
-/// The TCP pool is recycled heap memory; the RDMA pool hands out pre-registered memory,
-/// which the RDMA transport sends without copying once frozen into [`Bytes`].
-pub trait BufferPool: Send + Sync + fmt::Debug {
-    /// A zero-filled buffer of `len` bytes.
-    fn alloc(&self, len: usize) -> Buf;
-}
+pub use crate::buffer::BufferPool;
 
 /// A boxed, `Send` future, as returned by [`DynTransport`] and the runtime adapters.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -1,4 +1,4 @@
-//! Message buffers and the plain-memory [`BufferPool`].
+//! Message buffers: [`Buf`], the [`BufferPool`] trait, and its plain-memory pool.
 //!
 //! A [`Buf`] is what [`Transport::alloc_buf`](crate::transport::Transport::alloc_buf)
 //! hands out: a zero-filled, writable buffer whose [`Buf::freeze`] turns it into
@@ -14,8 +14,6 @@ use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 
-use crate::transport::BufferPool;
-
 /// Memory that can back a [`Buf`].
 ///
 /// Implementations return their memory to wherever it came from when dropped. The slice
@@ -24,6 +22,15 @@ use crate::transport::BufferPool;
 pub trait BufStorage: AsRef<[u8]> + AsMut<[u8]> + Send + Sync + 'static {}
 
 impl<T: AsRef<[u8]> + AsMut<[u8]> + Send + Sync + 'static> BufStorage for T {}
+
+/// A source of message buffers for one kind of transport.
+///
+/// The TCP pool is recycled heap memory; the RDMA pool hands out pre-registered memory,
+/// which the RDMA transport sends without copying once frozen into [`Bytes`].
+pub trait BufferPool: Send + Sync + fmt::Debug {
+    /// A zero-filled buffer of `len` bytes.
+    fn alloc(&self, len: usize) -> Buf;
+}
 
 /// A writable message buffer from a [`BufferPool`].
 ///

@@ -18,7 +18,6 @@
 //! explicitly: `transport.messages()`, or [`Messages::from_handle`] over an `Arc` or a
 //! pooled connection.
 
-use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -30,16 +29,8 @@ use crate::error::Result;
 
 mod messages;
 
+pub use crate::buffer::BufferPool;
 pub use messages::Messages;
-
-/// A source of message buffers for one kind of transport.
-///
-/// The TCP pool is recycled heap memory; the RDMA pool hands out pre-registered memory,
-/// which the RDMA transport sends without copying once frozen into [`Bytes`].
-pub trait BufferPool: Send + Sync + fmt::Debug {
-    /// A zero-filled buffer of `len` bytes.
-    fn alloc(&self, len: usize) -> Buf;
-}
 
 /// A boxed, `Send` future, as returned by [`DynTransport`] and the runtime adapters.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

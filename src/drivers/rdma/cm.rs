@@ -24,13 +24,15 @@ use sideway::rdmacm::communication_manager::{
     ConnectionParameter, Event, EventChannel, EventType, GetEventErrorKind, Identifier, PortSpace,
 };
 
+pub use super::config::{CQ_ENTRIES, QUEUE_DEPTH};
 use super::context::RdmaContext;
 use super::events::{self, Watch};
 use super::poller::CqSource;
 use crate::error::{Error, ErrorKind, Result};
 
-/// Work requests each queue's side may have outstanding.
-pub const QUEUE_DEPTH: u32 = 512;
+// The transport-level face (`connect`, `listen`) lives in the driver's root module;
+// re-exported here so the paths it always had keep working.
+pub use super::{connect, connect_with, listen, RdmaListener};
 
 /// A connected RC queue pair and what it needs.
 pub struct CmConnection {
@@ -166,9 +168,6 @@ fn expect(ev: Event, want: EventType, what: &str) -> Result<Event> {
         format!("{what}: RDMA-CM answered {ty:?} (status {status}) instead of {want:?}"),
     ))
 }
-
-/// Completion-queue entries a connection needs: both queues full, and some slack.
-pub const CQ_ENTRIES: u32 = 2 * QUEUE_DEPTH + 16;
 
 /// Create the QP for `id` on its device (its CQ from `make_cq`) and move it to INIT.
 fn make_qp(
@@ -436,90 +435,5 @@ impl fmt::Debug for CmListener {
         f.debug_struct("CmListener")
             .field("port", &self.id.port())
             .finish_non_exhaustive()
-    }
-}
-
-/// Run a blocking RDMA-CM step on its own thread and await its result: no runtime needed.
-async fn off_thread<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let (tx, rx) = futures::channel::oneshot::channel();
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            let _ = tx.send(f());
-        })
-        .map_err(Error::from)?;
-    rx.await.unwrap_or_else(|_| {
-        Err(Error::new(
-            ErrorKind::Io(std::io::ErrorKind::Other),
-            "the RDMA-CM thread died",
-        ))
-    })
-}
-
-/// Connect an [`RdmaTransport`](super::transport::RdmaTransport) to `addr` with the
-/// default [`RdmaConfig`](super::transport::RdmaConfig), within `timeout`.
-///
-/// # Errors
-/// `ConnectionRefused` (no listener), `TimedOut`, `Unsupported` (no RDMA here).
-pub async fn connect(
-    addr: SocketAddr,
-    timeout: Duration,
-) -> Result<super::transport::RdmaTransport> {
-    connect_with(addr, timeout, super::transport::RdmaConfig::default()).await
-}
-
-/// [`connect`] with a configuration.
-///
-/// # Errors
-/// As [`connect`].
-pub async fn connect_with(
-    addr: SocketAddr,
-    timeout: Duration,
-    cfg: super::transport::RdmaConfig,
-) -> Result<super::transport::RdmaTransport> {
-    off_thread("net-rs-rdma-connect", move || {
-        super::transport::RdmaTransport::connect_blocking(addr, timeout, cfg)
-    })
-    .await
-}
-
-/// Listen for RDMA connections on `addr` (a local IP of an RDMA device or `0.0.0.0`).
-///
-/// # Errors
-/// As [`CmListener::bind`].
-pub fn listen(addr: SocketAddr) -> Result<RdmaListener> {
-    Ok(RdmaListener {
-        inner: Arc::new(CmListener::bind(addr)?),
-        config: super::transport::RdmaConfig::default(),
-    })
-}
-
-/// Accepts [`RdmaTransport`](super::transport::RdmaTransport)s.
-#[derive(Debug)]
-pub struct RdmaListener {
-    inner: Arc<CmListener>,
-    config: super::transport::RdmaConfig,
-}
-
-impl RdmaListener {
-    /// Use `config` for accepted connections.
-    pub fn with_config(mut self, config: super::transport::RdmaConfig) -> Self {
-        self.config = config;
-        self
-    }
-
-    /// Wait up to `timeout` for the next connection.
-    ///
-    /// # Errors
-    /// `TimedOut`, or the error of setting the connection up.
-    pub async fn accept(&self, timeout: Duration) -> Result<super::transport::RdmaTransport> {
-        let (l, cfg) = (self.inner.clone(), self.config.clone());
-        off_thread("net-rs-rdma-accept", move || {
-            super::transport::RdmaTransport::accept_blocking(&l, timeout, cfg)
-        })
-        .await
     }
 }

@@ -1,7 +1,11 @@
 //! The RDMA driver (feature `rdma`), on sideway. The only module that imports sideway.
+//! Without the feature only the pure protocol core is built: `wire`, `conn` (and the
+//! simulation `sim` in tests), which need no device and no rdma-core.
 //!
-//! * [`cm`]: `connect`/`listen`/`accept` with RDMA-CM, returning
-//!   [`transport::RdmaTransport`]s (and the bare queue-pair setup underneath).
+//! * [`connect`], [`connect_with`], [`listen`] and [`RdmaListener`]: the public face,
+//!   returning [`RdmaTransport`](transport::RdmaTransport)s (also at their old paths under [`cm`]).
+//! * [`cm`]: the queue-pair setup with RDMA-CM underneath.
+//! * [`config`]: [`RdmaConfig`](config::RdmaConfig) and the queue and memory sizes derived from it.
 //! * [`transport`]: the `Transport` itself: hello, credits, fragments, the pump.
 //! * `recv_pool`: the pre-posted receive buffers, posted again in batches.
 //! * `buffer`: registered memory as `Bytes`: lent receive buffers, and fragments sent
@@ -17,12 +21,19 @@
 //!   connection they concern.
 //! * `wire`: everything on the wire or in a `wr_id`, typed: the immediate data, the
 //!   hello, the work-request numbering.
+//! * `conn`: the connection's protocol as a pure state machine (no verbs, locks, clock
+//!   or threads), which `transport` drives; `sim` (tests) runs two of them through a
+//!   seeded simulation of the wire.
 
 #[cfg(feature = "rdma")]
 mod buffer;
 #[cfg(feature = "rdma")]
 pub mod cm;
+#[cfg(feature = "rdma")]
+pub mod config;
 pub(crate) mod conn;
+#[cfg(feature = "rdma")]
+mod connect;
 #[cfg(feature = "rdma")]
 pub mod context;
 #[cfg(feature = "rdma")]
@@ -43,3 +54,6 @@ pub mod transport;
 // (`--cfg fuzzing`); in every other build they are private to the driver.
 #[cfg_attr(not(fuzzing), allow(unreachable_pub))]
 pub(crate) mod wire;
+
+#[cfg(feature = "rdma")]
+pub use connect::{connect, connect_with, listen, RdmaListener};

@@ -1,0 +1,74 @@
+//! The settings of an RDMA connection and the sizes derived from them: [`RdmaConfig`],
+//! the queue pair's and completion queue's depths, the registered-memory limits.
+//!
+//! A leaf of the driver: the connection setup (`cm`) and the transport both read it,
+//! neither is read by it.
+
+use std::time::Duration;
+
+use super::wire::Hello;
+use crate::reactor::PollerConfig;
+
+/// Work requests each queue's side may have outstanding.
+pub const QUEUE_DEPTH: u32 = 512;
+
+/// Completion-queue entries a connection needs: both queues full, and some slack.
+pub const CQ_ENTRIES: u32 = 2 * QUEUE_DEPTH + 16;
+
+/// Smallest receive buffer (a hello must fit).
+const MIN_CHUNK: usize = Hello::MIN_CHUNK as usize;
+
+/// Largest `alloc_buf` served from registered memory; larger buffers come from the
+/// heap (and are copied when sent).
+pub const APP_MAX: usize = 4 << 20;
+/// Size of each region `alloc_buf` memory is registered in.
+pub(crate) const APP_REGION: usize = 8 << 20;
+
+/// Settings of an RDMA connection. The peers tell each other theirs in a hello (the
+/// first message on every connection), so they need not match: fragments are the
+/// smaller `chunk`, each side's credits start at the other's `depth`, and a message
+/// larger than the peer's `max_message_size` is refused by `send`.
+#[derive(Debug, Clone)]
+pub struct RdmaConfig {
+    /// Largest message sent or accepted (default 8 MiB, like TCP).
+    pub max_message_size: usize,
+    /// Receive buffer (fragment) size in bytes (default 4096).
+    pub chunk: usize,
+    /// Receive buffers kept posted, the peer's initial credits (default 512).
+    pub depth: u32,
+    /// Bytes `send` may queue before it waits (default 4 MiB).
+    pub send_buffer: usize,
+    /// Spin and yield windows of the device's completion poller thread, which drives
+    /// every connection on the device: the connection that starts it (the first on its
+    /// device while none is open) sets them.
+    pub poller: PollerConfig,
+    /// Latency mode: a task waiting on this connection polls the completion queue
+    /// itself for up to this long before it parks (default `None`: it parks at once
+    /// and the poller thread wakes it). Saves the thread hand-off on every message at
+    /// the price of a busy CPU while waiting. The device thread does not arm a CQ that
+    /// a task is polling.
+    pub busy_poll: Option<Duration>,
+}
+
+impl RdmaConfig {
+    /// Raise `chunk` to at least 64 bytes and keep `depth` within 3 ..= 512 (the
+    /// receive queue's size).
+    pub(crate) fn normalized(mut self) -> Self {
+        self.chunk = self.chunk.max(MIN_CHUNK);
+        self.depth = self.depth.clamp(Hello::MIN_DEPTH, QUEUE_DEPTH);
+        self
+    }
+}
+
+impl Default for RdmaConfig {
+    fn default() -> Self {
+        RdmaConfig {
+            max_message_size: 8 << 20,
+            chunk: 4096,
+            depth: QUEUE_DEPTH,
+            send_buffer: 4 << 20,
+            poller: PollerConfig::default(),
+            busy_poll: None,
+        }
+    }
+}

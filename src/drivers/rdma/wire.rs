@@ -24,8 +24,9 @@
 //!   0            4          8          12                     20
 //!   +------------+----------+----------+----------------------+
 //!   | magic: u32 | depth:   | chunk:   | max_message_size:    |
-//!   | 4E 52 00 01| u32      | u32 (B)  | u64 (B)              |
-//!   | "NR", v1   | receives | per buf. | per message          |
+//!   | 4E 52 00 01| u32      | u32      | u64                  |
+//!   | "NR", v1   | receives | bytes in | bytes in the largest |
+//!   |            | posted   | a buffer | message accepted     |
 //!   +------------+----------+----------+----------------------+
 //!   ```
 //!

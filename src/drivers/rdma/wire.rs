@@ -4,7 +4,7 @@
 //! net-rs never makes (with a [`WireError`] saying what is wrong, never a panic):
 //!
 //! * [`Imm`]: the 32-bit immediate data of every SEND_WITH_IMM. Bits 0..16 carry the
-//!   credits being returned, bits 16..20 the [`ImmFlags`], bits 20..32 are zero.
+//!   credits being returned, bits 16..20 the [`ImmFlags`], bits 20..32 must be zero.
 //!
 //!   ```text
 //!    31            20  19    18   17      16  15                       0
@@ -15,17 +15,19 @@
 //!
 //!   The value is handed to verbs as `imm_data` as it is (no byte swap): on the wire
 //!   its four bytes are the sender's in-memory representation of the `u32`, which is
-//!   how every release of net-rs has sent it (so two little-endian hosts agree).
+//!   how every release of net-rs has sent it. Peers of the same byte order agree; a
+//!   big-endian and a little-endian host would not (kept so the wire does not change).
 //! * [`Hello`]: the payload of the first message each side sends (sideway has no
 //!   RDMA-CM private data), 20 bytes, all big-endian:
 //!
 //!   ```text
-//!   0          4          8          12                     20
-//!   +----------+----------+----------+----------------------+
-//!   | magic    | depth    | chunk    | max_message_size     |
-//!   | u32 "NR" | u32      | u32, B   | u64, B               |
-//!   | + ver. 1 |          |          |                      |
-//!   +----------+----------+----------+----------------------+
+//!   0            4          8          12                     20
+//!   +------------+----------+----------+----------------------+
+//!   | magic: u32 | depth:   | chunk:   | max_message_size:    |
+//!   | 4E 52 00 01| u32      | u32      | u64                  |
+//!   | "NR", v1   | receives | bytes in | bytes in the largest |
+//!   |            | posted   | a buffer | message accepted     |
+//!   +------------+----------+----------+----------------------+
 //!   ```
 //!
 //!   Bytes past the 20th are ignored, as they always were (a later version of protocol

@@ -48,6 +48,14 @@ pub struct RdmaConfig {
     /// the price of a busy CPU while waiting. The device thread does not arm a CQ that
     /// a task is polling.
     pub busy_poll: Option<Duration>,
+    /// Unread bytes (received, not yet taken by `recv`) past which no credits go back
+    /// to the peer, so its `send` waits: like a socket's receive buffer (default
+    /// 4 MiB). Unread data stays below this plus one window of credits (`depth`
+    /// buffers of `chunk` bytes) plus the one message being reassembled.
+    pub recv_buffer: usize,
+    /// How long a dropped connection (its last handle gone) or an exiting process keeps
+    /// delivering what `send` accepted before it gives up (default 10 s, as TCP).
+    pub linger: Duration,
 }
 
 impl RdmaConfig {
@@ -69,6 +77,8 @@ impl Default for RdmaConfig {
             send_buffer: 4 << 20,
             poller: PollerConfig::default(),
             busy_poll: None,
+            recv_buffer: 4 << 20,
+            linger: Duration::from_secs(10),
         }
     }
 }

@@ -40,10 +40,6 @@
 //! `Bytes` of registered memory, or the bounce slot it was copied into) sits in the
 //! in-flight table. Nothing a posted request names is freed before its completion.
 
-// The transport shell moves onto this core in the following commits; until then the
-// verbs build does not call all of it.
-#![cfg_attr(feature = "rdma", allow(dead_code))]
-
 use std::collections::VecDeque;
 use std::fmt;
 
@@ -622,6 +618,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
         self.life.peer_ended && !matches!(self.life.health, Health::Up)
     }
 
+    #[cfg(test)]
     pub(crate) fn lifecycle(&self) -> &Lifecycle {
         &self.life
     }
@@ -643,6 +640,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
     }
 
     /// SENDs posted and not completed.
+    #[cfg(test)]
     pub(crate) fn sends_in_flight(&self) -> usize {
         self.inflight.len()
     }
@@ -749,8 +747,9 @@ impl<B: RecvBuf, K> Connection<B, K> {
                 self.life.peer_ended = true;
                 self.hold(idx, buf);
             }
-            ImmFlags::Fragment | ImmFlags::LastFragment => {
-                let last = imm.flags == ImmFlags::LastFragment;
+            flags => {
+                debug_assert!(flags.is_data());
+                let last = flags == ImmFlags::LastFragment;
                 if self.partial.len() + len > self.lim.max_message_size {
                     let size = (self.partial.len() + len) as u64;
                     self.hold(idx, buf);

@@ -12,17 +12,25 @@
 //! starts its reactor (with that connection's [`PollerConfig`]), the last one to go
 //! stops it. Members are weak too: a connection leaves with
 //! [`DeviceReactor::remove`], and one being dropped is simply skipped.
+//!
+//! Nothing that changes the set depends on a timeout to be noticed: a connection that
+//! joins rings the reactor's doorbell (an eventfd the thread also sleeps on), so its CQ
+//! is polled and armed at once; so does work that no completion announces (a lent
+//! receive buffer given back while the thread sleeps: see [`DeviceReactor::wake`]). A
+//! connection whose last handle was dropped with messages still going out *lingers*:
+//! the reactor keeps it (a strong reference) and drives it until they are delivered or
+//! its linger time is up, then finishes it.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sideway::ibverbs::completion::CompletionChannel;
 use sideway::rdmacm::communication_manager::EventChannel;
 
 use super::context::RdmaContext;
-use super::poller::{new_channel, CqSource, CqWaiter};
+use super::poller::{new_channel, CqSource, CqWaiter, Doorbell};
 use crate::error::{Error, Result};
 use crate::reactor::{Completion, CompletionSource, Poller, PollerConfig, PollerHandle};
 
@@ -34,6 +42,20 @@ pub(crate) trait Member: Send + Sync {
     /// Request a notification for the member's next completion, unless it is being
     /// polled by a waiting task.
     fn arm_cq(&self);
+    /// Whether it has work no completion will announce (checked before the thread
+    /// sleeps: `poll_cq` does that work).
+    fn needs_service(&self) -> bool;
+    /// A lingering member: whether it is done (everything delivered, or failed).
+    fn settled(&self) -> bool;
+    /// End a lingering member (`expired`: its linger time ran out first).
+    fn finish(&self, expired: bool);
+}
+
+/// A connection whose last handle is gone, kept until it settles or `deadline`.
+struct Lingering {
+    member: Arc<dyn Member>,
+    id: usize,
+    deadline: Instant,
 }
 
 struct Entry {
@@ -45,6 +67,9 @@ struct Entry {
 struct Members {
     list: Mutex<slab::Slab<Entry>>,
     version: AtomicU64,
+    lingering: Mutex<Vec<Lingering>>,
+    /// The thread is about to sleep or sleeps: work must ring the doorbell.
+    asleep: AtomicBool,
 }
 
 /// The device's poller thread and the completion channel its CQs share.
@@ -52,6 +77,7 @@ pub(crate) struct DeviceReactor {
     key: usize,
     channel: Arc<CompletionChannel>,
     members: Arc<Members>,
+    doorbell: Arc<Doorbell>,
     _poller: PollerHandle,
 }
 
@@ -76,12 +102,14 @@ impl DeviceReactor {
         }
         let channel = new_channel(ctx)?;
         let members = Arc::new(Members::default());
+        let doorbell = Arc::new(Doorbell::new().map_err(Error::from)?);
         let source = DeviceSource {
             members: members.clone(),
             channel: channel.clone(),
+            doorbell: doorbell.clone(),
             seen: u64::MAX,
             snapshot: Vec::new(),
-            waiter: CqWaiter::new(channel.clone(), Vec::new()),
+            waiter: CqWaiter::new(channel.clone(), Vec::new()).with_doorbell(doorbell.clone()),
         };
         let poller = Poller::new(source, |_: &[Completion]| {}, config)
             .spawn("net-rs-rdma-dev")
@@ -90,6 +118,7 @@ impl DeviceReactor {
             key,
             channel,
             members,
+            doorbell,
             _poller: poller,
         });
         all.push((key, Arc::downgrade(&r)));
@@ -107,6 +136,9 @@ impl DeviceReactor {
     pub(crate) fn add(&self, member: Weak<dyn Member>, cm: Option<Arc<EventChannel>>) -> usize {
         let id = lock(&self.members.list).insert(Entry { member, cm });
         self.members.version.fetch_add(1, Ordering::Release);
+        // Its CQ is not armed yet and its RDMA-CM channel not watched: the sleeping
+        // thread must take it in now, not when its sleep times out.
+        self.doorbell.ring();
         id
     }
 
@@ -115,12 +147,33 @@ impl DeviceReactor {
         lock(&self.members.list).try_remove(id);
         self.members.version.fetch_add(1, Ordering::Release);
     }
+
+    /// Keep driving member `id` (whose last handle is gone) until it settles or
+    /// `deadline`, then finish and remove it.
+    pub(crate) fn linger(&self, member: Arc<dyn Member>, id: usize, deadline: Instant) {
+        lock(&self.members.lingering).push(Lingering {
+            member,
+            id,
+            deadline,
+        });
+        self.doorbell.ring();
+    }
+
+    /// A member has work that no completion announces: make sure the thread sees it.
+    /// Call after making `needs_service` true (a doorbell ring costs a system call, so
+    /// it happens only when the thread is asleep or about to be).
+    pub(crate) fn wake(&self) {
+        if self.members.asleep.load(Ordering::SeqCst) {
+            self.doorbell.ring();
+        }
+    }
 }
 
 /// The device thread's completion source: every member's CQ.
 struct DeviceSource {
     members: Arc<Members>,
     channel: Arc<CompletionChannel>,
+    doorbell: Arc<Doorbell>,
     seen: u64,
     snapshot: Vec<Weak<dyn Member>>,
     waiter: CqWaiter,
@@ -137,12 +190,35 @@ impl DeviceSource {
         self.seen = self.members.version.load(Ordering::Acquire);
         self.snapshot = list.iter().map(|(_, e)| e.member.clone()).collect();
         let cms = list.iter().filter_map(|(_, e)| e.cm.clone()).collect();
-        self.waiter = CqWaiter::new(self.channel.clone(), cms);
+        self.waiter = CqWaiter::new(self.channel.clone(), cms).with_doorbell(self.doorbell.clone());
+    }
+
+    /// Finish the lingering members that settled or ran out of time.
+    fn settle_lingering(&mut self) {
+        let done: Vec<Lingering> = {
+            let mut l = lock(&self.members.lingering);
+            if l.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            let (done, keep) = std::mem::take(&mut *l)
+                .into_iter()
+                .partition(|m| m.member.settled() || now >= m.deadline);
+            *l = keep;
+            done
+        };
+        let now = Instant::now();
+        for m in done {
+            m.member.finish(now >= m.deadline && !m.member.settled());
+            lock(&self.members.list).try_remove(m.id);
+            self.members.version.fetch_add(1, Ordering::Release);
+        }
     }
 }
 
 impl CompletionSource for DeviceSource {
     fn poll(&mut self, _out: &mut Vec<Completion>, max: usize) -> io::Result<usize> {
+        self.settle_lingering();
         self.refresh();
         Ok(self
             .snapshot
@@ -161,11 +237,32 @@ impl CompletionSource for DeviceSource {
     }
 
     fn wait(&mut self, timeout: Duration) -> io::Result<bool> {
-        // The thread must outlive a failed wait (its connections would hang without it):
-        // treat it as a short timeout, and the next round polls every CQ again.
-        self.waiter.wait(timeout).or_else(|_| {
-            std::thread::sleep(Duration::from_millis(1));
-            Ok(false)
-        })
+        // Announce the sleep, then look for work that would not wake it (the other
+        // side stores its work, then reads `asleep`: one of the two sees the other).
+        self.members.asleep.store(true, Ordering::SeqCst);
+        let work = self
+            .snapshot
+            .iter()
+            .filter_map(Weak::upgrade)
+            .any(|m| m.needs_service());
+        // Lingering members are checked against their deadlines at least this often.
+        let timeout = if lock(&self.members.lingering).is_empty() {
+            timeout
+        } else {
+            timeout.min(Duration::from_millis(10))
+        };
+        let res = if work {
+            Ok(true)
+        } else {
+            // The thread must outlive a failed wait (its connections would hang
+            // without it): treat it as a short timeout, and the next round polls every
+            // CQ again.
+            self.waiter.wait(timeout).or_else(|_| {
+                std::thread::sleep(Duration::from_millis(1));
+                Ok(false)
+            })
+        };
+        self.members.asleep.store(false, Ordering::SeqCst);
+        res
     }
 }

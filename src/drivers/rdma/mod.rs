@@ -7,7 +7,6 @@
 //! * [`cm`]: the queue-pair setup with RDMA-CM underneath.
 //! * [`config`]: [`RdmaConfig`](config::RdmaConfig) and the queue and memory sizes derived from it.
 //! * [`transport`]: the `Transport` itself: hello, credits, fragments, the pump.
-//! * `recv_pool`: the pre-posted receive buffers, posted again in batches.
 //! * `buffer`: registered memory as `Bytes`: lent receive buffers, and fragments sent
 //!   in place or through a bounce slot.
 //! * `slab_allocator`: the slab over memory registered with the context's PD.
@@ -42,8 +41,6 @@ mod device;
 mod events;
 #[cfg(feature = "rdma")]
 pub mod poller;
-#[cfg(feature = "rdma")]
-mod recv_pool;
 #[cfg(test)]
 mod sim;
 #[cfg(feature = "rdma")]

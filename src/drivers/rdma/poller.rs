@@ -166,6 +166,39 @@ impl CompletionSource for CqSource {
 pub struct CqWaiter {
     channel: Arc<CompletionChannel>,
     cm: Vec<Arc<EventChannel>>,
+    doorbell: Option<Arc<Doorbell>>,
+}
+
+/// An eventfd that wakes a thread sleeping in [`CqWaiter::wait`] for work that no
+/// completion announces (a connection joined, a lent buffer came back).
+#[derive(Debug)]
+pub(crate) struct Doorbell {
+    fd: std::fs::File,
+}
+
+impl Doorbell {
+    pub(crate) fn new() -> io::Result<Doorbell> {
+        // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new, valid file descriptor that nothing else owns.
+        let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        Ok(Doorbell { fd: owned.into() })
+    }
+
+    /// Wake the sleeper (or make its next sleep return at once).
+    pub(crate) fn ring(&self) {
+        // A full counter (2^64 - 2 rings unread) only means it is already rung.
+        let _ = std::io::Write::write(&mut &self.fd, &1u64.to_ne_bytes());
+    }
+
+    /// Take the rings (after a wake-up).
+    fn clear(&self) {
+        let mut b = [0u8; 8];
+        let _ = std::io::Read::read(&mut &self.fd, &mut b);
+    }
 }
 
 impl fmt::Debug for CqWaiter {
@@ -179,12 +212,23 @@ impl fmt::Debug for CqWaiter {
 impl CqWaiter {
     /// Sleep on `channel` (shared by any number of CQs) and the RDMA-CM channels `cm`.
     pub fn new(channel: Arc<CompletionChannel>, cm: Vec<Arc<EventChannel>>) -> CqWaiter {
-        CqWaiter { channel, cm }
+        CqWaiter {
+            channel,
+            cm,
+            doorbell: None,
+        }
+    }
+
+    /// Also wake when `doorbell` rings ([`wait`](CqWaiter::wait) then returns `true`).
+    pub(crate) fn with_doorbell(mut self, doorbell: Arc<Doorbell>) -> CqWaiter {
+        self.doorbell = Some(doorbell);
+        self
     }
 
     /// Block until the armed CQ notification fires (taking and acknowledging the
-    /// event) or `timeout` passes; RDMA-CM events that arrive meanwhile are dispatched.
-    /// Returns whether the CQ notification fired.
+    /// event), the doorbell rings, or `timeout` passes; RDMA-CM events that arrive
+    /// meanwhile are dispatched. Returns whether the CQ notification fired or the
+    /// doorbell rang.
     ///
     /// # Errors
     /// A failed `poll(2)` or `ibv_get_cq_event`.
@@ -196,6 +240,7 @@ impl CqWaiter {
         };
         let mut fds: Vec<libc::pollfd> = std::iter::once(self.channel.as_raw_fd())
             .chain(self.cm.iter().map(|c| c.as_raw_fd()))
+            .chain(self.doorbell.iter().map(|d| d.fd.as_raw_fd()))
             .map(pollfd)
             .collect();
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
@@ -214,8 +259,15 @@ impl CqWaiter {
                 super::events::drain(cm, super::events::dispatch);
             }
         }
+        let rung = match (&self.doorbell, fds.last()) {
+            (Some(d), Some(fd)) if fd.revents != 0 => {
+                d.clear();
+                true
+            }
+            _ => false,
+        };
         if fds[0].revents == 0 {
-            return Ok(false);
+            return Ok(rung);
         }
         let mut cq = std::ptr::null_mut();
         let mut ctx = std::ptr::null_mut();

@@ -1,36 +1,37 @@
-//! [`RdmaTransport`]: messages over one RC queue pair, with receive credits.
+//! [`RdmaTransport`]: messages over one RC queue pair. The shell around the protocol
+//! core.
 //!
-//! * Hello: the first message each side sends carries its receive depth, buffer size
-//!   and maximum message size (sideway has no RDMA-CM private data), so the peers need
-//!   not be configured alike.
-//! * Receives: `depth` registered buffers of `chunk` bytes stay posted. A message that
-//!   fits one buffer is lent to the application as `Bytes` over that buffer (a
-//!   `Lease`; the buffer is posted again when it drops), while at most half the
-//!   buffers are lent; otherwise the bytes are copied out and the buffer goes back at
-//!   once (re-posted with the rest of its completion batch), so the receive queue never
-//!   runs dry however long the application holds its messages. Larger messages are reassembled from fragments.
-//! * Sends: `send` queues the whole message (so a dropped `send` future never leaves
-//!   half a message on the wire) and the pump posts it as SEND_WITH_IMM fragments of
-//!   the smaller `chunk` of both sides while credits last, several per doorbell. The
-//!   immediate data carries the credits being returned (16 bits) and flags: last
-//!   fragment, credit-only update, hello, end of stream (their encodings, and the
-//!   `wr_id` numbering, are in `wire.rs`). A fragment in registered
-//!   memory (an `alloc_buf` buffer, a received message) is sent where it is; others go
-//!   through a registered bounce slot. The op-slab entry owns either until the
-//!   completion; the pump runs again when credits or send-queue slots come back.
-//! * Credits ([`Credits`]) make sure a SEND never finds the peer without a posted
-//!   receive; should it happen anyway the QP retries (`rnr_retry` 7) and the device's
-//!   RNR counter shows it.
-//! * Completions come from the device's shared poller thread (`DeviceReactor`), or,
-//!   in latency mode, from the waiting task polling its own CQ; either way a batch is
-//!   polled and handled under the connection's CQ lock, in CQ order.
+//! The protocol (hello, credits, fragments, lent receive buffers, end of stream,
+//! backpressure) lives in the pure `Connection` core (`conn.rs`); this file does what
+//! the core cannot: verbs, locks, waiting, the device thread, teardown.
+//!
+//! # Locks, and who posts
+//! One lock (`conn`) around the core, held briefly for every input (a send, a batch of
+//! completions, buffers given back, a disconnect). The work requests the core asks for
+//! are posted *after* `conn` is released, under the QP's lock, which is taken before
+//! `conn` is let go: posts leave in the order the core made them, receives before the
+//! SENDs whose credits announce them. Lock order: CQ, then `conn`, then QP; `returns`
+//! is a leaf. No verbs call happens under `conn`, and none from a `Drop` on an arbitrary
+//! thread: a dropped received message only puts its buffer on `returns` and, if the
+//! device thread sleeps, rings its doorbell; the next holder of `conn` (that thread, or
+//! any operation) takes the buffer in and posts it.
+//!
+//! # Completions
+//! The device's poller thread (`DeviceReactor`) polls this connection's CQ and hands
+//! each batch to the core under the CQ's lock, so batches are handled in CQ order. In
+//! latency mode ([`RdmaConfig::busy_poll`]) a waiting task polls the CQ itself first.
+//!
+//! # The last handle
+//! Dropping the last handle with messages still going out does not lose them: the
+//! connection queues its end-of-stream marker and *lingers* in the device reactor, which
+//! drives it until everything (the marker included) is acknowledged or
+//! [`RdmaConfig::linger`] is up, then disconnects it. When the process exits, the exit
+//! hook (`src/linger.rs`) waits (up to `linger`) for connections still delivering.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
@@ -44,104 +45,101 @@ use sideway::ibverbs::queue_pair::{
 use super::buffer::{stage, GiveBack, Lease};
 use super::cm::{CmHandle, CmListener};
 use super::config::{APP_REGION, CQ_ENTRIES, QUEUE_DEPTH};
+use super::conn::{Connection, Incoming, Limits, RecvBuf, RecvWr, SendWr, Sge, Staged, Stager};
 use super::context::RdmaContext;
 use super::device::{DeviceReactor, Member};
 use super::poller::CqSource;
-use super::recv_pool::RecvPool;
-use super::wire::{Hello, Imm, ImmFlags, WrKind};
 use crate::buffer::Buf;
-use crate::codec::too_large;
 use crate::error::{Error, ErrorKind, Result};
+use crate::linger::{self, Deliver, Delivery, Registration};
 use crate::mem::{Slab, SlabBuf};
-use crate::reactor::credit::Credits;
-use crate::reactor::{Completion, CompletionSource, OpSlab};
+use crate::reactor::{Completion, CompletionSource, Keep};
 use crate::transport::Transport;
 
-/// Sends in flight from which `send` queues without posting (see `send`).
-const CORK_IN_FLIGHT: u32 = 8;
 pub use super::config::{RdmaConfig, APP_MAX};
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Data,
-    Fin,
-    Hello,
+/// Sends in flight from which `send` leaves posting to their completions, so a stream
+/// of small messages goes out in batches (one doorbell for many).
+const CORK_IN_FLIGHT: u32 = 8;
+
+/// A registered receive buffer, as the core holds it.
+struct RecvSlot(SlabBuf);
+
+impl RecvBuf for RecvSlot {
+    fn bytes(&self) -> impl std::ops::Deref<Target = [u8]> + '_ {
+        self.0.as_ref()
+    }
+    fn sge(&self) -> Sge {
+        let b = self.0.as_ref();
+        Sge {
+            addr: b.as_ptr() as u64,
+            len: b.len() as u32,
+            lkey: self.0.key(),
+        }
+    }
 }
 
-struct Outgoing {
-    data: Bytes,
-    off: usize,
-    kind: Kind,
+/// Stages fragments in place (this connection's registered memory) or in a bounce
+/// slot.
+struct SlabStager<'a> {
+    app: &'a Slab,
+    slab: &'a Slab,
 }
 
-struct State {
-    credits: Credits,
-    sq_free: u32,
-    /// Data fragments (and FIN) posted and not completed yet.
-    data_in_flight: u32,
-    /// A data fragment completed with an error: `flush` cannot succeed any more.
-    lost: bool,
-    /// Fragments sent from registered memory (`alloc_buf`, received messages) without
-    /// a copy.
-    zero_copy_sends: u64,
-
-    sendq: VecDeque<Outgoing>,
-    queued: usize,
-    recvq: VecDeque<Bytes>,
-    partial: Vec<u8>,
-    recv: RecvPool,
-    /// The peer's parameters, from its hello.
-    peer: Option<Hello>,
-    /// Fragment size: the smaller of both sides' receive buffers.
-    frag: usize,
-    peer_fin: bool,
-    shut: bool,
-    closed: bool,
-    /// Why RDMA-CM says the connection ended, once it has.
-    gone: Option<String>,
-    error: Option<Error>,
+impl Stager for SlabStager<'_> {
+    type Keep = Keep;
+    fn stage(&mut self, frag: Bytes) -> Result<Staged<Keep>> {
+        let len = frag.len() as u32;
+        let s = stage(frag, &[self.app, self.slab], self.slab)?;
+        Ok(Staged {
+            keep: s.keep,
+            sge: Sge {
+                addr: s.addr,
+                len,
+                lkey: s.lkey,
+            },
+            zero_copy: s.zero_copy,
+        })
+    }
 }
 
-/// The connection's completion queue, shared by its device's poller thread and (in
-/// latency mode) the tasks waiting on the connection. A batch is polled and handled under this
-/// one lock, so batches are handled in CQ order whoever polls.
-struct Core {
+type Core = Connection<RecvSlot, Keep>;
+
+/// The connection's completion queue and a batch buffer, shared by the device thread
+/// and (in latency mode) waiting tasks.
+struct Cq {
     source: CqSource,
     buf: Vec<Completion>,
 }
 
 struct Shared {
-    // Declared first: the QP is destroyed before the memory its requests name.
+    // Declared first: the QP is destroyed before its CQ and before the memory its
+    // requests name (owned by `conn`, `slab` and `app_slab`).
     qp: Mutex<BasicQueuePair>,
-    core: Mutex<Core>,
+    cq: Mutex<Cq>,
+    conn: Mutex<Core>,
+    /// Lent receive buffers given back by dropped messages (a leaf lock).
+    returns: Mutex<Vec<(u32, SlabBuf)>>,
+    has_returns: AtomicBool,
     /// Tasks busy-polling the CQ now (latency mode). While there are any, the device
-    /// thread does not arm this CQ: a notification per completion would wake it for
-    /// nothing.
+    /// thread does not arm this CQ.
     inline: AtomicUsize,
     reactor: Arc<DeviceReactor>,
-    state: Mutex<State>,
-    /// Lent receive buffers given back by dropped messages, waiting to be posted again
-    /// (a leaf lock: a message dropped while its thread holds `state` only queues).
-    returns: Mutex<Vec<(usize, SlabBuf)>>,
+    /// This connection's id in the reactor.
+    member: AtomicUsize,
     me: Weak<Shared>,
-    ops: Arc<OpSlab>,
     /// Receive buffers and send bounce slots, `chunk` bytes each.
     slab: Slab,
     /// Registered memory handed to the application by `alloc_buf` (size classes from
     /// one chunk to [`APP_MAX`]), sent without a copy.
     app_slab: Slab,
+    /// `alloc_buf` beyond registered memory: recycled heap memory.
+    heap: crate::buffer::HeapPool,
     changed: Event,
     cfg: RdmaConfig,
     cm: CmHandle,
+    registration: Mutex<Option<Registration>>,
     _context: RdmaContext,
-}
-
-/// The immediate data of a SEND carrying `credits` (at most
-/// [`MAX_PIGGYBACK`](crate::reactor::credit::MAX_PIGGYBACK), which [`Credits`] never
-/// exceeds) and `flags`.
-fn imm_data(credits: u32, flags: ImmFlags) -> u32 {
-    let credits = u16::try_from(credits).expect("Credits hands out at most 16 bits");
-    Imm { credits, flags }.encode()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -151,187 +149,206 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A message connection over an RDMA reliable-connected queue pair.
 pub struct RdmaTransport {
     shared: Arc<Shared>,
-    member: usize,
     peer: Option<SocketAddr>,
 }
 
-/// The connection state, locked. On unlock it posts the receive buffers that messages
-/// dropped meanwhile gave back (see [`Shared::drain_returns`]).
-struct StateGuard<'a> {
-    shared: &'a Shared,
-    guard: Option<MutexGuard<'a, State>>,
-}
-
-impl std::ops::Deref for StateGuard<'_> {
-    type Target = State;
-    fn deref(&self) -> &State {
-        self.guard.as_ref().expect("held until drop")
+/// Post receives, then SENDs, each batch with one doorbell.
+fn post(qp: &mut BasicQueuePair, recvs: &[RecvWr], sends: &[SendWr]) -> Result<()> {
+    if !recvs.is_empty() {
+        let mut g = qp.start_post_recv();
+        for r in recvs {
+            // SAFETY: the buffer is `sge.len` bytes of memory registered with this QP's
+            // PD under `sge.lkey`; the core keeps it (its receive table) until this
+            // receive's completion has been handled, and the QP is destroyed before
+            // the core and the slab.
+            unsafe {
+                g.construct_wr(r.wr_id)
+                    .setup_sge(r.sge.lkey, r.sge.addr, r.sge.len)
+            };
+        }
+        g.post()
+            .map_err(|e| Error::new(ErrorKind::Registration, format!("ibv_post_recv: {e}")))?;
     }
-}
-
-impl std::ops::DerefMut for StateGuard<'_> {
-    fn deref_mut(&mut self) -> &mut State {
-        self.guard.as_mut().expect("held until drop")
+    if !sends.is_empty() {
+        let mut g = qp.start_post_send();
+        for s in sends {
+            let h = g
+                .construct_wr(s.wr_id, WorkRequestFlags::Signaled)
+                .setup_send_imm(s.imm);
+            if let Some(sge) = s.sge {
+                // SAFETY: `sge` names registered memory (a bounce slot, or a slot of
+                // `app_slab` or `slab` found by `lookup`) whose owner the core's
+                // in-flight table keeps until this request's completion (success or
+                // flush error) has been handled; the QP is destroyed before the core.
+                unsafe { h.setup_sge(sge.lkey, sge.addr, sge.len) };
+            }
+        }
+        g.post()
+            .map_err(|e| Error::new(ErrorKind::ConnectionReset, format!("ibv_post_send: {e}")))?;
     }
-}
-
-impl Drop for StateGuard<'_> {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        self.shared.drain_returns();
-    }
+    Ok(())
 }
 
 impl GiveBack for Shared {
     fn give_back(&self, idx: usize, buf: SlabBuf) {
-        lock(&self.returns).push((idx, buf));
-        self.drain_returns();
+        lock(&self.returns).push((idx as u32, buf));
+        self.has_returns.store(true, Ordering::SeqCst);
+        self.reactor.wake();
     }
 }
 
 impl Member for Shared {
     fn poll_cq(&self, max: usize) -> usize {
-        let res = self.poll_core(&mut lock(&self.core), max, None);
-        match res {
-            Ok(n) => n,
-            Err(e) => {
-                let e = Error::new(ErrorKind::ConnectionReset, format!("ibv_poll_cq: {e}"));
-                self.fail(&mut self.lock_state(), e);
-                self.changed.notify(usize::MAX);
-                0
-            }
-        }
+        let mut cq = lock(&self.cq);
+        self.poll_locked(&mut cq, max)
     }
 
     fn arm_cq(&self) {
         if self.inline.load(Ordering::Acquire) > 0 {
             return;
         }
-        let res = lock(&self.core).source.arm();
+        let res = lock(&self.cq).source.arm();
         if let Err(e) = res {
-            let e = Error::new(
-                ErrorKind::ConnectionReset,
-                format!("ibv_req_notify_cq: {e}"),
-            );
-            self.fail(&mut self.lock_state(), e);
-            self.changed.notify(usize::MAX);
+            self.drive(|c| {
+                c.fail(Error::new(
+                    ErrorKind::ConnectionReset,
+                    format!("ibv_req_notify_cq: {e}"),
+                ))
+            });
         }
+    }
+
+    fn needs_service(&self) -> bool {
+        self.has_returns.load(Ordering::SeqCst)
+    }
+
+    fn settled(&self) -> bool {
+        lock(&self.conn).poll_flush().is_some()
+    }
+
+    fn finish(&self, expired: bool) {
+        self.drive(|c| {
+            if expired {
+                c.fail(self.linger_expired());
+            }
+            c.close();
+        });
+        let _ = self.cm.disconnect();
+    }
+}
+
+impl Deliver for Shared {
+    fn deliver_now(&self) -> Delivery {
+        // The device thread makes the progress; the exit hook only waits for it.
+        match lock(&self.conn).poll_flush() {
+            Some(_) => Delivery::Done,
+            None => Delivery::Blocked,
+        }
+    }
+
+    fn give_up(&self) {
+        self.finish(true);
+    }
+
+    fn linger(&self) -> Duration {
+        self.cfg.linger
     }
 }
 
 impl Shared {
-    fn lock_state(&self) -> StateGuard<'_> {
-        StateGuard {
-            shared: self,
-            guard: Some(lock(&self.state)),
+    /// Feed the core one input, then post what it asks for (after unlocking it) and
+    /// wake the waiters if something changed.
+    fn drive<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
+        let mut recvs = Vec::new();
+        let mut sends = Vec::new();
+        let mut conn = lock(&self.conn);
+        if self.has_returns.swap(false, Ordering::AcqRel) {
+            let back = std::mem::take(&mut *lock(&self.returns));
+            for (idx, buf) in back {
+                conn.buffer_returned(idx, RecvSlot(buf));
+            }
         }
-    }
-
-    /// Post the given-back receive buffers, unless another holder of `state` is about
-    /// to: every holder runs this after unlocking, and a buffer queued while the lock
-    /// was held is seen by that holder's re-check.
-    fn drain_returns(&self) {
-        loop {
-            if lock(&self.returns).is_empty() {
-                return;
+        let r = f(&mut conn);
+        conn.poll_recv_posts(&mut recvs);
+        conn.poll_transmit(
+            &mut SlabStager {
+                app: &self.app_slab,
+                slab: &self.slab,
+            },
+            &mut sends,
+        );
+        let mut changed = conn.take_changed();
+        if recvs.is_empty() && sends.is_empty() {
+            drop(conn);
+        } else {
+            // Taken before `conn` is released: posts leave in the core's order.
+            let mut qp = lock(&self.qp);
+            drop(conn);
+            let res = post(&mut qp, &recvs, &sends);
+            drop(qp);
+            if let Err(e) = res {
+                // What was not posted never completes: a bounded leak on a dead
+                // connection (its memory goes with the connection, after the QP).
+                lock(&self.conn).fail(e);
+                changed = true;
             }
-            let mut st = match self.state.try_lock() {
-                Ok(g) => g,
-                Err(TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(TryLockError::WouldBlock) => return,
-            };
-            let items = std::mem::take(&mut *lock(&self.returns));
-            let dead = st.error.is_some() || st.closed || st.gone.is_some();
-            for (idx, buf) in items {
-                st.recv.returned();
-                if !dead {
-                    st.recv.put_back(idx, buf);
-                }
-            }
-            self.post_receives(&mut st);
-            self.pump(&mut st);
-            drop(st);
+        }
+        if changed {
             self.changed.notify(usize::MAX);
         }
+        r
     }
-    /// Poll one batch from the CQ and handle it (the caller holds the core's lock).
-    fn poll_core(
-        &self,
-        core: &mut Core,
-        max: usize,
-        out: Option<&mut Vec<Completion>>,
-    ) -> io::Result<usize> {
-        let Core { source, buf } = core;
+
+    /// Poll one batch from the CQ (its lock held by the caller) and hand it to the core.
+    fn poll_locked(&self, cq: &mut Cq, max: usize) -> usize {
+        let Cq { source, buf } = cq;
         buf.clear();
-        let n = source.poll(buf, max)?;
-        if n > 0 {
-            self.on_completions(buf);
-            if let Some(out) = out {
-                out.extend_from_slice(buf);
+        match source.poll(buf, max) {
+            Ok(n) => {
+                if n > 0 || self.has_returns.load(Ordering::Acquire) {
+                    self.drive(|c| buf.iter().for_each(|x| c.on_completion(x)));
+                }
+                n
+            }
+            Err(e) => {
+                let e = Error::new(ErrorKind::ConnectionReset, format!("ibv_poll_cq: {e}"));
+                self.drive(|c| c.fail(e));
+                0
             }
         }
-        Ok(n)
     }
 
     /// Latency mode: poll the CQ from the waiting task, unless another thread is.
     fn poll_inline(&self) {
-        let mut core = match self.core.try_lock() {
+        let mut cq = match self.cq.try_lock() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return,
         };
-        if let Err(e) = self.poll_core(&mut core, 32, None) {
-            drop(core);
-            let e = Error::new(ErrorKind::ConnectionReset, format!("ibv_poll_cq: {e}"));
-            self.fail(&mut self.lock_state(), e);
-            self.changed.notify(usize::MAX);
-        }
-    }
-    fn fail(&self, st: &mut State, e: Error) {
-        if st.error.is_some() || st.closed {
-            return;
-        }
-        // After a disconnect every failure (flushed work requests) has that one cause.
-        st.error = Some(match &st.gone {
-            Some(why) => Error::new(
-                ErrorKind::ConnectionReset,
-                format!("the connection ended: {why}"),
-            ),
-            None => e,
-        });
+        self.poll_locked(&mut cq, 32);
     }
 
     /// RDMA-CM says the connection ended (peer disconnected or died). Move the QP to
     /// the error state: what already arrived is still delivered, then every posted
-    /// request completes with a flush error, which fails the waiting operations (so
-    /// even a side that only receives learns of it).
+    /// request completes with a flush error, which fails the waiting operations.
     fn on_gone(&self, why: String) {
-        let mut st = self.lock_state();
-        if st.gone.is_some() {
+        if !self.drive(|c| c.on_disconnect(why)) {
             return;
         }
-        st.gone = Some(why);
         let mut attr = QueuePairAttribute::new();
         attr.setup_state(QueuePairState::Error);
-        // The QP's lock must be released before `st` is: unlocking the state may post
-        // receives, which takes the QP's lock again.
         let moved = lock(&self.qp).modify(&attr).map_err(|e| e.to_string());
-        let failed = match moved {
-            Ok(()) => None,
+        if let Err(e) = moved {
             // A QP in the error state already (a failed request put it there) needs no
-            // move: its flushes come anyway.
-            Err(_) if self.qp_in_error() => None,
-            Err(e) => Some(e),
-        };
-        if let Some(e) = failed {
-            // No flushes will come: fail now.
-            let e = Error::new(
-                ErrorKind::ConnectionReset,
-                format!("cannot move the queue pair to the error state: {e}"),
-            );
-            self.fail(&mut st, e);
-            drop(st);
-            self.changed.notify(usize::MAX);
+            // move: its flushes come anyway. Otherwise none will: fail now.
+            if !self.qp_in_error() {
+                self.drive(|c| {
+                    c.fail(Error::new(
+                        ErrorKind::ConnectionReset,
+                        format!("cannot move the queue pair to the error state: {e}"),
+                    ))
+                });
+            }
         }
     }
 
@@ -341,233 +358,22 @@ impl Shared {
             .is_ok_and(|(a, _)| a.state() == QueuePairState::Error)
     }
 
-    /// Post queued fragments while credits and send-queue slots last, then a credit
-    /// update if one is due, all in one `ibv_post_send`.
-    ///
-    /// A fragment that lies in this connection's registered memory (a [`Buf`] from
-    /// [`alloc_buf`](Transport::alloc_buf), frozen) is sent from where it is: its
-    /// `Bytes` is kept by the op-slab entry until the completion. Anything else is
-    /// copied into a registered bounce slot first. Credit updates carry no payload.
-    fn pump(&self, st: &mut State) {
-        struct Wr {
-            wr_id: u64,
-            imm: u32,
-            sge: Option<(u32, u64, u32)>,
-            // Held until the post, then dropped: the entry is orphaned and lives
-            // until the completion.
-            _op: Option<crate::reactor::OpFuture>,
-        }
-        let mut wrs: Vec<Wr> = Vec::new();
-        while st.error.is_none() && st.sq_free > 0 {
-            let Some(front) = st.sendq.front() else { break };
-            let left = front.data.len() - front.off;
-            let n = left.min(st.frag);
-            let kind = front.kind;
-            let piggy = match kind {
-                Kind::Hello => st.credits.take_for_hello(),
-                _ => st.credits.take_for_data(),
-            };
-            let Some(piggy) = piggy else { break };
-            let flags = match kind {
-                Kind::Hello => ImmFlags::Hello,
-                Kind::Fin => ImmFlags::Fin,
-                Kind::Data if n == left => ImmFlags::LastFragment,
-                Kind::Data => ImmFlags::Fragment,
-            };
-            let front = st.sendq.front_mut().expect("checked above");
-            let frag = front.data.slice(front.off..front.off + n);
-            front.off += n;
-            if front.off == front.data.len() {
-                st.sendq.pop_front();
-            }
-            st.sq_free -= 1;
-            st.queued -= n;
-            st.data_in_flight += 1;
-            let staged = match stage(frag, &[&self.app_slab, &self.slab], &self.slab) {
-                Ok(staged) => staged,
-                Err(e) => {
-                    self.fail(st, e);
-                    break;
-                }
-            };
-            st.zero_copy_sends += u64::from(staged.zero_copy);
-            let (key, addr) = (staged.lkey, staged.addr);
-            let op = self.ops.register(staged.keep);
-            wrs.push(Wr {
-                wr_id: WrKind::Op(op.wr_id()).to_u64(),
-                imm: imm_data(piggy, flags),
-                sge: Some((key, addr, n as u32)),
-                _op: Some(op),
-            });
-        }
-        if st.error.is_none() && st.sq_free > 0 {
-            if let Some(piggy) = st.credits.take_for_update() {
-                st.sq_free -= 1;
-                wrs.push(Wr {
-                    wr_id: WrKind::Control.to_u64(),
-                    imm: imm_data(piggy, ImmFlags::CreditUpdate),
-                    sge: None,
-                    _op: None,
-                });
-            }
-        }
-        if wrs.is_empty() {
-            return;
-        }
-        let mut qp = lock(&self.qp);
-        let mut g = qp.start_post_send();
-        for wr in &wrs {
-            let h = g
-                .construct_wr(wr.wr_id, WorkRequestFlags::Signaled)
-                .setup_send_imm(wr.imm);
-            if let Some((key, addr, len)) = wr.sge {
-                // SAFETY: `addr..addr+len` is registered with this QP's PD under `key`
-                // (a bounce slot, or a slot of `app_slab` found by `lookup`), and the
-                // op-slab entry keeps its owner (the `SlabBuf`, or the `Bytes` holding
-                // the slot) alive until this request's completion has been polled; if
-                // the future is dropped the entry is orphaned, not freed.
-                unsafe { h.setup_sge(key, addr, len) };
-            }
-        }
-        let res = g.post();
-        drop(qp);
-        // The futures are not awaited: dropping them orphans their entries, which free
-        // the memory when the completion (success or flush error) arrives. If posting
-        // failed, requests that never went out stay orphaned until the connection is
-        // dropped (after the QP): a bounded leak on a dead connection, never a free of
-        // memory the device may still read.
-        drop(wrs);
-        if let Err(e) = res {
-            self.fail(
-                st,
-                Error::new(ErrorKind::ConnectionReset, format!("ibv_post_send: {e}")),
-            );
-        }
-    }
-
-    fn on_recv(&self, st: &mut State, idx: u32, c: &Completion) {
-        let Some((idx, buf)) = st.recv.take(idx) else {
-            return;
-        };
-        if !c.is_success() {
-            let e = Error::new(
-                ErrorKind::WorkCompletion { status: c.status },
-                format!("receive failed with work completion status {}", c.status),
-            );
-            self.fail(st, e);
-            return;
-        }
-        let imm = match c.imm.map(Imm::decode) {
-            Some(Ok(imm)) => imm,
-            Some(Err(e)) => {
-                self.fail(st, e.into());
-                return;
-            }
-            None => {
-                let e = Error::new(ErrorKind::InvalidData, "a receive without immediate data");
-                self.fail(st, e);
-                return;
-            }
-        };
-        st.credits.on_receive(u32::from(imm.credits));
-        if imm.flags == ImmFlags::Hello {
-            match Hello::decode(&buf.as_ref()[..c.byte_len as usize]) {
-                Ok(p) if st.peer.is_none() => {
-                    st.credits.on_hello(p.depth);
-                    st.frag = self.cfg.chunk.min(p.chunk as usize);
-                    st.peer = Some(p);
-                }
-                Ok(_) => {}
-                Err(e) => self.fail(st, e.into()),
-            }
-        }
-        if imm.flags.is_data() {
-            let len = c.byte_len as usize;
-            if st.partial.len() + len > self.cfg.max_message_size {
-                let size = (st.partial.len() + len) as u64;
-                self.fail(st, too_large(size, self.cfg.max_message_size, true));
-                return;
-            }
-            // A whole message in one buffer is lent as it is, while at most half the
-            // receive buffers are out: the rest keep cycling, so receives never run dry
-            // however many messages the application holds (those are copied).
-            let last = imm.flags == ImmFlags::LastFragment;
-            if last && st.partial.is_empty() && len > 0 && st.recv.try_lend() {
-                let msg = Lease::bytes(buf, idx, len, self.me.clone());
-                st.recvq.push_back(msg);
-                return;
-            }
-            st.partial.extend_from_slice(&buf.as_ref()[..len]);
-            if last {
-                let msg = std::mem::take(&mut st.partial);
-                st.recvq.push_back(Bytes::from(msg));
-            }
-        }
-        if imm.flags == ImmFlags::Fin {
-            st.peer_fin = true;
-        }
-        // Posted again with the batch's other buffers (`post_receives`).
-        st.recv.put_back(idx, buf);
-    }
-
-    /// Post the receive buffers that came back, in one batch, and count the credits.
-    fn post_receives(&self, st: &mut State) {
-        match st.recv.post_pending(&mut lock(&self.qp)) {
-            Ok(n) => st.credits.reposted(n),
-            Err(e) => self.fail(st, e),
-        }
-    }
-
-    fn on_completions(&self, batch: &[Completion]) {
-        // Release the finished sends' bounce slots first, so the pump below reuses them:
-        // live send slots never exceed the send queue's depth, which bounds the memory
-        // ever registered.
-        let sends: Vec<Completion> = batch
-            .iter()
-            .filter(|c| matches!(WrKind::try_from(c.wr_id), Ok(WrKind::Op(_))))
-            .copied()
-            .collect();
-        self.ops.complete_batch(&sends, &mut Vec::new());
-        {
-            let mut st = self.lock_state();
-            for c in batch {
-                match WrKind::try_from(c.wr_id) {
-                    Ok(WrKind::Op(_)) => {}
-                    Ok(WrKind::Control) => {
-                        st.sq_free += 1;
-                        continue;
-                    }
-                    Ok(WrKind::Recv(idx)) => {
-                        self.on_recv(&mut st, idx, c);
-                        continue;
-                    }
-                    Err(e) => {
-                        self.fail(&mut st, e.into());
-                        continue;
-                    }
-                }
-                st.sq_free += 1;
-                st.data_in_flight -= 1;
-                if !c.is_success() {
-                    st.lost = true;
-                    let e = Error::new(
-                        ErrorKind::WorkCompletion { status: c.status },
-                        format!("send failed with work completion status {}", c.status),
-                    );
-                    self.fail(&mut st, e);
-                }
-            }
-            self.post_receives(&mut st);
-            self.pump(&mut st);
-        }
-        self.changed.notify(usize::MAX);
+    fn linger_expired(&self) -> Error {
+        Error::new(
+            ErrorKind::TimedOut,
+            format!(
+                "the connection was dropped and what it still had to send was not \
+                 acknowledged within the linger time ({:?})",
+                self.cfg.linger
+            ),
+        )
     }
 
     /// Wait until `check` gives a value (check → listen → re-check). In latency mode
     /// the task first polls the CQ itself for up to `busy_poll`.
-    async fn wait<T>(&self, mut check: impl FnMut(&mut State) -> Option<T>) -> T {
+    async fn wait<T>(&self, mut check: impl FnMut(&mut Core) -> Option<T>) -> T {
         loop {
-            if let Some(v) = check(&mut self.lock_state()) {
+            if let Some(v) = self.drive(&mut check) {
                 return v;
             }
             if let Some(window) = self.cfg.busy_poll {
@@ -575,7 +381,7 @@ impl Shared {
                 self.inline.fetch_add(1, Ordering::AcqRel);
                 let found = loop {
                     self.poll_inline();
-                    if let Some(v) = check(&mut self.lock_state()) {
+                    if let Some(v) = self.drive(&mut check) {
                         break Some(v);
                     }
                     if Instant::now() >= until {
@@ -586,18 +392,18 @@ impl Shared {
                 if self.inline.fetch_sub(1, Ordering::AcqRel) == 1 && found.is_none() {
                     // The last busy poller goes to sleep: arm the CQ so the poller thread
                     // is woken by the next completion (it did not arm meanwhile).
-                    let _ = lock(&self.core).source.arm();
+                    let _ = lock(&self.cq).source.arm();
                     self.poll_inline();
                 }
                 if let Some(v) = found {
                     return v;
                 }
-                if let Some(v) = check(&mut self.lock_state()) {
+                if let Some(v) = self.drive(&mut check) {
                     return v;
                 }
             }
             let listener = self.changed.listen();
-            if let Some(v) = check(&mut self.lock_state()) {
+            if let Some(v) = self.drive(&mut check) {
                 return v;
             }
             listener.await;
@@ -605,24 +411,55 @@ impl Shared {
     }
 }
 
+/// What the setup hook made: the registered memory and the core with its receives
+/// posted.
+struct Setup {
+    slab: Slab,
+    app_slab: Slab,
+    core: Core,
+}
+
 impl RdmaTransport {
-    fn setup(
-        ctx: &RdmaContext,
-        qp: &mut BasicQueuePair,
-        cfg: &RdmaConfig,
-    ) -> Result<(Slab, Slab, RecvPool)> {
+    fn limits(cfg: &RdmaConfig) -> Limits {
+        Limits {
+            depth: cfg.depth,
+            chunk: cfg.chunk,
+            max_message_size: cfg.max_message_size,
+            send_buffer: cfg.send_buffer,
+            recv_budget: cfg.recv_buffer,
+            sq_depth: QUEUE_DEPTH,
+            cork_in_flight: CORK_IN_FLIGHT,
+        }
+    }
+
+    /// Register the memory and post every receive, before the peer can send.
+    fn setup(ctx: &RdmaContext, qp: &mut BasicQueuePair, cfg: &RdmaConfig) -> Result<Setup> {
         let slab = ctx.slab(cfg.chunk, cfg.chunk, (cfg.chunk * 256).max(1 << 20));
         // Regions are registered lazily, on the first `alloc_buf` of a class.
         let app_slab = ctx.slab(cfg.chunk, APP_MAX, APP_REGION);
-        let recv = RecvPool::post_all(qp, &slab, cfg.depth, cfg.chunk)?;
+        let registration = |e: std::io::Error| Error::new(ErrorKind::Registration, e.to_string());
+        let bufs = (0..cfg.depth)
+            .map(|_| {
+                slab.alloc(cfg.chunk)
+                    .map_err(registration)?
+                    .map(RecvSlot)
+                    .ok_or_else(|| Error::new(ErrorKind::Registration, "no receive slot"))
+            })
+            .collect::<Result<Vec<_>>>()?;
         // Register the send bounce slots now too (one per send-queue entry, the most
         // ever live): from here on no message registers anything.
         let bounce = (0..QUEUE_DEPTH)
             .map(|_| slab.alloc(cfg.chunk))
             .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| Error::new(ErrorKind::Registration, e.to_string()))?;
+            .map_err(registration)?;
         drop(bounce);
-        Ok((slab, app_slab, recv))
+        let (core, first) = Connection::new(Self::limits(cfg), bufs);
+        post(qp, &first, &[])?;
+        Ok(Setup {
+            slab,
+            app_slab,
+            core,
+        })
     }
 
     /// The connection's CQ, on its device's shared reactor (started if need be).
@@ -640,80 +477,50 @@ impl RdmaTransport {
     fn start(
         conn: super::cm::CmConnection,
         reactor: Arc<DeviceReactor>,
-        (slab, app_slab, recv): (Slab, Slab, RecvPool),
+        setup: Setup,
         cfg: RdmaConfig,
         peer: Option<SocketAddr>,
     ) -> Result<RdmaTransport> {
         let (qp, source, context, cm) = conn.into_parts();
-        // Parameters travel in-band (sideway has no RDMA-CM private data): the hello
-        // is the first message each side sends.
-        let hello = Bytes::copy_from_slice(
-            &Hello {
-                depth: cfg.depth,
-                chunk: cfg.chunk as u32,
-                max_message_size: cfg.max_message_size as u64,
-            }
-            .encode(),
-        );
         let mut source =
             source.ok_or_else(|| Error::new(ErrorKind::Registration, "no completion queue"))?;
         let cm_channel = source.take_cm();
         let shared = Arc::new_cyclic(|me| Shared {
-            me: me.clone(),
-            returns: Mutex::new(Vec::new()),
             qp: Mutex::new(qp),
-            core: Mutex::new(Core {
+            cq: Mutex::new(Cq {
                 source,
                 buf: Vec::with_capacity(64),
             }),
+            conn: Mutex::new(setup.core),
+            returns: Mutex::new(Vec::new()),
+            has_returns: AtomicBool::new(false),
             inline: AtomicUsize::new(0),
             reactor,
-            state: Mutex::new(State {
-                credits: Credits::before_hello(cfg.depth),
-                sendq: VecDeque::from([Outgoing {
-                    data: hello.clone(),
-                    off: 0,
-                    kind: Kind::Hello,
-                }]),
-                queued: hello.len(),
-                sq_free: QUEUE_DEPTH,
-                data_in_flight: 0,
-                lost: false,
-                zero_copy_sends: 0,
-
-                recvq: VecDeque::new(),
-                partial: Vec::new(),
-                recv,
-                peer: None,
-                frag: cfg.chunk,
-                peer_fin: false,
-                shut: false,
-                closed: false,
-                gone: None,
-                error: None,
-            }),
-            ops: OpSlab::new(),
-            slab,
-            app_slab,
+            member: AtomicUsize::new(usize::MAX),
+            me: me.clone(),
+            slab: setup.slab,
+            app_slab: setup.app_slab,
+            heap: crate::buffer::HeapPool::default(),
             changed: Event::new(),
-            cfg: cfg.clone(),
+            cfg,
             cm,
+            registration: Mutex::new(None),
             _context: context,
         });
-        shared.pump(&mut shared.lock_state());
+        // The hello goes out first.
+        shared.drive(|_| ());
         let weak = Arc::downgrade(&shared);
         shared.cm.on_gone(move |why| {
             if let Some(s) = weak.upgrade() {
                 s.on_gone(why);
             }
         });
+        let listed: Weak<dyn Deliver> = Arc::downgrade(&shared) as Weak<dyn Deliver>;
+        *lock(&shared.registration) = Some(linger::register(listed));
         let member = Arc::downgrade(&shared) as Weak<dyn Member>;
-        let member = shared.reactor.add(member, cm_channel);
-        Ok(RdmaTransport {
-            shared,
-            member,
-            peer,
-        })
+        let id = shared.reactor.add(member, cm_channel);
+        shared.member.store(id, Ordering::Release);
+        Ok(RdmaTransport { shared, peer })
     }
 
     /// Connect to `addr` (blocking the calling thread for at most `timeout`).
@@ -783,13 +590,13 @@ impl RdmaTransport {
     /// Message fragments sent straight from registered memory (buffers from
     /// [`alloc_buf`](Transport::alloc_buf), received messages sent on), without a copy.
     pub fn zero_copy_sends(&self) -> u64 {
-        self.shared.lock_state().zero_copy_sends
+        lock(&self.shared.conn).zero_copy_sends()
     }
 
     /// Messages received without a copy: handed out in the receive buffer they arrived
     /// in (messages of up to one `chunk`, while at most half the buffers are lent).
     pub fn zero_copy_recvs(&self) -> u64 {
-        self.shared.lock_state().recv.lent_total
+        lock(&self.shared.conn).zero_copy_recvs()
     }
 
     /// The most registrations this connection can ever make.
@@ -810,112 +617,72 @@ impl RdmaTransport {
 
     /// Credits this side may still send with (for tests and monitoring).
     pub fn send_credits(&self) -> u32 {
-        self.shared.lock_state().credits.available()
+        lock(&self.shared.conn).send_credits()
+    }
+
+    /// Bytes received and not yet taken by `recv` (whole messages and the one being
+    /// reassembled). Past [`RdmaConfig::recv_buffer`] no credits go back to the peer.
+    pub fn unread_bytes(&self) -> usize {
+        lock(&self.shared.conn).unread()
+    }
+
+    /// Bytes `send` accepted that wait for credits (not posted yet).
+    pub fn queued_bytes(&self) -> usize {
+        lock(&self.shared.conn).queued()
     }
 }
 
 impl Transport for RdmaTransport {
     fn send(&self, msg: Bytes) -> impl Future<Output = Result<()>> + Send + '_ {
         let s = &*self.shared;
-        async move {
-            if msg.len() > s.cfg.max_message_size {
-                return Err(too_large(msg.len() as u64, s.cfg.max_message_size, false));
+        let mut msg = Some(msg);
+        s.wait(move |c| {
+            let m = msg.take()?;
+            match c.queue_send(m) {
+                Ok(None) => Some(Ok(())),
+                Ok(Some(back)) => {
+                    msg = Some(back);
+                    None
+                }
+                Err(e) => Some(Err(e)),
             }
-            let mut msg = Some(msg);
-            s.wait(|st| {
-                if let Some(e) = &st.error {
-                    return Some(Err(e.clone()));
-                }
-                if st.shut || st.closed {
-                    return Some(Err(Error::closed("send")));
-                }
-                // Data waits for the peer's hello (its limits and credits).
-                let peer_max = st.peer?.max_message_size;
-                let len = msg.as_ref().map_or(0, Bytes::len);
-                if len as u64 > peer_max {
-                    let e = too_large(len as u64, peer_max as usize, false);
-                    let e = Error::new(e.kind(), format!("{e} of the peer"));
-                    return Some(Err(e));
-                }
-                if st.queued > 0 && st.queued + len > s.cfg.send_buffer {
-                    return None;
-                }
-                st.queued += len;
-                st.sendq.push_back(Outgoing {
-                    data: msg.take().expect("queued once"),
-                    off: 0,
-                    kind: Kind::Data,
-                });
-                // With enough sends in flight their completions will run the pump:
-                // leave it to them, so a stream of small messages goes out in batches
-                // (one doorbell for many) instead of one post per message.
-                if st.data_in_flight < CORK_IN_FLIGHT {
-                    s.pump(st);
-                }
-                Some(Ok(()))
-            })
-            .await
-        }
+        })
     }
 
     fn recv(&self) -> impl Future<Output = Result<Bytes>> + Send + '_ {
         let s = &*self.shared;
-        s.wait(|st| {
-            if let Some(m) = st.recvq.pop_front() {
-                return Some(Ok(m));
-            }
-            if st.closed {
-                return Some(Err(Error::closed("recv")));
-            }
-            // An orderly end (the peer's FIN) wins over the disconnect that follows it.
-            if st.peer_fin {
-                return Some(Err(Error::new(
-                    ErrorKind::Closed,
-                    "recv: the peer closed the connection",
-                )));
-            }
-            st.error.as_ref().map(|e| Err(e.clone()))
-        })
+        async move {
+            let got = s.wait(|c| c.poll_recv()).await?;
+            Ok(match got {
+                Incoming::Lent { idx, buf, len } => {
+                    Lease::bytes(buf.0, idx as usize, len, s.me.clone())
+                }
+                Incoming::Owned(b) => b,
+            })
+        }
     }
 
     /// Waits until every queued message has been sent and acknowledged by the peer's
     /// device (its send completions arrived), or fails if one of them cannot be.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send + '_ {
-        self.shared.wait(|st| {
-            let done = st.sendq.is_empty() && st.data_in_flight == 0;
-            match &st.error {
-                Some(e) if st.lost || !done => Some(Err(e.clone())),
-                _ => done.then_some(Ok(())),
-            }
-        })
+        self.shared.wait(|c| c.poll_flush())
     }
 
     async fn shutdown(&self) -> Result<()> {
-        {
-            let mut st = self.shared.lock_state();
-            if !st.shut {
-                st.shut = true;
-                st.sendq.push_back(Outgoing {
-                    data: Bytes::new(),
-                    off: 0,
-                    kind: Kind::Fin,
-                });
-                self.shared.pump(&mut st);
-            }
-        }
+        self.shared.drive(|c| c.shutdown());
         self.flush().await
     }
 
     async fn close(&self) -> Result<()> {
         let res = self.shutdown().await;
-        let mut st = self.shared.lock_state();
         // The peer ended the stream and then the connection before our end-of-stream
         // got through: there is nobody left to deliver it to, and closing succeeds (as
         // a TCP close after the peer's FIN does).
-        let peer_gone_first = st.peer_fin && st.gone.is_some();
-        st.closed = true;
-        drop(st);
-        self.shared.changed.notify(usize::MAX);
+        let peer_gone_first = self.shared.drive(|c| {
+            let gone = c.peer_left_after_ending();
+            c.close();
+            gone
+        });
         let _ = self.shared.cm.disconnect();
         if peer_gone_first {
             return Ok(());
@@ -926,7 +693,7 @@ impl Transport for RdmaTransport {
     fn alloc_buf(&self, len: usize) -> Buf {
         match self.shared.app_slab.alloc_buf(len) {
             Ok(Some(b)) => b,
-            _ => crate::transport::BufferPool::alloc(&crate::buffer::HeapPool::default(), len),
+            _ => crate::transport::BufferPool::alloc(&self.shared.heap, len),
         }
     }
 
@@ -935,13 +702,11 @@ impl Transport for RdmaTransport {
     }
 
     fn is_closed(&self) -> bool {
-        let st = self.shared.lock_state();
-        st.closed || st.shut || st.error.is_some() || st.peer_fin
+        lock(&self.shared.conn).is_closed()
     }
 
     fn has_unread(&self) -> bool {
-        let st = self.shared.lock_state();
-        !st.recvq.is_empty() || !st.partial.is_empty()
+        lock(&self.shared.conn).has_unread()
     }
 
     fn local_addr(&self) -> Result<SocketAddr> {
@@ -963,34 +728,33 @@ impl Transport for RdmaTransport {
 
 impl Drop for RdmaTransport {
     fn drop(&mut self) {
-        {
-            let mut st = self.shared.lock_state();
-            st.closed = true;
+        let s = &self.shared;
+        // What was accepted still goes out, then the end-of-stream marker; the device
+        // reactor keeps the connection until the peer acknowledged it all (or linger
+        // is up), then disconnects it.
+        let settled = s.drive(|c| {
+            c.shutdown();
+            c.poll_flush().is_some()
+        });
+        let id = s.member.load(Ordering::Acquire);
+        if settled {
+            s.drive(|c| c.close());
+            let _ = s.cm.disconnect();
+            s.reactor.remove(id);
+        } else {
+            let member: Arc<dyn Member> = s.clone();
+            s.reactor.linger(member, id, Instant::now() + s.cfg.linger);
         }
-        self.shared.changed.notify(usize::MAX);
-        let _ = self.shared.cm.disconnect();
-        // The device thread lets go of the connection; the QP, then the memory its
-        // requests named, go away with the last reference to `shared`.
-        self.shared.reactor.remove(self.member);
     }
 }
 
 impl fmt::Debug for RdmaTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let st = self.shared.lock_state();
+        let c = lock(&self.shared.conn);
         f.debug_struct("RdmaTransport")
             .field("peer", &self.peer)
             .field("registrations", &self.registrations())
-            .field("send_credits", &st.credits.available())
-            .field("credits_to_return", &st.credits.pending_return())
-            .field("queued_messages", &st.sendq.len())
-            .field("sends_in_flight", &st.data_in_flight)
-            .field("send_queue_free", &st.sq_free)
-            .field("received_unread", &st.recvq.len())
-            .field("receive_buffers", &st.recv)
-            .field("peer_fin", &st.peer_fin)
-            .field("closed", &(st.closed || st.shut))
-            .field("error", &st.error)
+            .field("connection", &*c)
             .finish_non_exhaustive()
     }
 }

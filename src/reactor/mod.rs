@@ -1,25 +1,31 @@
-//! The runtime-free completion reactor.
+//! The runtime-free completion machinery under the RDMA driver, and what of it is on
+//! the path a message takes.
 //!
-//! RDMA hardware reports finished work requests on a completion queue (CQ). This module
-//! turns those completions into `std::future::Future`s without any async runtime:
+//! RDMA hardware reports finished work requests on a completion queue (CQ). Two ways to
+//! consume them exist here; the RDMA transport uses the first:
 //!
-//! * [`OpSlab`] holds one entry per posted work request. The entry owns the memory the
-//!   request names until its completion has been delivered, even if the future that
-//!   posted it is dropped (then the entry is orphaned and freed by the completion).
-//!   Requests carry a [`WrId`] (slab key + generation) in their `wr_id`, never a
-//!   pointer.
-//! * [`Poller`] drains a [`CompletionSource`] (the CQ, or a fake one in tests) and hands
-//!   batches to a handler, usually [`OpSlab::complete_batch`], which wakes each
-//!   operation's waker after releasing its lock.
-//! * [`Poller::spawn`] runs the poller on its own thread with adaptive waiting: it
-//!   busy-polls while completions flow, spins and then yields for a configurable window
-//!   once they stop, and finally arms the source's notification and sleeps on it (for a
-//!   CQ: `ibv_req_notify_cq` and the completion channel's fd), re-polling once after
-//!   arming so a completion that raced the arm is not missed. An idle reactor costs no
-//!   CPU; a busy one pays no syscall per completion.
-//! * [`credit`] is the receive-credit state machine used for flow control.
+//! * **A poller thread that hands batches to their owner.** [`Poller::spawn`] runs an
+//!   adaptive loop over a [`CompletionSource`]: it busy-polls while completions flow,
+//!   spins and then yields for a configurable window once they stop, and finally arms
+//!   the source's notification and sleeps on it (for a CQ: `ibv_req_notify_cq` and the
+//!   completion channel's fd), re-polling once after arming so a completion that raced
+//!   the arm is not missed. An idle reactor costs no CPU; a busy one pays no syscall per
+//!   completion. The RDMA driver's device thread is this loop over a source that polls
+//!   every connection's CQ and gives each batch straight to its connection's protocol
+//!   core (`drivers/rdma/conn.rs`), which owns the in-flight table of its own work
+//!   requests: completions are consumed in batches, in CQ order, by the connection,
+//!   not awaited one by one.
+//! * **Completions as futures** ([`OpSlab`], [`OpFuture`]): one slab entry per posted
+//!   request, owning the memory it names until its completion, a dropped future only
+//!   orphaning its entry; [`OpSlab::complete_batch`] as the poller's handler wakes each
+//!   op's waker. This is the general form for one-off operations (a future RDMA READ
+//!   or WRITE awaited by its caller); no transport uses it today. Its tests and
+//!   `examples/reactor_bench.rs` keep it honest.
 //!
-//! Nothing here knows about sideway or verbs; the RDMA driver supplies the source.
+//! Shared by both: [`WrId`] (slab key + generation in a `wr_id`, never a pointer),
+//! [`Completion`], and [`credit`], the receive-credit state machine of the RDMA
+//! protocol. Nothing here knows about sideway or verbs; the RDMA driver supplies the
+//! sources.
 
 pub mod credit;
 mod op;

@@ -12,8 +12,10 @@ use super::Completion;
 
 /// Where completions come from: a completion queue, or [`FakeSource`] in tests.
 pub trait CompletionSource: Send + 'static {
-    /// Append the completions available now (at most `max`) to `out`, without
-    /// blocking. Returns how many were appended.
+    /// Take the completions available now (at most `max` per queue), without
+    /// blocking: append them to `out` for the poller's handler, or, for a source that
+    /// routes them itself (the RDMA device source gives each CQ's batch to its
+    /// connection), handle them and leave `out` alone. Returns how many were taken.
     ///
     /// # Errors
     /// A failed poll; the poller thread stops and reports it.

@@ -217,6 +217,8 @@ impl DeviceSource {
 }
 
 impl CompletionSource for DeviceSource {
+    /// Polls every member's CQ once; each member hands its batch to its own protocol
+    /// core (routing it here would only be handed back), so `out` stays empty.
     fn poll(&mut self, _out: &mut Vec<Completion>, max: usize) -> io::Result<usize> {
         self.settle_lingering();
         self.refresh();

@@ -50,6 +50,12 @@ pub mod transport;
 
 pub use error::{Error, ErrorKind, Result};
 
+/// The RDMA protocol core's benchmark (`examples/core_bench.rs`): not part of the API.
+#[doc(hidden)]
+pub mod __bench {
+    pub use crate::drivers::rdma::bench::{Bench as RdmaCore, CoreBench};
+}
+
 /// Internals for the fuzz targets in `fuzz/` (built only with `--cfg fuzzing`, as
 /// `cargo fuzz` does): not part of the API.
 #[cfg(fuzzing)]

@@ -24,6 +24,7 @@
 //!   or threads), which `transport` drives; `sim` (tests) runs two of them through a
 //!   seeded simulation of the wire.
 
+pub(crate) mod bench;
 #[cfg(feature = "rdma")]
 mod buffer;
 #[cfg(feature = "rdma")]

@@ -29,7 +29,11 @@ impl<T: AsRef<[u8]> + AsMut<[u8]> + Send + Sync + 'static> BufStorage for T {}
 /// which the RDMA transport sends without copying once frozen into [`Bytes`].
 pub trait BufferPool: Send + Sync + fmt::Debug {
     /// A zero-filled buffer of `len` bytes.
-    fn alloc(&self, len: usize) -> Buf;
+    ///
+    /// # Errors
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io)`(OutOfMemory)` if the memory cannot be
+    /// had (never an abort of the process).
+    fn alloc(&self, len: usize) -> crate::Result<Buf>;
 }
 
 /// A writable message buffer from a [`BufferPool`].
@@ -222,12 +226,35 @@ impl fmt::Debug for HeapPool {
 }
 
 impl BufferPool for HeapPool {
-    fn alloc(&self, len: usize) -> Buf {
-        let mut v = self.take_uninit(len);
+    fn alloc(&self, len: usize) -> crate::Result<Buf> {
+        let mut v = match self.take_cached(len) {
+            Some(v) => v,
+            None => {
+                let class = class_of(len);
+                let size = class.map_or(len, |c| MIN_CLASS << c);
+                let mut vec = Vec::new();
+                vec.try_reserve_exact(size).map_err(|_| {
+                    crate::Error::new(
+                        crate::ErrorKind::Io(std::io::ErrorKind::OutOfMemory),
+                        format!("cannot allocate a buffer of {len} bytes"),
+                    )
+                })?;
+                vec.resize(size, 0);
+                PooledVec {
+                    vec,
+                    len,
+                    pool: if class.is_some() {
+                        Arc::downgrade(&self.inner)
+                    } else {
+                        Weak::new()
+                    },
+                }
+            }
+        };
         v.as_mut().fill(0);
         // Expose the whole size class, so `Buf::set_len` can grow into it.
         v.len = v.vec.len();
-        Buf::from_storage(Box::new(v), len)
+        Ok(Buf::from_storage(Box::new(v), len))
     }
 }
 
@@ -287,7 +314,7 @@ mod tests {
     #[test]
     fn alloc_is_zeroed_and_freezes_without_copy() {
         let pool = HeapPool::default();
-        let mut b = pool.alloc(100);
+        let mut b = pool.alloc(100).unwrap();
         assert_eq!(b.len(), 100);
         assert!(b.iter().all(|&x| x == 0));
         b[0] = 7;
@@ -301,12 +328,12 @@ mod tests {
     #[test]
     fn freed_buffers_are_reused_and_rezeroed() {
         let pool = HeapPool::default();
-        let mut b = pool.alloc(5000);
+        let mut b = pool.alloc(5000).unwrap();
         b.fill(0xAB);
         let ptr = b.as_ptr();
         drop(b.freeze());
         assert_eq!(pool.cached_bytes(), 8192);
-        let b2 = pool.alloc(6000);
+        let b2 = pool.alloc(6000).unwrap();
         assert_eq!(b2.as_ptr(), ptr, "memory of the same class is recycled");
         assert!(b2.iter().all(|&x| x == 0));
         assert_eq!(pool.cached_bytes(), 0);
@@ -315,8 +342,8 @@ mod tests {
     #[test]
     fn cache_is_bounded() {
         let pool = HeapPool::new(8192);
-        let a = pool.alloc(8192);
-        let b = pool.alloc(8192);
+        let a = pool.alloc(8192).unwrap();
+        let b = pool.alloc(8192).unwrap();
         drop(a);
         drop(b);
         assert_eq!(pool.cached_bytes(), 8192);
@@ -325,10 +352,10 @@ mod tests {
     #[test]
     fn truncate_and_set_len() {
         let pool = HeapPool::default();
-        let mut b = pool.alloc(10);
+        let mut b = pool.alloc(10).unwrap();
         b.truncate(4);
         assert_eq!(b.freeze().len(), 4);
-        let mut b = pool.alloc(0);
+        let mut b = pool.alloc(0).unwrap();
         assert!(b.is_empty());
         assert_eq!(b.capacity(), 4096);
         b.set_len(4096);

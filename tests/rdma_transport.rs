@@ -109,7 +109,7 @@ async fn echo_suite(t: &RdmaTransport) {
     let mut regs = 0;
     for round in 0..20u8 {
         let n = 100_000;
-        let mut buf = t.alloc_buf(n);
+        let mut buf = t.alloc_buf(n).unwrap();
         assert_eq!(buf.len(), n);
         buf.copy_from_slice(&pattern(n, round));
         t.send(buf.freeze()).await.unwrap();

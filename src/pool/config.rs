@@ -24,6 +24,9 @@ use crate::runtime::Runtime;
 ///   `timeout` bounds its attempt); whichever expires first ends the attempt, so set the
 ///   connector's limit no shorter than the pool's unless you mean it per address.
 /// * `request_timeout` bounds one [`request`](super::PooledConnection::request).
+///
+/// Each bound cancels a future at an `.await`: a connector or check that blocks its
+/// thread cannot be cut short (see [`Connector::connect`](super::Connector::connect)).
 #[derive(Clone)]
 pub struct PoolConfig {
     pub(crate) max_size: usize,

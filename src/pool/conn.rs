@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,6 +35,8 @@ pub struct PooledConnection<C: Connector> {
     broken: AtomicBool,
     /// A `recv` was dropped before it completed.
     abandoned: AtomicBool,
+    /// Messages sent through the guard that no received message answered yet.
+    unanswered: AtomicU64,
 }
 
 /// Sets its flag when dropped unless disarmed: an operation dropped midway.
@@ -74,6 +76,7 @@ impl<C: Connector> PooledConnection<C> {
             pool,
             broken: AtomicBool::new(broken),
             abandoned: AtomicBool::new(false),
+            unanswered: AtomicU64::new(0),
         }
     }
 
@@ -108,6 +111,9 @@ impl<C: Connector> PooledConnection<C> {
     /// As [`Transport::send`].
     pub async fn send(&self, msg: Bytes) -> Result<()> {
         let res = self.transport().send(msg).await;
+        if res.is_ok() {
+            self.unanswered.fetch_add(1, Ordering::AcqRel);
+        }
         self.fail_if_fatal(res)
     }
 
@@ -122,7 +128,21 @@ impl<C: Connector> PooledConnection<C> {
         let pending = Armed::new(&self.abandoned);
         let res = self.transport().recv().await;
         pending.disarm();
+        if res.is_ok() {
+            // One reply answers one request; a stream of several answers more.
+            let _ = self
+                .unanswered
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
         self.fail_if_fatal(res)
+    }
+
+    /// The messages sent so far on this checkout get no reply (one-way traffic): do
+    /// not count them as an unfinished exchange when the guard is dropped. Without it,
+    /// a guard given back with more messages sent than received keeps its connection
+    /// out of the pool, since the replies may still be on their way.
+    pub fn no_reply_expected(&self) {
+        self.unanswered.store(0, Ordering::Release);
     }
 
     /// Wait until every message accepted so far has been handed to the network, as
@@ -239,10 +259,14 @@ impl<C: Connector> PooledConnection<C> {
     }
 
     /// Whether the connection will be closed instead of reused when returned, for what
-    /// the guard knows: marked broken, an abandoned `recv` or request, a fatal error.
+    /// the guard knows: marked broken, an abandoned `recv` or request, a fatal error,
+    /// or messages sent through it that no received message answered (see
+    /// [`no_reply_expected`](PooledConnection::no_reply_expected)).
     /// (Check-in also probes the transport: closed, or unread data.)
     pub fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Acquire) || self.abandoned.load(Ordering::Acquire)
+        self.broken.load(Ordering::Acquire)
+            || self.abandoned.load(Ordering::Acquire)
+            || self.unanswered.load(Ordering::Acquire) > 0
     }
 
     /// Close this connection instead of returning it to the pool (e.g. after a
@@ -301,7 +325,7 @@ impl<C: Connector> Transport for PooledConnection<C> {
     fn close(&self) -> impl Future<Output = Result<()>> + Send + '_ {
         PooledConnection::close(self)
     }
-    fn alloc_buf(&self, len: usize) -> Buf {
+    fn alloc_buf(&self, len: usize) -> Result<Buf> {
         self.transport().alloc_buf(len)
     }
     fn max_message_size(&self) -> usize {

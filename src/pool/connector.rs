@@ -19,6 +19,11 @@ pub trait Connector: Send + Sync + 'static {
 
     /// Open one connection.
     ///
+    /// It must not block its thread (do blocking work on a thread of your own and await
+    /// it): the pool's timeouts cancel a future at an `.await`, and on a single-threaded
+    /// executor nothing else runs while it blocks, so a connector that blocks for two
+    /// seconds makes `get()` take two seconds whatever `checkout_timeout` says.
+    ///
     /// The pool bounds it with its
     /// [`connect_timeout`](super::PoolConfig::connect_timeout) (cut short by what is left
     /// of the checkout timeout) and drops the future when that passes or the checkout is
@@ -46,11 +51,31 @@ pub trait Connector: Send + Sync + 'static {
 /// An address a [`TcpConnector`] resolves at each connect.
 trait Target: Send + Sync + fmt::Debug + 'static {
     fn resolve(&self) -> std::io::Result<Vec<SocketAddr>>;
+    /// The addresses, if they are literal (no name to look up: resolving cannot block).
+    fn literal(&self) -> Option<Vec<SocketAddr>>;
 }
 
 impl<A: ToSocketAddrs + Send + Sync + fmt::Debug + 'static> Target for A {
     fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
         Ok(self.to_socket_addrs()?.collect())
+    }
+
+    fn literal(&self) -> Option<Vec<SocketAddr>> {
+        let any = self as &dyn std::any::Any;
+        if let Some(a) = any.downcast_ref::<SocketAddr>() {
+            return Some(vec![*a]);
+        }
+        if let Some(a) = any.downcast_ref::<Vec<SocketAddr>>() {
+            return Some(a.clone());
+        }
+        if let Some((ip, port)) = any.downcast_ref::<(std::net::IpAddr, u16)>() {
+            return Some(vec![SocketAddr::new(*ip, *port)]);
+        }
+        let text = any
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| any.downcast_ref::<&'static str>().copied())?;
+        text.parse::<SocketAddr>().ok().map(|a| vec![a])
     }
 }
 
@@ -62,10 +87,10 @@ impl<A: ToSocketAddrs + Send + Sync + fmt::Debug + 'static> Target for A {
 /// resolved at each connect, not at construction: a server that comes back at another
 /// address after a restart (a new container, a DNS change) is found, and a name that
 /// does not resolve yet is a connect error the pool retries (see
-/// [`is_transient`](super::is_transient)), not a construction error. Like
-/// [`TcpTransport::connect`], a host name is resolved with the system resolver, which
-/// blocks the connecting task's thread; give a `SocketAddr` where that matters. Each
-/// address it resolves to is tried in turn.
+/// [`is_transient`](super::is_transient)), not a construction error. A host name is
+/// resolved with the system resolver on a thread of its own (it blocks), so the
+/// checkout's timeout bounds it and the executor's thread is never held; a literal
+/// address needs no lookup. Each address it resolves to is tried in turn.
 ///
 /// Timeouts: the pool's [`connect_timeout`](super::PoolConfig::connect_timeout) bounds
 /// the whole connect (every address); the [`TcpConfig::connect_timeout`] given with
@@ -104,10 +129,28 @@ impl Connector for TcpConnector {
     /// As [`TcpTransport::connect_with`]; a name that cannot be resolved is an `Io`
     /// error whose message names the address.
     async fn connect(&self) -> Result<TcpTransport> {
-        let addrs = self.addr.resolve().map_err(|e| {
-            let kind = Error::from(std::io::Error::from(e.kind())).kind();
-            Error::with_source(kind, format!("resolve {:?}: {e}", self.addr), e)
-        })?;
+        let addrs = match self.addr.literal() {
+            Some(addrs) => addrs,
+            None => {
+                // A name: the system resolver blocks, so it runs on a thread of its own
+                // and the checkout's timeout still bounds the wait.
+                let target = self.addr.clone();
+                let (tx, rx) = futures::channel::oneshot::channel();
+                std::thread::Builder::new()
+                    .name("net-rs-resolve".into())
+                    .spawn(move || {
+                        let _ = tx.send(target.resolve());
+                    })
+                    .map_err(Error::from)?;
+                let resolved = rx
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the resolver thread died")));
+                resolved.map_err(|e| {
+                    let kind = Error::from(std::io::Error::from(e.kind())).kind();
+                    Error::with_source(kind, format!("resolve {:?}: {e}", self.addr), e)
+                })?
+            }
+        };
         TcpTransport::connect_with(&addrs[..], &self.config).await
     }
 }

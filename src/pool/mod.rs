@@ -30,6 +30,11 @@
 //!   [`Transport`] impl, for generic code) was dropped before it completed, e.g. by a
 //!   timeout; or a [`request`](PooledConnection::request) failed or was cancelled
 //!   midway;
+//! * it was given back with more messages sent than received through the guard: the
+//!   replies to those may still come (a slow server answers after the check-in, so no
+//!   probe can see them yet). One-way traffic, whose messages get no reply, says so
+//!   with [`no_reply_expected`](PooledConnection::no_reply_expected) before the guard
+//!   is dropped, and the connection is reused;
 //! * it was [marked broken](PooledConnection::mark_broken) or
 //!   [discarded](PooledConnection::discard), it was shut down or closed through the
 //!   guard, or an operation through the guard failed with a

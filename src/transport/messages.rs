@@ -6,8 +6,9 @@
 //! `SinkExt::send` (queue and flush, another error type) depending on how `t` is
 //! borrowed. The view is asked for explicitly instead, from any transport, through any
 //! handle to it: `transport.messages()` or [`Messages::new`] borrow it;
-//! [`Messages::from_handle`] takes an `Arc`, a pooled connection or a `Box`, for a
-//! stream that is `'static` (to move into a spawned task).
+//! [`Messages::owned`] owns it (a pooled connection goes in this way) and
+//! [`Messages::from_handle`] keeps an `Arc` or a `Box`, for a stream that is `'static`
+//! (to move into a spawned task).
 
 use std::fmt;
 use std::ops::Deref;
@@ -24,7 +25,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// Something that gives access to a transport `T`: `&T`, `Arc<T>`, `Box<T>`, a
 /// [`PooledConnection`](crate::pool::PooledConnection), ...
-type Handle<'a, T> = Arc<dyn Deref<Target = T> + Send + Sync + 'a>;
+type Keeper<'a, T> = Arc<dyn Deref<Target = T> + Send + Sync + 'a>;
 
 /// A [`Transport`] as a `Stream<Item = Result<Bytes>>` and a `Sink<Bytes>`, like
 /// tokio-util's `Framed`.
@@ -79,12 +80,38 @@ type Handle<'a, T> = Arc<dyn Deref<Target = T> + Send + Sync + 'a>;
 /// # }
 /// ```
 pub struct Messages<'a, T: Transport> {
-    transport: Handle<'a, T>,
+    transport: Keeper<'a, T>,
     recv: Option<BoxFuture<'a, Result<Bytes>>>,
     send: Option<BoxFuture<'a, Result<()>>>,
     flush: Option<BoxFuture<'a, Result<()>>>,
     close: Option<BoxFuture<'a, Result<()>>>,
     ended: bool,
+}
+
+/// What [`Messages::from_handle`] keeps: a reference, an `Arc` or a `Box` of the
+/// transport (sealed).
+pub trait Handle<T>: Deref<Target = T> + handle::Sealed {}
+
+mod handle {
+    pub trait Sealed {}
+    impl<T> Sealed for &T {}
+    impl<T> Sealed for std::sync::Arc<T> {}
+    impl<T> Sealed for Box<T> {}
+}
+
+impl<T> Handle<T> for &T {}
+impl<T> Handle<T> for Arc<T> {}
+impl<T> Handle<T> for Box<T> {}
+
+impl<T: Transport> Messages<'static, T> {
+    /// A view that owns `transport` (`'static`: it can move into a spawned task). For a
+    /// [`PooledConnection`](crate::pool::PooledConnection) this is the way in: the
+    /// guard's own methods are used, so a `next()` dropped before it completed keeps the
+    /// connection out of the pool, as its `recv` does, and dropping the view returns
+    /// the connection.
+    pub fn owned(transport: T) -> Self {
+        Messages::from_handle(Box::new(transport))
+    }
 }
 
 impl<'a, T: Transport> Messages<'a, T> {
@@ -95,11 +122,15 @@ impl<'a, T: Transport> Messages<'a, T> {
 
     /// A view of the transport behind `handle`, which it keeps: an `Arc<T>` (so the
     /// `Messages` is `'static` and other clones can still use the transport), a
-    /// [`PooledConnection`](crate::pool::PooledConnection) (returned to its pool when the
-    /// `Messages` is dropped), a `Box<T>`, or a reference.
+    /// `Box<T>`, or a reference.
+    ///
+    /// A pooled connection goes in with [`owned`](Messages::owned), not here: through
+    /// its `Deref` the view would bypass the guard's tracking of abandoned receives (a
+    /// reply still coming would go to the connection's next user), so `from_handle`
+    /// does not take one.
     pub fn from_handle<H>(handle: H) -> Self
     where
-        H: Deref<Target = T> + Send + Sync + 'a,
+        H: Handle<T> + Send + Sync + 'a,
     {
         Messages {
             transport: Arc::new(handle),

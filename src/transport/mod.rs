@@ -15,8 +15,8 @@
 //! # Stream and Sink
 //! Transports are not `futures::Stream`/`Sink` themselves (with `SinkExt` in scope,
 //! `send` would mean two different things). [`Messages`] is that view, asked for
-//! explicitly: `transport.messages()`, or [`Messages::from_handle`] over an `Arc` or a
-//! pooled connection.
+//! explicitly: `transport.messages()`, [`Messages::owned`] (a pooled connection goes in
+//! this way), or [`Messages::from_handle`] over an `Arc`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,7 +30,7 @@ use crate::error::Result;
 mod messages;
 
 pub use crate::buffer::BufferPool;
-pub use messages::Messages;
+pub use messages::{Handle, Messages};
 
 /// A boxed, `Send` future, as returned by [`DynTransport`] and the runtime adapters.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -76,7 +76,12 @@ pub trait Transport: Send + Sync + 'static {
 
     /// A zero-filled buffer of `len` bytes from this transport's [`BufferPool`]; freeze it
     /// into [`Bytes`] and pass it to [`send`](Transport::send).
-    fn alloc_buf(&self, len: usize) -> Buf;
+    ///
+    /// # Errors
+    /// [`MessageTooLarge`](crate::ErrorKind::MessageTooLarge) if `len` is over
+    /// [`max_message_size`](Transport::max_message_size) (such a buffer could not be
+    /// sent), or `Io(OutOfMemory)` if the memory cannot be had.
+    fn alloc_buf(&self, len: usize) -> Result<Buf>;
 
     /// The largest message this transport sends or accepts, in bytes.
     fn max_message_size(&self) -> usize;
@@ -102,7 +107,8 @@ pub trait Transport: Send + Sync + 'static {
 
     /// This transport, borrowed, as a `futures::Stream` of received messages and a
     /// `futures::Sink` of messages to send; see [`Messages`] (and
-    /// [`Messages::from_handle`] for one that owns an `Arc` or a pooled connection).
+    /// [`Messages::owned`] / [`Messages::from_handle`] for one that owns the transport,
+    /// a pooled connection or an `Arc`).
     fn messages(&self) -> Messages<'_, Self>
     where
         Self: Sized,
@@ -119,7 +125,7 @@ pub trait DynTransport: Send + Sync + 'static {
     fn flush_dyn(&self) -> BoxFuture<'_, Result<()>>;
     fn shutdown_dyn(&self) -> BoxFuture<'_, Result<()>>;
     fn close_dyn(&self) -> BoxFuture<'_, Result<()>>;
-    fn alloc_buf_dyn(&self, len: usize) -> Buf;
+    fn alloc_buf_dyn(&self, len: usize) -> Result<Buf>;
     fn max_message_size_dyn(&self) -> usize;
     fn is_closed_dyn(&self) -> bool;
     fn has_unread_dyn(&self) -> bool;
@@ -143,7 +149,7 @@ impl<T: Transport> DynTransport for T {
     fn close_dyn(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(self.close())
     }
-    fn alloc_buf_dyn(&self, len: usize) -> Buf {
+    fn alloc_buf_dyn(&self, len: usize) -> Result<Buf> {
         self.alloc_buf(len)
     }
     fn max_message_size_dyn(&self) -> usize {
@@ -182,7 +188,7 @@ impl Transport for BoxTransport {
     fn close(&self) -> impl Future<Output = Result<()>> + Send + '_ {
         (**self).close_dyn()
     }
-    fn alloc_buf(&self, len: usize) -> Buf {
+    fn alloc_buf(&self, len: usize) -> Result<Buf> {
         (**self).alloc_buf_dyn(len)
     }
     fn max_message_size(&self) -> usize {

@@ -123,13 +123,21 @@ pub async fn latency_mode_keeps_every_guarantee(rt: Arc<dyn Runtime>) {
 
 pub async fn seed_example_alloc_buf(rt: Arc<dyn Runtime>) {
     let (c, s) = pair(&config(&rt)).await;
-    let mut buf = c.alloc_buf(1024);
+    let mut buf = c.alloc_buf(1024).unwrap();
     buf[..4].copy_from_slice(b"ping");
     c.send(buf.freeze()).await.unwrap();
     let got = deadline(&rt, s.recv()).await.unwrap();
     assert_eq!(got.len(), 1024);
     assert_eq!(&got[..4], b"ping");
     assert!(got[4..].iter().all(|&b| b == 0));
+    // A buffer that could not be sent, or not be had at all: an error, never an abort.
+    let max = c.max_message_size();
+    assert!(matches!(
+        c.alloc_buf(max + 1).unwrap_err().kind(),
+        ErrorKind::MessageTooLarge { .. }
+    ));
+    assert!(c.alloc_buf(usize::MAX / 2).is_err());
+    assert_eq!(c.alloc_buf(max).unwrap().len(), max);
 }
 
 pub async fn many_small_messages_in_order(rt: Arc<dyn Runtime>) {
@@ -499,6 +507,57 @@ pub async fn dead_peer_fails_pending_operations(rt: Arc<dyn Runtime>) {
     assert!(c.is_closed());
 }
 
+/// A reset reported to one direction ends the other too: after `recv` saw it, `send`
+/// fails (it must not accept a message that can never go out); after `send` (or
+/// `flush`) saw it, `recv` reports it instead of an orderly end (the socket reports
+/// its error once, to whichever call comes first; reads then only see the end).
+pub async fn a_reset_seen_by_one_direction_fails_the_other(rt: Arc<dyn Runtime>) {
+    for recv_first in [true, false] {
+        let (addr, peer) = raw_peer(|s| {
+            std::thread::sleep(Duration::from_millis(100));
+            // Close with unread data pending makes the kernel send a reset.
+            drop(s);
+        });
+        let c = TcpTransport::connect_with(addr, &config(&rt))
+            .await
+            .unwrap();
+        c.send(pattern(10, 0)).await.unwrap();
+        deadline(&rt, peer.join())
+            .await
+            .expect("the raw peer panicked");
+        rt.sleep(Duration::from_millis(50)).await;
+        if recv_first {
+            let err = deadline(&rt, c.recv()).await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+            let sent = c.send(Bytes::from_static(b"lost")).await;
+            assert!(sent.is_err(), "send accepted a message after the reset");
+        } else {
+            // Writes find the reset (the first one may still be taken by the kernel).
+            let mut err = None;
+            for _ in 0..100 {
+                if let Err(e) = async {
+                    c.send(pattern(1000, 0)).await?;
+                    c.flush().await
+                }
+                .await
+                {
+                    err = Some(e);
+                    break;
+                }
+                rt.sleep(Duration::from_millis(5)).await;
+            }
+            let err = err.expect("writes into a reset connection kept succeeding");
+            let end = deadline(&rt, c.recv()).await.unwrap_err();
+            assert_ne!(end.kind(), ErrorKind::Closed, "{end}: not an orderly end");
+            assert_eq!(end.kind(), err.kind(), "{end} / {err}");
+            let mut view = c.messages();
+            let item = deadline(&rt, view.next()).await;
+            assert!(matches!(item, Some(Err(_))), "the stream yields the error");
+        }
+        assert!(c.is_closed());
+    }
+}
+
 pub async fn connection_refused(rt: Arc<dyn Runtime>) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -802,7 +861,7 @@ pub async fn messages_over_any_handle(rt: Arc<dyn Runtime>) {
         );
     }
     let conn = deadline(&rt, pool.get()).await.unwrap();
-    let mut view = Messages::from_handle(conn);
+    let mut view = Messages::owned(conn);
     let task = spawn(&rt, async move {
         view.send(Bytes::from_static(b"owned")).await.unwrap();
         let back = view.next().await.unwrap().unwrap();
@@ -1052,7 +1111,7 @@ macro_rules! tcp_suite {
             dead_peer_fails_pending_operations connection_refused bind_error_names_the_address stream_and_sink
             sink_flush_is_the_transports_flush stream_ends_after_a_fatal_error
             dropped_messages_view_loses_nothing messages_over_any_handle dyn_transport
-            many_senders_share_one_transport);
+            many_senders_share_one_transport a_reset_seen_by_one_direction_fails_the_other);
     };
     (@each $run:path; $($name:ident)*) => {
         $(

@@ -690,9 +690,13 @@ impl Transport for RdmaTransport {
         res
     }
 
-    fn alloc_buf(&self, len: usize) -> Buf {
+    fn alloc_buf(&self, len: usize) -> Result<Buf> {
+        let max = self.shared.cfg.max_message_size;
+        if len > max {
+            return Err(crate::codec::too_large(len as u64, max, false));
+        }
         match self.shared.app_slab.alloc_buf(len) {
-            Ok(Some(b)) => b,
+            Ok(Some(b)) => Ok(b),
             _ => crate::transport::BufferPool::alloc(&self.shared.heap, len),
         }
     }

@@ -123,6 +123,8 @@ pub(crate) enum Fatal {
     No,
     /// A protocol violation: the whole connection must be closed.
     CloseConnection,
+    /// The socket failed (reset, ...): sending is over too, with this error.
+    Broken(Error),
 }
 
 fn lock(m: &Mutex<RecvState>) -> MutexGuard<'_, RecvState> {
@@ -181,7 +183,12 @@ impl RecvSide {
                     {
                         Fatal::CloseConnection
                     }
-                    _ => Fatal::No,
+                    // The peer's orderly or mid-message end leaves our direction open.
+                    Err(e) if matches!(e.kind(), ErrorKind::Closed | ErrorKind::UnexpectedEof) => {
+                        Fatal::No
+                    }
+                    Err(e) => Fatal::Broken(e.clone()),
+                    Ok(_) => Fatal::No,
                 };
                 let wake: Vec<_> = if res.is_ok() {
                     st.waiters

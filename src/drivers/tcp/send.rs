@@ -585,6 +585,21 @@ impl SendSide {
         });
     }
 
+    /// The connection failed (the socket broke): stop writing, with `e` for every
+    /// later `send`, `flush` and `close`.
+    pub(crate) fn fail(&self, e: Error) {
+        self.stop(Err(e));
+    }
+
+    /// The error writing ended with, if the socket failed (not after an orderly end,
+    /// an abort or a linger timeout).
+    pub(crate) fn failure(&self) -> Option<Error> {
+        let st = lock(&self.state);
+        st.error
+            .clone()
+            .filter(|e| !matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Closed))
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         let st = lock(&self.state);
         st.shutdown || st.error.is_some()
@@ -807,10 +822,12 @@ pub(crate) fn writer(side: Arc<SendSide>, rt: Arc<dyn Runtime>) -> impl Future<O
 
 async fn run_writer(side: Arc<SendSide>, rt: Arc<dyn Runtime>, mut guard: TaskGuard) {
     let mut deadline: Option<crate::transport::BoxFuture<'static, ()>> = None;
-    futures::future::poll_fn(|cx| loop {
+    // `Err(())`: the runtime is shutting down; the guard hands the rest to the linger
+    // thread.
+    let res: std::result::Result<(), ()> = futures::future::poll_fn(|cx| loop {
         let mut st = lock(&side.state);
         if st.finished {
-            return Poll::Ready(());
+            return Poll::Ready(Ok(()));
         }
         if deadline.is_none() {
             if let Some(left) = side.linger_left(&st, Instant::now()) {
@@ -820,8 +837,14 @@ async fn run_writer(side: Arc<SendSide>, rt: Arc<dyn Runtime>, mut guard: TaskGu
         if let Some(d) = deadline.as_mut() {
             if d.as_mut().poll(cx).is_ready() {
                 drop(st);
+                // A runtime that is shutting down completes its timers at once: that
+                // is not the linger time running out. Leave the rest to the linger
+                // thread (with its own deadline) instead of dropping it.
+                if rt.is_shut_down() {
+                    return Poll::Ready(Err(()));
+                }
                 side.give_up();
-                return Poll::Ready(());
+                return Poll::Ready(Ok(()));
             }
         }
         match st.owner {
@@ -831,7 +854,7 @@ async fn run_writer(side: Arc<SendSide>, rt: Arc<dyn Runtime>, mut guard: TaskGu
                 st.parked = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            Owner::Linger => return Poll::Ready(()),
+            Owner::Linger => return Poll::Ready(Ok(())),
         }
         drop(st);
         let mut pen = lock_pen(&side.pen);
@@ -840,12 +863,12 @@ async fn run_writer(side: Arc<SendSide>, rt: Arc<dyn Runtime>, mut guard: TaskGu
             Poll::Ready(Drained::Finished) => {
                 drop(pen);
                 side.finish();
-                return Poll::Ready(());
+                return Poll::Ready(Ok(()));
             }
             Poll::Ready(Drained::Stop(r)) => {
                 drop(pen);
                 side.stop(r);
-                return Poll::Ready(());
+                return Poll::Ready(Ok(()));
             }
             Poll::Ready(Drained::Empty) => {
                 drop(pen);
@@ -861,6 +884,11 @@ async fn run_writer(side: Arc<SendSide>, rt: Arc<dyn Runtime>, mut guard: TaskGu
         }
     })
     .await;
+    if res.is_err() {
+        // Dropping the armed guard adopts the connection into the linger thread.
+        drop(guard);
+        return;
+    }
     guard.0 = None;
     let mut st = lock(&side.state);
     st.task_gone = true;

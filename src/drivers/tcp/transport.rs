@@ -33,7 +33,7 @@ use crate::transport::{BufferPool, Transport};
 /// #[tokio::main]
 /// async fn main() -> std::io::Result<()> {
 ///     let transport = TcpTransport::connect("127.0.0.1:8080").await?;
-///     let buf = transport.alloc_buf(1024);
+///     let buf = transport.alloc_buf(1024)?;
 ///     transport.send(buf.freeze()).await?;
 ///     Ok(())
 /// }
@@ -133,6 +133,16 @@ impl TcpTransport {
         match (&res, fatal) {
             (Poll::Pending, _) => self.shared.send.uncork(),
             (_, Fatal::CloseConnection) => self.shared.send.abort(),
+            // The socket is broken both ways: a later `send` must not say `Ok`.
+            (_, Fatal::Broken(e)) => self.shared.send.fail(e),
+            (Poll::Ready(Err(e)), Fatal::No) if e.kind() == ErrorKind::Closed => {
+                // An end of stream after our own writes failed is not an orderly
+                // close: the reset was reported to the write (the socket reports its
+                // error once), and reads then only see the end.
+                if let Some(e) = self.shared.send.failure() {
+                    return Poll::Ready(Err(e));
+                }
+            }
             _ => {}
         }
         res
@@ -207,7 +217,10 @@ impl Transport for TcpTransport {
         res
     }
 
-    fn alloc_buf(&self, len: usize) -> Buf {
+    fn alloc_buf(&self, len: usize) -> Result<Buf> {
+        if len > self.shared.max {
+            return Err(crate::codec::too_large(len as u64, self.shared.max, false));
+        }
         self.shared.pool.alloc(len)
     }
 

@@ -81,8 +81,15 @@ fn child() {
     }
 }
 
-/// Run one child and return the bytes the server received before EOF.
+/// Run one child and return the bytes the server received before EOF. `speak`: the
+/// server first sends a message the child never reads, and starts reading late (a
+/// socket closed with unread input answers with a reset, which would lose what is
+/// still in flight).
 fn run_once(runtime: &str, size: usize, end: End) -> usize {
+    run_with(runtime, size, end, false)
+}
+
+fn run_with(runtime: &str, size: usize, end: End, speak: bool) -> usize {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let end_word = match end {
@@ -112,6 +119,10 @@ fn run_once(runtime: &str, size: usize, end: End) -> usize {
         }
     };
     sock.set_nonblocking(false).unwrap();
+    if speak {
+        std::io::Write::write_all(&mut sock, &[0, 0, 0, 2, b'h', b'i']).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let mut got = 0usize;
@@ -167,4 +178,24 @@ fn message_sent_right_before_process_exit_is_delivered() {
         return;
     }
     check(End::Exit, 2);
+}
+
+#[test]
+fn delivered_even_with_input_left_unread() {
+    if std::env::var(CHILD).is_ok() {
+        return;
+    }
+    for end in [End::Return, End::Exit] {
+        for runtime in runtimes() {
+            for size in [1usize << 20, 8 << 20] {
+                let got = run_with(runtime, size, end, true);
+                assert_eq!(
+                    got,
+                    4 + size,
+                    "{runtime}, {size} B, {end:?}, peer spoke first: the server got {got} of {}",
+                    4 + size
+                );
+            }
+        }
+    }
 }

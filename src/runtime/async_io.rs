@@ -200,6 +200,10 @@ impl SocketRead for Half {
     fn peek_now(&self) -> io::Result<usize> {
         self.0.get_ref().peek(&mut [0u8; 1])
     }
+
+    fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
+        std::io::Read::read(&mut self.0.get_ref(), buf)
+    }
 }
 
 impl SocketWrite for Half {

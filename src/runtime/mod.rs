@@ -42,6 +42,11 @@ pub trait SocketRead: AsyncRead + Send + Unpin {
     /// `Ok(n)`, `n > 0`: bytes are waiting; `Err` of kind `WouldBlock`: nothing has
     /// arrived; any other `Err`: the socket's error (for example `ConnectionReset`).
     fn peek_now(&self) -> io::Result<usize>;
+
+    /// Read now, straight from the socket and not through the runtime (as
+    /// [`peek_now`](SocketRead::peek_now), but consuming): `Ok(0)` at the end of the
+    /// stream, an `Err` of kind `WouldBlock` when nothing has arrived.
+    fn read_now(&self, buf: &mut [u8]) -> io::Result<usize>;
 }
 
 /// The write half of a connected, non-blocking TCP socket. `poll_close` shuts down the

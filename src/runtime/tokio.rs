@@ -209,6 +209,10 @@ impl SocketRead for Reader {
         let mut one = [std::mem::MaybeUninit::<u8>::uninit()];
         socket2::SockRef::from(self.half.as_ref()).peek(&mut one)
     }
+
+    fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
+        io::Read::read(&mut &*socket2::SockRef::from(self.half.as_ref()), buf)
+    }
 }
 
 /// The write half: tokio's I/O traits seen through `futures-io`'s.

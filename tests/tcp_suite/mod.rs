@@ -558,6 +558,66 @@ pub async fn a_reset_seen_by_one_direction_fails_the_other(rt: Arc<dyn Runtime>)
     }
 }
 
+/// The peer sent something this side never read, and this side ends right after two
+/// large sends: by `close`, by `shutdown` and drop, or by dropping the transport. A
+/// socket closed with unread input answers with a reset that throws away what is still
+/// in flight; every accepted message must still arrive, intact, and the peer then sees
+/// an orderly end.
+pub async fn ending_with_unread_input_loses_nothing(rt: Arc<dyn Runtime>) {
+    for how in ["close", "shutdown", "drop"] {
+        let size = 4 << 20;
+        let (addr, peer) = {
+            let (tx, rx) = oneshot::channel();
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                // One message the transport never reads, then a slow start.
+                s.write_all(&[0, 0, 0, 2, b'h', b'i']).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut got = Vec::new();
+                let mut head = [0u8; 4];
+                let end = loop {
+                    if let Err(e) = s.read_exact(&mut head) {
+                        break if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            Ok(())
+                        } else {
+                            Err(e.to_string())
+                        };
+                    }
+                    let mut m = vec![0u8; u32::from_be_bytes(head) as usize];
+                    if let Err(e) = s.read_exact(&mut m) {
+                        break Err(format!("inside message {}: {e}", got.len()));
+                    }
+                    got.push(m);
+                };
+                let _ = tx.send((got, end));
+            });
+            (addr, rx)
+        };
+        let t = TcpTransport::connect_with(addr, &config(&rt))
+            .await
+            .unwrap();
+        let a = pattern(size, 1);
+        let b = pattern(size, 2);
+        t.send(a.clone()).await.unwrap();
+        t.send(b.clone()).await.unwrap();
+        match how {
+            "close" => deadline(&rt, t.close()).await.unwrap(),
+            "shutdown" => {
+                deadline(&rt, t.shutdown()).await.unwrap();
+                drop(t);
+            }
+            _ => drop(t),
+        }
+        let (got, end) = deadline(&rt, peer).await.unwrap();
+        assert_eq!(end, Ok(()), "{how}: the peer's read ended badly");
+        assert_eq!(got.len(), 2, "{how}: both accepted messages arrive");
+        assert!(got[0] == a && got[1] == b, "{how}: intact");
+    }
+}
+
 pub async fn connection_refused(rt: Arc<dyn Runtime>) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1111,7 +1171,8 @@ macro_rules! tcp_suite {
             dead_peer_fails_pending_operations connection_refused bind_error_names_the_address stream_and_sink
             sink_flush_is_the_transports_flush stream_ends_after_a_fatal_error
             dropped_messages_view_loses_nothing messages_over_any_handle dyn_transport
-            many_senders_share_one_transport a_reset_seen_by_one_direction_fails_the_other);
+            many_senders_share_one_transport a_reset_seen_by_one_direction_fails_the_other
+            ending_with_unread_input_loses_nothing);
     };
     (@each $run:path; $($name:ident)*) => {
         $(

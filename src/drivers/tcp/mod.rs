@@ -10,6 +10,7 @@
 //! fails `recv` with `MessageTooLarge` (io kind `InvalidData`, naming both sizes) and
 //! closes the connection without allocating anything for the frame.
 
+mod closing;
 mod config;
 mod listener;
 mod recv;

@@ -219,14 +219,22 @@ impl RecvSide {
         }
     }
 
-    /// Stop receiving: drop the socket's read half and fail every caller with `err`.
-    pub(crate) fn close(&self, err: Error) {
+    /// Stop receiving: fail every caller with `err` and give up the socket's read half
+    /// (for the lingering close), with whether bytes from the peer were left unread.
+    pub(crate) fn close(&self, err: Error) -> Option<(TcpReader, bool)> {
         let mut st = lock(&self.state);
-        st.reader = None;
+        let reader = st.reader.take();
+        let unread = st.has_buffered()
+            || reader
+                .as_ref()
+                .is_some_and(|r| matches!(r.peek_now(), Ok(n) if n > 0));
         st.error.get_or_insert(err);
+        st.buf = bytes::BytesMut::new();
+        st.large = None;
         let wake: Vec<_> = st.waiters.iter().map(|(_, w)| w.clone()).collect();
         drop(st);
         wake.into_iter().for_each(|w| w.wake());
+        reader.map(|r| (r, unread))
     }
 
     /// Whether receiving has ended: failed, closed, or (looking at the socket when
@@ -253,6 +261,29 @@ impl RecvSide {
     }
 
     /// Whether bytes have arrived that no `recv` has returned yet.
+    /// The process exits with this connection open: read and drop what the peer sent
+    /// (so the kernel's close is not a reset). `Some(true)`: bytes were read;
+    /// `Some(false)`: nothing now; `None`: the peer's stream ended or broke (nothing
+    /// more will come).
+    pub(crate) fn discard_now(&self) -> Option<bool> {
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        let reader = st.reader.as_ref()?;
+        let mut any = st.has_buffered();
+        st.buf.clear();
+        st.large = None;
+        let mut scratch = [0u8; 16 * 1024];
+        loop {
+            match reader.read_now(&mut scratch) {
+                Ok(0) => return None,
+                Ok(_) => any = true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(any),
+                Err(_) => return None,
+            }
+        }
+    }
+
     pub(crate) fn has_unread(&self) -> bool {
         let st = lock(&self.state);
         if st.has_buffered() {
@@ -418,6 +449,9 @@ mod tests {
 
     impl crate::runtime::SocketRead for Script {
         fn peek_now(&self) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        fn read_now(&self, _: &mut [u8]) -> io::Result<usize> {
             Err(io::ErrorKind::WouldBlock.into())
         }
     }

@@ -600,6 +600,11 @@ impl SendSide {
             .filter(|e| !matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Closed))
     }
 
+    /// Whether writing has ended (FIN sent, or stopped).
+    pub(crate) fn is_finished(&self) -> bool {
+        lock(&self.state).finished
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         let st = lock(&self.state);
         st.shutdown || st.error.is_some()

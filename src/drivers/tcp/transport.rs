@@ -4,17 +4,19 @@ use std::fmt;
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
+use super::closing::{Closing, QUIET};
 use super::config::TcpConfig;
 use super::recv::{Fatal, RecvSide};
 use super::send::{writer, SendSide};
 use crate::buffer::{Buf, HeapPool};
 use crate::codec::encode_header;
 use crate::error::{Error, ErrorKind, Result};
+use crate::linger::{self, Deliver, Delivery, Registration};
 use crate::runtime::{with_timeout, Runtime, TcpSocket};
 use crate::transport::{BufferPool, Transport};
 
@@ -45,6 +47,9 @@ pub struct TcpTransport {
 struct Shared {
     send: Arc<SendSide>,
     recv: RecvSide,
+    /// For the exit hook: when the peer's bytes were last read and dropped.
+    exit_input: Mutex<Option<std::time::Instant>>,
+    _registration: Mutex<Option<Registration>>,
     pool: HeapPool,
     max: usize,
     linger: std::time::Duration,
@@ -56,6 +61,47 @@ struct Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         self.send.abandon();
+        self.release();
+    }
+}
+
+/// The process exits while this transport is open (the exit hook's list): write out
+/// what `send` accepted and read and drop what the peer sends until it is quiet, so
+/// the kernel's close of the socket is not a reset that loses the end of our messages.
+impl Deliver for Shared {
+    fn deliver_now(&self) -> Delivery {
+        let out = self.send.deliver_now();
+        let now = std::time::Instant::now();
+        let mut last = self.exit_input.lock().unwrap_or_else(|p| p.into_inner());
+        match self.recv.discard_now() {
+            Some(true) => *last = Some(now),
+            Some(false) => {}
+            None => return out,
+        }
+        let quiet = last.is_none_or(|t| now.duration_since(t) >= QUIET.min(self.linger));
+        match out {
+            Delivery::Done if quiet => Delivery::Done,
+            Delivery::Done => Delivery::Blocked,
+            other => other,
+        }
+    }
+
+    fn give_up(&self) {
+        self.send.give_up();
+    }
+
+    fn linger(&self) -> std::time::Duration {
+        self.linger
+    }
+}
+
+impl Shared {
+    /// Stop receiving, and keep the read half open until the socket can close without
+    /// a reset that would lose what is still on its way (see `closing.rs`).
+    fn release(&self) {
+        if let Some((reader, unread)) = self.recv.close(Error::closed("recv")) {
+            Closing::new(reader, self.send.clone(), self.linger, unread).start(&self.rt);
+        }
     }
 }
 
@@ -114,18 +160,24 @@ impl TcpTransport {
         );
         send.register();
         rt.spawn(Box::pin(writer(send.clone(), rt.clone())));
-        TcpTransport {
-            shared: Arc::new(Shared {
-                send,
-                recv: RecvSide::new(sock.reader, config.max_message_size, config.pool.clone()),
-                pool: config.pool.clone(),
-                max: config.max_message_size,
-                linger: config.linger,
-                rt,
-                local_addr: sock.local_addr,
-                peer_addr: sock.peer_addr,
-            }),
-        }
+        let shared = Arc::new(Shared {
+            send,
+            recv: RecvSide::new(sock.reader, config.max_message_size, config.pool.clone()),
+            exit_input: Mutex::new(None),
+            _registration: Mutex::new(None),
+            pool: config.pool.clone(),
+            max: config.max_message_size,
+            linger: config.linger,
+            rt,
+            local_addr: sock.local_addr,
+            peer_addr: sock.peer_addr,
+        });
+        let listed: Weak<dyn Deliver> = Arc::downgrade(&(shared.clone() as Arc<dyn Deliver>));
+        *shared
+            ._registration
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(linger::register(listed));
+        TcpTransport { shared }
     }
 
     fn poll_recv(&self, cx: &mut Context<'_>, slot: &mut Option<usize>) -> Poll<Result<Bytes>> {
@@ -212,8 +264,9 @@ impl Transport for TcpTransport {
             Some(rt) => with_timeout(&*rt, Some(s.linger), "close", self.shutdown()).await,
             None => self.shutdown().await,
         };
+        // Delivered and FIN sent, or given up: drop what is left either way.
         s.send.abort();
-        s.recv.close(Error::closed("recv"));
+        s.release();
         res
     }
 

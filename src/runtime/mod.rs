@@ -204,12 +204,28 @@ pub(crate) fn busy_read(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             r => return Poll::Ready(r),
         }
-        if start.elapsed() >= window {
+        let spent = start.elapsed();
+        if spent >= window {
             return Poll::Pending;
         }
-        std::hint::spin_loop();
+        spin_or_yield(spent);
     }
 }
+
+/// How a busy-poll waits between tries: spin at first; after [`SPIN`] give the core
+/// away between tries, so a peer (or the writer of the reply) that shares this core
+/// still runs (two busy-polling threads on one core would otherwise each burn the
+/// whole window before the other sends).
+pub(crate) fn spin_or_yield(spent: Duration) {
+    if spent < SPIN {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// Pure spinning at the start of a busy-poll window.
+const SPIN: Duration = Duration::from_micros(20);
 
 /// Run `fut` with a deadline from `rt`; `None` means no deadline.
 pub(crate) async fn with_timeout<T>(

@@ -384,10 +384,11 @@ impl Shared {
                     if let Some(v) = self.drive(&mut check) {
                         break Some(v);
                     }
-                    if Instant::now() >= until {
+                    let now = Instant::now();
+                    if now >= until {
                         break None;
                     }
-                    std::hint::spin_loop();
+                    crate::runtime::spin_or_yield(now + window - until);
                 };
                 if self.inline.fetch_sub(1, Ordering::AcqRel) == 1 && found.is_none() {
                     // The last busy poller goes to sleep: arm the CQ so the poller thread

@@ -328,8 +328,10 @@ impl SendSide {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Latency mode keeps trying for its window (see `busy_poll`).
-                    match start {
-                        Some(t) if t.elapsed() < self.busy_poll => std::hint::spin_loop(),
+                    match start.map(|t| t.elapsed()) {
+                        Some(spent) if spent < self.busy_poll => {
+                            crate::runtime::spin_or_yield(spent)
+                        }
                         _ => break,
                     }
                 }

@@ -18,23 +18,31 @@
 //! receiver. Every cell runs on a fresh connection. Client and server each use their
 //! own thread (current-thread tokio runtimes unless a row says `mt`: a multi-thread
 //! runtime with 2 workers).
+//!
+//! Layout: this file holds the options, the loops over (size, implementation), the
+//! tables and the targets. Each TCP implementation is a [`Contender`] in a module of its
+//! own (`netrs.rs`, `framed.rs`, `raw.rs`); `contender.rs` holds the trait and what the
+//! implementations share (runtimes, the measuring loops); `raw.rs` also holds the
+//! common receiver and sender of the streaming tables. Adding an implementation: a
+//! module with a `Contender` (and its `Sender`s), and a key in [`contender`]. RDMA
+//! (`rdma.rs`) has its own run and table: see there.
 
-use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
-use net_rs::drivers::tcp::{TcpConfig, TcpListener, TcpTransport};
-use net_rs::transport::Transport;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+mod contender;
+mod framed;
+mod netrs;
+mod raw;
 #[cfg(feature = "rdma")]
 mod rdma;
 
+use contender::{Contender, Sender};
+
+/// The largest message (and frame) any implementation accepts.
 const MAX: usize = 16 << 20;
-/// The busy-poll window of the `net-rs lat` rows (latency mode).
-const BUSY_POLL: Duration = Duration::from_millis(1);
 
 /// Command-line options.
 #[derive(Debug, Clone)]
@@ -46,7 +54,8 @@ pub struct Args {
     /// Which throughput tables: the send side, the receive side.
     send_side: bool,
     recv_side: bool,
-    impls: Vec<Impl>,
+    /// `--impl` keys (see [`contender`]), in the order of the rows.
+    impls: Vec<String>,
     transport: String,
     /// RDMA: the device IP and port to listen and connect on.
     #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
@@ -59,23 +68,15 @@ pub struct Args {
     serve: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Impl {
-    NetRs,
-    NetRsBusy,
-    Framed,
-    Raw,
-}
-
-impl Impl {
-    fn name(self) -> &'static str {
-        match self {
-            Impl::NetRs => "net-rs",
-            Impl::NetRsBusy => "net-rs lat",
-            Impl::Framed => "Framed",
-            Impl::Raw => "raw std",
-        }
-    }
+/// The implementation an `--impl` key selects.
+fn contender(key: &str) -> Option<Box<dyn Contender>> {
+    Some(match key {
+        "netrs" | "net-rs" => Box::new(netrs::NetRs { busy: false }),
+        "netrs-lat" => Box::new(netrs::NetRs { busy: true }),
+        "framed" => Box::new(framed::Framed),
+        "raw" => Box::new(raw::Raw),
+        _ => return None,
+    })
 }
 
 fn usage() -> ! {
@@ -95,7 +96,9 @@ fn parse_args() -> Args {
         throughput: true,
         send_side: true,
         recv_side: true,
-        impls: vec![Impl::NetRs, Impl::NetRsBusy, Impl::Framed, Impl::Raw],
+        impls: ["netrs", "netrs-lat", "framed", "raw"]
+            .map(String::from)
+            .into(),
         transport: "tcp".into(),
         addr: None,
         perftest: None,
@@ -132,12 +135,9 @@ fn parse_args() -> Args {
             "--impl" => {
                 a.impls = val()
                     .split(',')
-                    .map(|s| match s {
-                        "netrs" | "net-rs" => Impl::NetRs,
-                        "netrs-lat" => Impl::NetRsBusy,
-                        "framed" => Impl::Framed,
-                        "raw" => Impl::Raw,
-                        _ => usage(),
+                    .map(|s| match contender(s) {
+                        Some(_) => s.to_string(),
+                        None => usage(),
                     })
                     .collect()
             }
@@ -227,8 +227,14 @@ fn run_tcp(args: &Args) {
     println!(
         "client and server on separate threads; net-rs and Framed on current-thread tokio runtimes"
     );
-    let mut lat: Vec<(usize, Impl, f64)> = Vec::new();
-    let mut sends: Vec<(usize, Sender, Thr)> = Vec::new();
+    let impls: Vec<Box<dyn Contender>> = args
+        .impls
+        .iter()
+        .map(|key| contender(key).expect("checked by parse_args"))
+        .collect();
+    // (size, row name, median RTT) and (size, row name, rate), for the targets.
+    let mut lat: Vec<(usize, &str, f64)> = Vec::new();
+    let mut sends: Vec<(usize, &str, Thr)> = Vec::new();
     if args.latency {
         println!("\nping-pong latency (round trip, µs)");
         println!(
@@ -236,8 +242,8 @@ fn run_tcp(args: &Args) {
             "size", "impl", "median", "p99", "trips"
         );
         for &size in &args.sizes {
-            for &imp in &args.impls {
-                let r = latency(imp, size, args.duration);
+            for imp in &impls {
+                let r = stats(imp.ping_pong(&payload(size), args.duration));
                 println!(
                     "{:>8} | {:>14} | {:>8.1} | {:>8.1} | {:>8}",
                     fmt_size(size),
@@ -246,7 +252,7 @@ fn run_tcp(args: &Args) {
                     r.p99_us,
                     r.n
                 );
-                lat.push((size, imp, r.median_us));
+                lat.push((size, imp.name(), r.median_us));
             }
         }
     }
@@ -258,8 +264,8 @@ fn run_tcp(args: &Args) {
             "size", "sender", "msgs/s", "MB/s"
         );
         for &size in &args.sizes {
-            for sender in Sender::of(&args.impls) {
-                let r = send_rate(sender, size, args.duration);
+            for sender in impls.iter().flat_map(|imp| imp.senders()) {
+                let r = send_rate(&*sender, size, args.duration);
                 println!(
                     "{:>8} | {:>14} | {:>12.0} | {:>10.1}",
                     fmt_size(size),
@@ -267,7 +273,7 @@ fn run_tcp(args: &Args) {
                     r.msgs_per_s,
                     r.mb_per_s
                 );
-                sends.push((size, sender, r));
+                sends.push((size, sender.name(), r));
             }
         }
     }
@@ -279,8 +285,8 @@ fn run_tcp(args: &Args) {
             "size", "receiver", "msgs/s", "MB/s"
         );
         for &size in &args.sizes {
-            for &imp in &args.impls {
-                let r = recv_rate(imp, size, args.duration);
+            for imp in &impls {
+                let r = recv_rate(&**imp, size, args.duration);
                 println!(
                     "{:>8} | {:>14} | {:>12.0} | {:>10.1}",
                     fmt_size(size),
@@ -292,25 +298,24 @@ fn run_tcp(args: &Args) {
         }
     }
     println!("\ntargets (ratios from this run)");
-    let send = |size: usize, sender: Sender| {
+    let send = |size: usize, sender: &str| {
         sends
             .iter()
             .find(|t| t.0 == size && t.1 == sender)
             .map(|t| t.2.msgs_per_s)
     };
-    let netrs = |multi| Sender::NetRs { busy: false, multi };
-    for (multi, flavour) in [(false, "current-thread"), (true, "multi-thread")] {
-        if let (Some(n), Some(f)) = (
-            send(64, netrs(multi)),
-            send(64, Sender::FramedFeed { multi }),
-        ) {
+    for (netrs, feed, flavour) in [
+        ("net-rs", "Framed feed", "current-thread"),
+        ("net-rs mt", "Framed feed mt", "multi-thread"),
+    ] {
+        if let (Some(n), Some(f)) = (send(64, netrs), send(64, feed)) {
             let r = n / f;
             println!(
                 "  64 B send msg/s, net-rs / Framed feed+flush ({flavour}): {r:.2}x (target >= 1.0x) {}",
                 verdict(r >= 1.0)
             );
         }
-        if let (Some(n), Some(w)) = (send(64, netrs(multi)), send(64, Sender::Raw)) {
+        if let (Some(n), Some(w)) = (send(64, netrs), send(64, "raw std")) {
             let r = n / w;
             println!(
                 "  64 B send msg/s, net-rs ({flavour}) / raw std BufWriter: {r:.2}x (target >= 0.9x) {}",
@@ -318,7 +323,7 @@ fn run_tcp(args: &Args) {
             );
         }
     }
-    if let (Some(n), Some(w)) = (send(1 << 20, netrs(false)), send(1 << 20, Sender::Raw)) {
+    if let (Some(n), Some(w)) = (send(1 << 20, "net-rs"), send(1 << 20, "raw std")) {
         let r = n / w;
         println!(
             "  1 MiB send MB/s, net-rs / raw std: {r:.2}x (target >= 0.9x) {}",
@@ -326,9 +331,9 @@ fn run_tcp(args: &Args) {
         );
     }
     let median =
-        |size: usize, imp: Impl| lat.iter().find(|x| x.0 == size && x.1 == imp).map(|x| x.2);
+        |size: usize, imp: &str| lat.iter().find(|x| x.0 == size && x.1 == imp).map(|x| x.2);
     for &size in &args.sizes {
-        if let (Some(n), Some(f)) = (median(size, Impl::NetRs), median(size, Impl::Framed)) {
+        if let (Some(n), Some(f)) = (median(size, "net-rs"), median(size, "Framed")) {
             let r = n / f;
             println!(
                 "  {} ping-pong median RTT, net-rs / Framed: {r:.2}x (target <= 1.1x) {}",
@@ -337,7 +342,7 @@ fn run_tcp(args: &Args) {
             );
         }
     }
-    if let (Some(n), Some(w)) = (median(64, Impl::NetRsBusy), median(64, Impl::Raw)) {
+    if let (Some(n), Some(w)) = (median(64, "net-rs lat"), median(64, "raw std")) {
         let r = n / w;
         println!(
             "  64 B ping-pong median RTT, net-rs latency mode / raw std: {r:.2}x (target <= 1.1x) {}",
@@ -358,13 +363,6 @@ fn humantime(d: Duration) -> String {
     format!("{} ms", d.as_millis())
 }
 
-fn current_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 fn payload(size: usize) -> Bytes {
     (0..size).map(|i| i as u8).collect::<Vec<u8>>().into()
 }
@@ -379,345 +377,6 @@ fn stats(mut rtts: Vec<Duration>) -> Lat {
     }
 }
 
-/// Runs `server` on its own thread for one connection; returns the address.
-fn serve<F: FnOnce(std::net::TcpListener) + Send + 'static>(
-    server: F,
-) -> (SocketAddr, std::thread::JoinHandle<()>) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    (addr, std::thread::spawn(move || server(l)))
-}
-
-/// Runs a net-rs server on its own thread and current-thread runtime.
-fn serve_netrs<F, Fut>(imp: Impl, server: F) -> (SocketAddr, std::thread::JoinHandle<()>)
-where
-    F: FnOnce(TcpListener) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        current_thread().block_on(async move {
-            let l = TcpListener::bind_with("127.0.0.1:0", &config(imp))
-                .await
-                .unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
-            server(l).await
-        })
-    });
-    (rx.recv().expect("server started"), h)
-}
-
-fn config(imp: Impl) -> TcpConfig {
-    let c = TcpConfig::default().max_message_size(MAX);
-    if imp == Impl::NetRsBusy {
-        c.busy_poll(BUSY_POLL)
-    } else {
-        c
-    }
-}
-
-fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .max_frame_length(MAX)
-        .new_codec()
-}
-
-fn latency(imp: Impl, size: usize, dur: Duration) -> Lat {
-    let msg = payload(size);
-    let warmup = 200;
-    match imp {
-        Impl::NetRs | Impl::NetRsBusy => {
-            let (addr, h) = serve_netrs(imp, |l| async move {
-                let c = l.accept().await.unwrap();
-                while let Ok(m) = c.recv().await {
-                    c.send(m).await.unwrap();
-                }
-            });
-            let rtts = current_thread().block_on(async move {
-                let t = TcpTransport::connect_with(addr, &config(imp))
-                    .await
-                    .unwrap();
-                let mut rtts = Vec::new();
-                let end = Instant::now() + dur;
-                let mut i = 0;
-                while Instant::now() < end || rtts.is_empty() {
-                    let t0 = Instant::now();
-                    t.send(msg.clone()).await.unwrap();
-                    let r = t.recv().await.unwrap();
-                    assert_eq!(r.len(), size);
-                    if i >= warmup {
-                        rtts.push(t0.elapsed());
-                    }
-                    i += 1;
-                }
-                t.close().await.unwrap();
-                rtts
-            });
-            h.join().unwrap();
-            stats(rtts)
-        }
-        Impl::Framed => {
-            let (addr, h) = serve(|l| {
-                current_thread().block_on(async move {
-                    l.set_nonblocking(true).unwrap();
-                    let l = tokio::net::TcpListener::from_std(l).unwrap();
-                    let (s, _) = l.accept().await.unwrap();
-                    s.set_nodelay(true).unwrap();
-                    let mut f = Framed::new(s, codec());
-                    while let Some(Ok(m)) = f.next().await {
-                        f.send(m.freeze()).await.unwrap();
-                    }
-                })
-            });
-            let rtts = current_thread().block_on(async move {
-                let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-                s.set_nodelay(true).unwrap();
-                let mut f = Framed::new(s, codec());
-                let mut rtts = Vec::new();
-                let end = Instant::now() + dur;
-                let mut i = 0;
-                while Instant::now() < end || rtts.is_empty() {
-                    let t0 = Instant::now();
-                    f.send(msg.clone()).await.unwrap();
-                    let r = f.next().await.unwrap().unwrap();
-                    assert_eq!(r.len(), size);
-                    if i >= warmup {
-                        rtts.push(t0.elapsed());
-                    }
-                    i += 1;
-                }
-                rtts
-            });
-            h.join().unwrap();
-            stats(rtts)
-        }
-        Impl::Raw => {
-            let (addr, h) = serve(|l| {
-                let (s, _) = l.accept().unwrap();
-                s.set_nodelay(true).unwrap();
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut w = BufWriter::new(s);
-                let mut buf = Vec::new();
-                while read_frame(&mut r, &mut buf).is_ok() {
-                    write_frame(&mut w, &buf).unwrap();
-                    w.flush().unwrap();
-                }
-            });
-            let s = std::net::TcpStream::connect(addr).unwrap();
-            s.set_nodelay(true).unwrap();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut w = BufWriter::new(s);
-            let mut buf = Vec::new();
-            let mut rtts = Vec::new();
-            let end = Instant::now() + dur;
-            let mut i = 0;
-            while Instant::now() < end || rtts.is_empty() {
-                let t0 = Instant::now();
-                write_frame(&mut w, &msg).unwrap();
-                w.flush().unwrap();
-                read_frame(&mut r, &mut buf).unwrap();
-                assert_eq!(buf.len(), size);
-                if i >= warmup {
-                    rtts.push(t0.elapsed());
-                }
-                i += 1;
-            }
-            drop((r, w));
-            h.join().unwrap();
-            stats(rtts)
-        }
-    }
-}
-
-fn write_frame(w: &mut impl Write, payload: &[u8]) -> std::io::Result<()> {
-    w.write_all(&(payload.len() as u32).to_be_bytes())?;
-    w.write_all(payload)
-}
-
-fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
-    let mut h = [0u8; 4];
-    r.read_exact(&mut h)?;
-    buf.resize(u32::from_be_bytes(h) as usize, 0);
-    r.read_exact(buf)
-}
-
-/// How the sending side of a throughput cell runs.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Sender {
-    /// net-rs: a plain `send().await` loop, then `flush`.
-    NetRs { busy: bool, multi: bool },
-    /// `Framed` with `SinkExt::send`: one flush per message.
-    FramedSend,
-    /// `Framed` with `SinkExt::feed` in the loop and one `flush` at the end.
-    FramedFeed { multi: bool },
-    /// A blocking `std` sender behind a 64 KiB `BufWriter`.
-    Raw,
-}
-
-impl Sender {
-    fn name(self) -> &'static str {
-        match self {
-            Sender::NetRs {
-                busy: false,
-                multi: false,
-            } => "net-rs",
-            Sender::NetRs {
-                busy: false,
-                multi: true,
-            } => "net-rs mt",
-            Sender::NetRs { busy: true, .. } => "net-rs lat",
-            Sender::FramedSend => "Framed send",
-            Sender::FramedFeed { multi: false } => "Framed feed",
-            Sender::FramedFeed { multi: true } => "Framed feed mt",
-            Sender::Raw => "raw std",
-        }
-    }
-
-    fn of(imps: &[Impl]) -> Vec<Sender> {
-        let mut v = Vec::new();
-        for imp in imps {
-            match imp {
-                Impl::NetRs => v.extend([
-                    Sender::NetRs {
-                        busy: false,
-                        multi: false,
-                    },
-                    Sender::NetRs {
-                        busy: false,
-                        multi: true,
-                    },
-                ]),
-                Impl::NetRsBusy => v.push(Sender::NetRs {
-                    busy: true,
-                    multi: false,
-                }),
-                Impl::Framed => v.extend([
-                    Sender::FramedSend,
-                    Sender::FramedFeed { multi: false },
-                    Sender::FramedFeed { multi: true },
-                ]),
-                Impl::Raw => v.push(Sender::Raw),
-            }
-        }
-        v
-    }
-}
-
-fn runtime(multi: bool) -> tokio::runtime::Runtime {
-    if multi {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    } else {
-        current_thread()
-    }
-}
-
-/// The receiver every sender streams to: a blocking `std` reader with a 64 KiB
-/// `BufReader` on its own thread, which checks every size, counts the messages up to
-/// an empty end marker and answers with the count.
-fn raw_receiver(size: usize) -> (SocketAddr, std::thread::JoinHandle<()>) {
-    serve(move |l| {
-        let (s, _) = l.accept().unwrap();
-        s.set_nodelay(true).unwrap();
-        let mut r = BufReader::with_capacity(64 << 10, s.try_clone().unwrap());
-        let mut w = BufWriter::new(s);
-        let mut buf = Vec::new();
-        let mut n = 0u64;
-        loop {
-            read_frame(&mut r, &mut buf).unwrap();
-            if buf.is_empty() {
-                break;
-            }
-            assert_eq!(buf.len(), size);
-            n += 1;
-        }
-        write_frame(&mut w, &n.to_be_bytes()).unwrap();
-        w.flush().unwrap();
-    })
-}
-
-/// Messages per second that `sender` streams to the common raw receiver. The clock
-/// runs from the first message to the receiver's count (every message arrived).
-fn send_rate(sender: Sender, size: usize, dur: Duration) -> Thr {
-    let msg = payload(size);
-    let (addr, h) = raw_receiver(size);
-    let (count, elapsed) = match sender {
-        Sender::NetRs { busy, multi } => runtime(multi).block_on(async move {
-            let imp = if busy { Impl::NetRsBusy } else { Impl::NetRs };
-            let t = TcpTransport::connect_with(addr, &config(imp))
-                .await
-                .unwrap();
-            let t0 = Instant::now();
-            let end = t0 + dur;
-            let mut sent = 0u64;
-            while Instant::now() < end {
-                for _ in 0..64 {
-                    t.send(msg.clone()).await.unwrap();
-                }
-                sent += 64;
-            }
-            t.send(Bytes::new()).await.unwrap();
-            let reply = t.recv().await.unwrap();
-            let got = u64::from_be_bytes(reply[..].try_into().unwrap());
-            assert_eq!(got, sent, "receiver counted every message");
-            (got, t0.elapsed())
-        }),
-        Sender::FramedSend | Sender::FramedFeed { .. } => {
-            let multi = matches!(sender, Sender::FramedFeed { multi: true });
-            runtime(multi).block_on(async move {
-                let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-                s.set_nodelay(true).unwrap();
-                let mut f = Framed::new(s, codec());
-                let t0 = Instant::now();
-                let end = t0 + dur;
-                let mut sent = 0u64;
-                while Instant::now() < end {
-                    for _ in 0..64 {
-                        if sender == Sender::FramedSend {
-                            f.send(msg.clone()).await.unwrap();
-                        } else {
-                            f.feed(msg.clone()).await.unwrap();
-                        }
-                    }
-                    sent += 64;
-                }
-                f.send(Bytes::new()).await.unwrap();
-                let reply = f.next().await.unwrap().unwrap();
-                let got = u64::from_be_bytes(reply[..].try_into().unwrap());
-                assert_eq!(got, sent, "receiver counted every message");
-                (got, t0.elapsed())
-            })
-        }
-        Sender::Raw => {
-            let s = std::net::TcpStream::connect(addr).unwrap();
-            s.set_nodelay(true).unwrap();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut w = BufWriter::with_capacity(64 << 10, s);
-            let t0 = Instant::now();
-            let end = t0 + dur;
-            let mut sent = 0u64;
-            while Instant::now() < end {
-                for _ in 0..64 {
-                    write_frame(&mut w, &msg).unwrap();
-                }
-                sent += 64;
-            }
-            write_frame(&mut w, &[]).unwrap();
-            w.flush().unwrap();
-            let mut buf = Vec::new();
-            read_frame(&mut r, &mut buf).unwrap();
-            let got = u64::from_be_bytes(buf[..].try_into().unwrap());
-            assert_eq!(got, sent, "receiver counted every message");
-            (got, t0.elapsed())
-        }
-    };
-    h.join().unwrap();
-    rate(count, size, elapsed)
-}
-
 fn rate(count: u64, size: usize, elapsed: Duration) -> Thr {
     let secs = elapsed.as_secs_f64();
     Thr {
@@ -726,93 +385,23 @@ fn rate(count: u64, size: usize, elapsed: Duration) -> Thr {
     }
 }
 
-/// Messages per second that `imp` receives from the common sender: a blocking `std`
-/// sender behind a 64 KiB `BufWriter` that streams for `dur`, then an empty marker,
-/// and reads the receiver's count.
-fn recv_rate(imp: Impl, size: usize, dur: Duration) -> Thr {
+/// Messages per second that `sender` streams to the common receiver
+/// ([`raw::common_receiver`]). The clock runs from the first message to the receiver's
+/// count (every message arrived).
+fn send_rate(sender: &dyn Sender, size: usize, dur: Duration) -> Thr {
     let msg = payload(size);
-    let (count_tx, count_rx) = std::sync::mpsc::channel();
-    let send = move |s: std::net::TcpStream| {
-        s.set_nodelay(true).unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut w = BufWriter::with_capacity(64 << 10, s);
-        let t0 = Instant::now();
-        let end = t0 + dur;
-        let mut sent = 0u64;
-        while Instant::now() < end {
-            for _ in 0..64 {
-                write_frame(&mut w, &msg).unwrap();
-            }
-            sent += 64;
-        }
-        write_frame(&mut w, &[]).unwrap();
-        w.flush().unwrap();
-        let mut buf = Vec::new();
-        read_frame(&mut r, &mut buf).unwrap();
-        let got = u64::from_be_bytes(buf[..].try_into().unwrap());
-        assert_eq!(got, sent, "receiver counted every message");
-        count_tx.send((got, t0.elapsed())).unwrap();
-    };
-    let (addr, h) = serve(move |l| {
-        let (s, _) = l.accept().unwrap();
-        send(s)
-    });
-    match imp {
-        Impl::NetRs | Impl::NetRsBusy => current_thread().block_on(async move {
-            let c = TcpTransport::connect_with(addr, &config(imp))
-                .await
-                .unwrap();
-            let mut n = 0u64;
-            loop {
-                let m = c.recv().await.unwrap();
-                if m.is_empty() {
-                    break;
-                }
-                assert_eq!(m.len(), size);
-                n += 1;
-            }
-            c.send(Bytes::copy_from_slice(&n.to_be_bytes()))
-                .await
-                .unwrap();
-            c.close().await.unwrap();
-        }),
-        Impl::Framed => current_thread().block_on(async move {
-            let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.set_nodelay(true).unwrap();
-            let mut f = Framed::new(s, codec());
-            let mut n = 0u64;
-            loop {
-                let m = f.next().await.unwrap().unwrap();
-                if m.is_empty() {
-                    break;
-                }
-                assert_eq!(m.len(), size);
-                n += 1;
-            }
-            f.send(Bytes::copy_from_slice(&n.to_be_bytes()))
-                .await
-                .unwrap();
-        }),
-        Impl::Raw => {
-            let s = std::net::TcpStream::connect(addr).unwrap();
-            s.set_nodelay(true).unwrap();
-            let mut r = BufReader::with_capacity(64 << 10, s.try_clone().unwrap());
-            let mut w = BufWriter::new(s);
-            let mut buf = Vec::new();
-            let mut n = 0u64;
-            loop {
-                read_frame(&mut r, &mut buf).unwrap();
-                if buf.is_empty() {
-                    break;
-                }
-                assert_eq!(buf.len(), size);
-                n += 1;
-            }
-            write_frame(&mut w, &n.to_be_bytes()).unwrap();
-            w.flush().unwrap();
-        }
-    }
+    let (addr, h) = raw::common_receiver(size);
+    let (count, elapsed) = sender.stream_to(addr, &msg, dur);
     h.join().unwrap();
-    let (count, elapsed) = count_rx.recv().unwrap();
+    rate(count, size, elapsed)
+}
+
+/// Messages per second that `imp` receives from the common sender
+/// ([`raw::common_sender`]), which streams for `dur`, then an empty marker, and reads
+/// the receiver's count. The clock runs on the sender, as in [`send_rate`].
+fn recv_rate(imp: &dyn Contender, size: usize, dur: Duration) -> Thr {
+    let (addr, h) = raw::common_sender(payload(size), dur);
+    imp.stream_from(addr, size);
+    let (count, elapsed) = h.join().unwrap();
     rate(count, size, elapsed)
 }

@@ -13,12 +13,30 @@
 //!
 //! * Latency: `trips` ping-pongs after 100 warm-up trips; reported as half the round
 //!   trip, the way `ib_send_lat` reports (its `t_typical` is the median).
-//! * Bandwidth: the client streams `iters` messages (`send` each, then `flush`), the
-//!   server counts them and answers; the clock runs from the first send to the answer.
+//! * Bandwidth: the client streams `iters` messages (`send` each, then an empty end
+//!   marker), the server counts them and answers; the clock runs from the first send to
+//!   the answer.
 //!   perftest's rate is taken from its `MsgRate[Mpps]` column (x size), so both are in
 //!   the same unit: 10^6 bytes per second.
 //!
 //! Both net-rs sides run on `futures::executor::block_on`: no async runtime at all.
+//!
+//! # Next to the TCP modes
+//!
+//! Each compared [`Setting`] plays the part of a TCP `Contender` (`contender.rs`) with
+//! the same two measurements, [`Setting::ping_pong`] and [`Setting::stream_to`], but it
+//! does not implement that trait, and this mode has its own run and table, because:
+//!
+//! * the peer is net-rs itself in a second process ([`serve`]), started once for the
+//!   whole run (one port per setting), not a server thread per cell nor the common raw
+//!   `std` receiver and sender of the TCP streaming tables (there is no plain-socket
+//!   RDMA peer); so there is no receive-side table;
+//! * a cell runs a fixed number of messages, not a duration: perftest is given the same
+//!   counts (`-n`), so the two are comparable;
+//! * the baseline is perftest's own processes and output, not another implementation
+//!   in this program;
+//! * failures (no device, connection refused, perftest missing) are errors to report,
+//!   not panics.
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -38,9 +56,15 @@ const WARMUP: usize = 100;
 const TRIPS: usize = 1000;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// One compared setting: its row name and the configuration of both sides.
+struct Setting {
+    name: &'static str,
+    cfg: RdmaConfig,
+}
+
 /// The settings compared: the default, and latency mode (the waiting task polls the CQ
 /// itself; the device's poller thread sleeps at once).
-fn configs() -> [(&'static str, RdmaConfig); 2] {
+fn settings() -> [Setting; 2] {
     let lat = RdmaConfig {
         busy_poll: Some(Duration::from_millis(1)),
         poller: PollerConfig {
@@ -50,7 +74,16 @@ fn configs() -> [(&'static str, RdmaConfig); 2] {
         },
         ..RdmaConfig::default()
     };
-    [("net-rs", RdmaConfig::default()), ("net-rs lat", lat)]
+    [
+        Setting {
+            name: "net-rs",
+            cfg: RdmaConfig::default(),
+        },
+        Setting {
+            name: "net-rs lat",
+            cfg: lat,
+        },
+    ]
 }
 
 fn iters_for(size: usize) -> usize {
@@ -80,10 +113,17 @@ pub fn run(args: &Args) -> Result<(), String> {
 fn measure(args: &Args, addr: SocketAddr) -> Result<(), String> {
     let mut rows: Vec<(usize, &str, f64, f64)> = Vec::new();
     for &size in &args.sizes {
-        for (i, (name, cfg)) in configs().into_iter().enumerate() {
+        let msg = payload(size);
+        for (i, setting) in settings().into_iter().enumerate() {
             let at = SocketAddr::new(addr.ip(), addr.port() + i as u16);
-            let (lat, p99) = latency(at, cfg.clone(), size)?;
-            let bw = bandwidth(at, cfg, size)?;
+            let (lat, p99) = one_way_us(setting.ping_pong(at, &msg)?);
+            let n = iters_for(size);
+            let (got, elapsed) = setting.stream_to(at, &msg, n)?;
+            if got != n as u64 {
+                return Err(format!("server counted {got} of {n} messages"));
+            }
+            let bw = (n * size) as f64 / elapsed.as_secs_f64() / 1e6;
+            let name = setting.name;
             println!(
                 "{:>8} | {:<12} | one-way median {:>8.1} us | p99 {:>8.1} us | {:>9.1} MB/s",
                 fmt_size(size),
@@ -136,11 +176,11 @@ fn payload(size: usize) -> Bytes {
 /// client also kills it when done).
 pub fn serve(addr: SocketAddr) -> Result<(), String> {
     let mut threads = Vec::new();
-    for (i, (_, cfg)) in configs().into_iter().enumerate() {
+    for (i, setting) in settings().into_iter().enumerate() {
         let at = SocketAddr::new(addr.ip(), addr.port() + i as u16);
         let listener = cm::listen(at)
             .map_err(|e| format!("listen on {at}: {e}"))?
-            .with_config(cfg);
+            .with_config(setting.cfg);
         threads.push(std::thread::spawn(move || {
             block_on(async {
                 while let Ok(t) = listener.accept(Duration::from_secs(60)).await {
@@ -211,50 +251,59 @@ async fn connect(
     Ok(t)
 }
 
-/// One-way latency (half the round trip): median and p99, in µs.
-fn latency(addr: SocketAddr, cfg: RdmaConfig, size: usize) -> Result<(f64, f64), String> {
-    block_on(async {
-        let t = connect(addr, cfg, b"L").await?;
-        let msg = payload(size);
-        let mut rtts = Vec::with_capacity(TRIPS);
-        for i in 0..WARMUP + TRIPS {
+impl Setting {
+    /// Ping-pong with the server process at `addr`: `WARMUP` trips, then `TRIPS`
+    /// measured ones; their round trips.
+    fn ping_pong(&self, addr: SocketAddr, msg: &Bytes) -> Result<Vec<Duration>, String> {
+        block_on(async {
+            let t = connect(addr, self.cfg.clone(), b"L").await?;
+            let mut rtts = Vec::with_capacity(TRIPS);
+            for i in 0..WARMUP + TRIPS {
+                let start = Instant::now();
+                t.send(msg.clone()).await.map_err(|e| e.to_string())?;
+                let back = t.recv().await.map_err(|e| e.to_string())?;
+                if back.len() != msg.len() {
+                    return Err(format!("echo of {} bytes for {}", back.len(), msg.len()));
+                }
+                if i >= WARMUP {
+                    rtts.push(start.elapsed());
+                }
+            }
+            let _ = t.close().await;
+            Ok(rtts)
+        })
+    }
+
+    /// Streams `n` messages to the server process at `addr` (`send` each), then the
+    /// empty end marker; the server's count and the time from the first send to the
+    /// count's arrival.
+    fn stream_to(
+        &self,
+        addr: SocketAddr,
+        msg: &Bytes,
+        n: usize,
+    ) -> Result<(u64, Duration), String> {
+        block_on(async {
+            let t = connect(addr, self.cfg.clone(), b"T").await?;
             let start = Instant::now();
-            t.send(msg.clone()).await.map_err(|e| e.to_string())?;
-            let back = t.recv().await.map_err(|e| e.to_string())?;
-            if back.len() != size {
-                return Err(format!("echo of {} bytes for {size}", back.len()));
+            for _ in 0..n {
+                t.send(msg.clone()).await.map_err(|e| e.to_string())?;
             }
-            if i >= WARMUP {
-                rtts.push(start.elapsed());
-            }
-        }
-        let _ = t.close().await;
-        rtts.sort();
-        let us = |d: Duration| d.as_secs_f64() * 1e6 / 2.0;
-        Ok((us(rtts[rtts.len() / 2]), us(rtts[rtts.len() * 99 / 100])))
-    })
+            t.send(Bytes::new()).await.map_err(|e| e.to_string())?;
+            let count = t.recv().await.map_err(|e| e.to_string())?;
+            let elapsed = start.elapsed();
+            let got = u64::from_be_bytes(count[..].try_into().map_err(|_| "bad count")?);
+            let _ = t.close().await;
+            Ok((got, elapsed))
+        })
+    }
 }
 
-/// Streaming bandwidth in 10^6 bytes per second.
-fn bandwidth(addr: SocketAddr, cfg: RdmaConfig, size: usize) -> Result<f64, String> {
-    block_on(async {
-        let t = connect(addr, cfg, b"T").await?;
-        let msg = payload(size);
-        let n = iters_for(size);
-        let start = Instant::now();
-        for _ in 0..n {
-            t.send(msg.clone()).await.map_err(|e| e.to_string())?;
-        }
-        t.send(Bytes::new()).await.map_err(|e| e.to_string())?;
-        let count = t.recv().await.map_err(|e| e.to_string())?;
-        let secs = start.elapsed().as_secs_f64();
-        let got = u64::from_be_bytes(count[..].try_into().map_err(|_| "bad count")?);
-        if got != n as u64 {
-            return Err(format!("server counted {got} of {n} messages"));
-        }
-        let _ = t.close().await;
-        Ok((n * size) as f64 / secs / 1e6)
-    })
+/// One-way latency (half the round trip) of `rtts`: median and p99, in µs.
+fn one_way_us(mut rtts: Vec<Duration>) -> (f64, f64) {
+    rtts.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6 / 2.0;
+    (us(rtts[rtts.len() / 2]), us(rtts[rtts.len() * 99 / 100]))
 }
 
 /// `ib_send_lat` t_typical (µs) and `ib_send_bw` rate (10^6 B/s) for `size`.

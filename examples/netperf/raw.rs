@@ -1,0 +1,136 @@
+//! `raw std`: a blocking `std::net::TcpStream` behind a `BufReader` and a `BufWriter`,
+//! frames of a 4-byte big-endian length and the payload (the same bytes as
+//! `LengthDelimitedCodec` and net-rs's TCP frames put on the wire).
+//!
+//! Its streaming ends are also the common peers of the streaming tables: every sender
+//! streams to [`common_receiver`] and every receiver is fed by [`common_sender`], which
+//! run the very code of the `raw std` rows on the accepting side.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::contender::{
+    count_until_end, decode_count, round_trips, serve, stream_until, Contender, Sender,
+};
+
+/// The `raw std` rows.
+pub struct Raw;
+
+impl Contender for Raw {
+    fn name(&self) -> &'static str {
+        "raw std"
+    }
+
+    fn ping_pong(&self, msg: &Bytes, dur: Duration) -> Vec<Duration> {
+        let (addr, h) = serve(|l| {
+            let (s, _) = l.accept().unwrap();
+            s.set_nodelay(true).unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = BufWriter::new(s);
+            let mut buf = Vec::new();
+            while read_frame(&mut r, &mut buf).is_ok() {
+                write_frame(&mut w, &buf).unwrap();
+                w.flush().unwrap();
+            }
+        });
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = BufWriter::new(s);
+        let mut buf = Vec::new();
+        let rtts = round_trips(dur, || {
+            write_frame(&mut w, msg).unwrap();
+            w.flush().unwrap();
+            read_frame(&mut r, &mut buf).unwrap();
+            assert_eq!(buf.len(), msg.len());
+        });
+        drop((r, w));
+        h.join().unwrap();
+        rtts
+    }
+
+    fn senders(&self) -> Vec<Box<dyn Sender>> {
+        vec![Box::new(Raw)]
+    }
+
+    fn stream_from(&self, addr: SocketAddr, size: usize) {
+        receive_stream(TcpStream::connect(addr).unwrap(), size)
+    }
+}
+
+impl Sender for Raw {
+    fn name(&self) -> &'static str {
+        "raw std"
+    }
+
+    fn stream_to(&self, addr: SocketAddr, msg: &Bytes, dur: Duration) -> (u64, Duration) {
+        send_stream(TcpStream::connect(addr).unwrap(), msg, dur)
+    }
+}
+
+/// The receiver every sender of the send-side table streams to: [`Raw`]'s receiving
+/// end (a 64 KiB `BufReader`) on its own thread, for one connection.
+pub fn common_receiver(size: usize) -> (SocketAddr, JoinHandle<()>) {
+    serve(move |l| {
+        let (s, _) = l.accept().unwrap();
+        receive_stream(s, size)
+    })
+}
+
+/// The sender that streams `msg` for `dur` to every receiver of the receive-side table:
+/// [`Raw`]'s sending end (a 64 KiB `BufWriter`) on its own thread, for one connection.
+/// The thread's result is the count and the time, as [`Sender::stream_to`]'s.
+pub fn common_sender(msg: Bytes, dur: Duration) -> (SocketAddr, JoinHandle<(u64, Duration)>) {
+    serve(move |l| {
+        let (s, _) = l.accept().unwrap();
+        send_stream(s, &msg, dur)
+    })
+}
+
+/// The sending end of a streaming cell, on a connected stream: see
+/// [`Sender::stream_to`].
+fn send_stream(s: TcpStream, msg: &[u8], dur: Duration) -> (u64, Duration) {
+    s.set_nodelay(true).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = BufWriter::with_capacity(64 << 10, s);
+    let t0 = Instant::now();
+    let sent = stream_until(t0 + dur, || write_frame(&mut w, msg).unwrap());
+    write_frame(&mut w, &[]).unwrap();
+    w.flush().unwrap();
+    let mut buf = Vec::new();
+    read_frame(&mut r, &mut buf).unwrap();
+    let got = decode_count(&buf);
+    assert_eq!(got, sent, "receiver counted every message");
+    (got, t0.elapsed())
+}
+
+/// The receiving end of a streaming cell, on a connected stream: see
+/// [`Contender::stream_from`].
+fn receive_stream(s: TcpStream, size: usize) {
+    s.set_nodelay(true).unwrap();
+    let mut r = BufReader::with_capacity(64 << 10, s.try_clone().unwrap());
+    let mut w = BufWriter::new(s);
+    let mut buf = Vec::new();
+    let n = count_until_end(size, || {
+        read_frame(&mut r, &mut buf).unwrap();
+        buf.len()
+    });
+    write_frame(&mut w, &n.to_be_bytes()).unwrap();
+    w.flush().unwrap();
+}
+
+fn write_frame(w: &mut impl Write, payload: &[u8]) -> std::io::Result<()> {
+    w.write_all(&(payload.len() as u32).to_be_bytes())?;
+    w.write_all(payload)
+}
+
+fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut h = [0u8; 4];
+    r.read_exact(&mut h)?;
+    buf.resize(u32::from_be_bytes(h) as usize, 0);
+    r.read_exact(buf)
+}

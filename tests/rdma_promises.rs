@@ -616,60 +616,78 @@ fn backpressure_reaches_the_sender_under_block_on() {
 
 const ARM_CONNECTIONS: usize = 4;
 const ARM_TRIPS: usize = 300;
+const SOLO_TRIPS: usize = 150;
 
-/// Four connections ping-pong at once with random idle gaps (half under 1 ms, around
-/// the device thread's spin and yield windows, half up to 30 ms, past them), two in
-/// latency mode; the device thread sleeps 5 s at a time, so a completion missed
-/// between "poll found nothing" and "arm" shows as a round trip of seconds.
+/// A round trip slower than a second: (trip, idle gap before it, time).
+type Slow = (usize, Duration, Duration);
+
+/// `trips` round trips on `client` with random idle gaps (half under 1 ms, around the
+/// device thread's spin and yield windows, half up to 30 ms, past them) and messages
+/// of 1 to 3 fragments. Returns the worst round trip and those of a second or more.
+async fn gappy_ping_pong(client: &RdmaTransport, seed: u64, trips: usize) -> (Duration, Vec<Slow>) {
+    let mut rng = Rng(0x5EED_0000 + seed);
+    let (mut worst, mut slow) = (Duration::ZERO, Vec::new());
+    for i in 0..trips {
+        let gap = if rng.below(2) == 0 {
+            Duration::from_micros(rng.below(1000))
+        } else {
+            Duration::from_micros(rng.below(30_000))
+        };
+        std::thread::sleep(gap);
+        let size = [8, 3000, 9000][rng.below(3) as usize];
+        let msg = pattern(size, seed << 32 | i as u64);
+        let t0 = Instant::now();
+        client.send(msg.clone()).await.unwrap();
+        let back = client.recv().await.unwrap();
+        let rtt = t0.elapsed();
+        assert!(back == msg, "connection {seed} trip {i}: payload changed");
+        worst = worst.max(rtt);
+        if rtt >= Duration::from_secs(1) {
+            slow.push((i, gap, rtt));
+        }
+    }
+    (worst, slow)
+}
+
+/// Echo every message until the end of the stream; how many.
+fn echo(server: RdmaTransport) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        block_on(async {
+            let mut n = 0;
+            while let Ok(m) = server.recv().await {
+                server.send(m).await.unwrap();
+                n += 1;
+            }
+            n
+        })
+    })
+}
+
+/// Four connections ping-pong at once with random idle gaps, two in latency mode
+/// (`busy_poll`), then one of each kind alone (with no other connection's completions
+/// to wake the device thread). The device thread sleeps 5 s at a time, so a completion
+/// that arrives on a CQ nobody armed (between "poll found nothing" and "arm", or after
+/// a busy-polling task gave up) shows as a round trip of seconds.
 fn child_arm_race(addr: SocketAddr) {
     let base = long_sleeping_poller();
+    let latency = |on: bool| RdmaConfig {
+        busy_poll: on.then_some(Duration::from_micros(200)),
+        ..base.clone()
+    };
     let mut listener = cm::listen(addr).unwrap();
     let mut ends = Vec::new();
     for c in 0..ARM_CONNECTIONS {
-        let cfg = RdmaConfig {
-            busy_poll: (c >= 2).then_some(Duration::from_micros(200)),
-            ..base.clone()
-        };
-        listener = listener.with_config(cfg.clone());
-        ends.push(pair(&listener, addr, cfg));
+        listener = listener.with_config(latency(c >= 2));
+        ends.push(pair(&listener, addr, latency(c >= 2)));
     }
     let mut servers = Vec::new();
     let mut clients = Vec::new();
     for (c, (client, server)) in ends.into_iter().enumerate() {
-        servers.push(std::thread::spawn(move || {
-            block_on(async {
-                let mut n = 0;
-                while let Ok(m) = server.recv().await {
-                    server.send(m).await.unwrap();
-                    n += 1;
-                }
-                n
-            })
-        }));
+        servers.push(echo(server));
         let rt = RUNTIMES[c % RUNTIMES.len()];
         clients.push(std::thread::spawn(move || {
             rt.run(async {
-                let mut rng = Rng(0x5EED_0000 + c as u64);
-                let (mut worst, mut slow) = (Duration::ZERO, Vec::new());
-                for i in 0..ARM_TRIPS {
-                    let gap = if rng.below(2) == 0 {
-                        Duration::from_micros(rng.below(1000))
-                    } else {
-                        Duration::from_micros(rng.below(30_000))
-                    };
-                    std::thread::sleep(gap);
-                    let size = [8, 3000, 9000][rng.below(3) as usize];
-                    let msg = pattern(size, (c as u64) << 32 | i as u64);
-                    let t0 = Instant::now();
-                    client.send(msg.clone()).await.unwrap();
-                    let back = client.recv().await.unwrap();
-                    let rtt = t0.elapsed();
-                    assert!(back == msg, "connection {c} trip {i}: payload changed");
-                    worst = worst.max(rtt);
-                    if rtt >= Duration::from_secs(1) {
-                        slow.push((i, gap, rtt));
-                    }
-                }
+                let (worst, slow) = gappy_ping_pong(&client, c as u64, ARM_TRIPS).await;
                 client.close().await.unwrap();
                 println!(
                     "@@connection {c} under {} (latency mode {}): worst round trip {worst:?}",
@@ -682,12 +700,30 @@ fn child_arm_race(addr: SocketAddr) {
     }
     let mut slow = Vec::new();
     for (c, h) in clients.into_iter().enumerate() {
-        for s in h.join().unwrap() {
-            slow.push((c, s));
-        }
+        slow.extend(h.join().unwrap().into_iter().map(|s| (c, s)));
     }
     for s in servers {
         assert_eq!(s.join().unwrap(), ARM_TRIPS);
+    }
+    for (k, (on, rt)) in [(true, Rt::Smol), (false, Rt::Tokio)]
+        .into_iter()
+        .enumerate()
+    {
+        let c = ARM_CONNECTIONS + k;
+        listener = listener.with_config(latency(on));
+        let (client, server) = pair(&listener, addr, latency(on));
+        let server = echo(server);
+        let (worst, s) = rt.run(async {
+            let r = gappy_ping_pong(&client, c as u64, SOLO_TRIPS).await;
+            client.close().await.unwrap();
+            r
+        });
+        println!(
+            "@@connection {c} alone under {} (latency mode {on}): worst round trip {worst:?}",
+            rt.name()
+        );
+        assert_eq!(server.join().unwrap(), SOLO_TRIPS);
+        slow.extend(s.into_iter().map(|s| (c, s)));
     }
     assert!(
         slow.is_empty(),
@@ -773,13 +809,16 @@ fn teardown_storm() {
     });
     let (rnr_before, rnr_after) = within(900, "the storm", move || {
         let mut rnr = (None, None);
+        let mut setups = Vec::new();
         for i in 0..STORM_CYCLES {
             let rt = RUNTIMES[i % RUNTIMES.len()];
             let mode = teardown(i);
             rt.run(async {
+                let t0 = Instant::now();
                 let t = cm::connect(addr, Duration::from_secs(30))
                     .await
                     .unwrap_or_else(|e| panic!("cycle {i}: connect: {e}"));
+                setups.push(t0.elapsed());
                 if i == 0 {
                     rnr.0 = Some(t.device_rnr_events().expect("RNR counters in sysfs"));
                 }
@@ -843,6 +882,12 @@ fn teardown_storm() {
                 }
             });
         }
+        setups.sort();
+        eprintln!(
+            "connect: median {:?}, slowest {:?}",
+            setups[setups.len() / 2],
+            setups[setups.len() - 1]
+        );
         rnr
     });
     within(120, "the storm's server", move || server.join().unwrap());
@@ -961,17 +1006,17 @@ fn sixty_four_tasks_under_tokio() {
 
 #[test]
 fn sixty_four_tasks_under_async_std() {
-    sixty_four_tasks(Rt::AsyncStd, 18628, 300);
+    sixty_four_tasks(Rt::AsyncStd, 18628, 200);
 }
 
 #[test]
 fn sixty_four_tasks_under_smol() {
-    sixty_four_tasks(Rt::Smol, 18629, 300);
+    sixty_four_tasks(Rt::Smol, 18629, 200);
 }
 
 #[test]
 fn sixty_four_tasks_under_block_on() {
-    sixty_four_tasks(Rt::BlockOn, 18630, 300);
+    sixty_four_tasks(Rt::BlockOn, 18630, 200);
 }
 
 // ---- 7. least privilege for registered memory -----------------------------------------

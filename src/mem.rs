@@ -42,6 +42,12 @@ pub unsafe trait Region: Send + Sync + 'static {
     }
     /// The key a work request names this memory with (the MR's `lkey`; 0 for heap).
     fn key(&self) -> u32;
+    /// The key a peer would name this memory with in a one-sided operation (the MR's
+    /// `rkey`; 0 for heap). Memory registered for local access only refuses every
+    /// one-sided operation whatever key it names.
+    fn remote_key(&self) -> u32 {
+        0
+    }
 }
 
 /// Makes regions for a [`Slab`] (for RDMA: allocate and register).
@@ -238,6 +244,11 @@ impl SlabBuf {
     /// The key of the region the slot lives in (the RDMA `lkey`).
     pub fn key(&self) -> u32 {
         self.slot.as_ref().map_or(0, |s| s.region.key())
+    }
+
+    /// The remote key of the region the slot lives in (the RDMA `rkey`).
+    pub fn remote_key(&self) -> u32 {
+        self.slot.as_ref().map_or(0, |s| s.region.remote_key())
     }
 }
 

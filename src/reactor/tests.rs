@@ -175,3 +175,61 @@ fn failing_source_stops_the_poller_with_an_error() {
     }
     assert!(poller.failure().unwrap().contains("failed"));
 }
+
+/// A source whose first arm finds a completion that landed just before it took effect
+/// (so the hardware raises no notification for it).
+struct LandsBeforeArm {
+    inner: FakeSource,
+    early: Option<Completion>,
+}
+
+impl CompletionSource for LandsBeforeArm {
+    fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> std::io::Result<usize> {
+        self.inner.poll(out, max)
+    }
+    fn arm(&mut self) -> std::io::Result<()> {
+        // Not armed yet: this push raises no notification.
+        if let Some(c) = self.early.take() {
+            self.inner.push([c]);
+        }
+        self.inner.arm()
+    }
+    fn wait(&mut self, timeout: Duration) -> std::io::Result<bool> {
+        self.inner.wait(timeout)
+    }
+}
+
+/// The arm race: a completion that arrives between "poll found nothing" and "arm" must
+/// be found by the poll after the arm, not after the sleep (3 s here) times out.
+#[test]
+#[cfg_attr(miri, ignore = "real-time bound")]
+fn a_completion_just_before_the_arm_does_not_wait_for_the_sleep() {
+    let slab = OpSlab::new();
+    let fut = slab.register(Box::new(7u32));
+    let source = LandsBeforeArm {
+        inner: FakeSource::new(),
+        early: Some(Completion::success(fut.wr_id().to_u64())),
+    };
+    let s2 = slab.clone();
+    let poller = Poller::new(
+        source,
+        move |batch: &[Completion]| s2.complete_batch(batch, &mut Vec::new()),
+        PollerConfig {
+            spin: Duration::from_micros(10),
+            yield_window: Duration::from_micros(10),
+            park_timeout: Duration::from_secs(3),
+            ..PollerConfig::default()
+        },
+    )
+    .spawn("test-arm-race")
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(futures::executor::block_on(fut));
+    });
+    let (c, _) = rx
+        .recv_timeout(Duration::from_secs(1))
+        .expect("the completion waited for the poller's sleep to end");
+    assert!(c.is_success());
+    poller.shutdown();
+}

@@ -2,7 +2,7 @@
 //!
 //! [`connect_qp`] and [`CmListener`] run the RDMA-CM handshake (address and route
 //! resolution, connect/accept, the QP's INIT → RTR → RTS transitions from
-//! `rdma_init_qp_attr`) on the calling thread, waiting on the event channel's file
+//! `rdma_init_qp_attr`, with no remote access granted) on the calling thread, waiting on the event channel's file
 //! descriptor with a deadline, and hand back a [`CmConnection`]: the identifier, a
 //! context on the resolved device, a completion queue for the reactor and the connected
 //! queue pair. Receives can be posted by the `before_connect` hook before the peer can
@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair, QueuePairState};
+use sideway::ibverbs::AccessFlags;
 use sideway::rdmacm::communication_manager::{
     ConnectionParameter, Event, EventChannel, EventType, GetEventErrorKind, Identifier, PortSpace,
 };
@@ -204,6 +205,12 @@ fn move_qp(id: &Arc<Identifier>, qp: &mut BasicQueuePair, state: QueuePairState)
             e,
         )
     })?;
+    if state == QueuePairState::Init {
+        // RDMA-CM's defaults let the peer READ and WRITE (and use atomics on) any
+        // memory this QP's PD registered for it. net-rs does SEND/RECV only: no
+        // remote access at all (its memory is registered for local access too).
+        attr.setup_access_flags(AccessFlags::none());
+    }
     if state == QueuePairState::ReadyToSend {
         // sideway 0.4.3 cannot set these in the CM connection parameters (they stay 0).
         // Retransmit lost packets (7 tries); and should a receiver ever be not ready

@@ -675,6 +675,15 @@ impl<B: RecvBuf, K> Connection<B, K> {
         self.lent_total
     }
 
+    /// The receive buffers this core holds (posted, or back and not posted again), with
+    /// their indices; lent ones are not here (for the shell's test hook).
+    pub(crate) fn held_buffers(&self) -> impl Iterator<Item = (u32, &B)> + '_ {
+        self.slots.iter().enumerate().filter_map(|(i, s)| match s {
+            Slot::Posted(b) | Slot::Pending(b) => Some((i as u32, b)),
+            Slot::Out => None,
+        })
+    }
+
     /// Receive buffers posted now.
     pub(crate) fn posted_receives(&self) -> usize {
         self.slots
@@ -734,11 +743,13 @@ impl<B: RecvBuf, K> Connection<B, K> {
             }
         };
         if !c.is_success() {
-            // Flushed (or failed): the buffer is not posted again.
+            // Flushed (or failed): kept, never posted again (a dead connection posts
+            // nothing), so what it holds can still be looked at.
             let e = Error::new(
                 ErrorKind::WorkCompletion { status: c.status },
                 format!("receive failed with work completion status {}", c.status),
             );
+            self.hold(idx, buf);
             return self.fail(e);
         }
         let imm = match Imm::decode(c.imm.unwrap_or(0)) {

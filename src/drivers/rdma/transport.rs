@@ -631,6 +631,65 @@ impl RdmaTransport {
     pub fn queued_bytes(&self) -> usize {
         lock(&self.shared.conn).queued()
     }
+
+    /// **Test hook, not API** (hidden from the docs, may change or go at any time): the
+    /// receive buffers the connection holds (posted, or back from a completion; not
+    /// those lent to the application), as a peer would have to name them in an RDMA
+    /// READ or WRITE (address, length, keys), each with a copy of its bytes.
+    /// `tests/rdma_promises.rs` aims one-sided operations at them to show that the
+    /// device refuses them and that they change nothing.
+    #[doc(hidden)]
+    pub fn test_hook_recv_buffers(&self) -> Vec<RegisteredBuffer> {
+        let c = lock(&self.shared.conn);
+        c.held_buffers()
+            .map(|(index, b)| {
+                let sge = b.sge();
+                RegisteredBuffer {
+                    index,
+                    addr: sge.addr,
+                    len: sge.len,
+                    lkey: sge.lkey,
+                    rkey: b.0.remote_key(),
+                    bytes: b.0.as_ref().to_vec(),
+                }
+            })
+            .collect()
+    }
+
+    /// **Test hook, not API** (hidden from the docs, may change or go at any time): the
+    /// remote operations this connection's queue pair accepts (`ibv_qp_attr`'s
+    /// `qp_access_flags` as the device reports them; net-rs grants none).
+    #[doc(hidden)]
+    pub fn test_hook_qp_access_flags(&self) -> Result<i32> {
+        let (attr, _) = lock(&self.shared.qp)
+            .query(QueuePairAttributeMask::AccessFlags)
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Io(std::io::ErrorKind::Other),
+                    format!("ibv_query_qp: {e}"),
+                )
+            })?;
+        Ok(attr.access_flags().bits())
+    }
+}
+
+/// **Test hook, not API** (see [`RdmaTransport::test_hook_recv_buffers`]): one receive
+/// buffer as a peer would name it, and its bytes when it was looked at.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct RegisteredBuffer {
+    /// The buffer's index in the connection's receive table.
+    pub index: u32,
+    /// Its address.
+    pub addr: u64,
+    /// Its length in bytes.
+    pub len: u32,
+    /// The local key of its memory region.
+    pub lkey: u32,
+    /// The remote key of its memory region (as the device made it).
+    pub rkey: u32,
+    /// A copy of its bytes.
+    pub bytes: Vec<u8>,
 }
 
 impl Transport for RdmaTransport {

@@ -6,7 +6,8 @@
 //!   returning [`RdmaTransport`](transport::RdmaTransport)s (also at their old paths under [`cm`]).
 //! * [`cm`]: the queue-pair setup with RDMA-CM underneath.
 //! * [`config`]: [`RdmaConfig`](config::RdmaConfig) and the queue and memory sizes derived from it.
-//! * [`transport`]: the `Transport` itself: hello, credits, fragments, the pump.
+//! * [`transport`]: the `Transport`: the shell around the protocol core (`conn`);
+//!   `setup` opens a connection (CQ, registered memory, receives posted first).
 //! * `buffer`: registered memory as `Bytes`: lent receive buffers, and fragments sent
 //!   in place or through a bounce slot.
 //! * `slab_allocator`: the slab over memory registered with the context's PD.
@@ -42,6 +43,8 @@ mod device;
 mod events;
 #[cfg(feature = "rdma")]
 pub mod poller;
+#[cfg(feature = "rdma")]
+mod setup;
 #[cfg(test)]
 mod sim;
 #[cfg(feature = "rdma")]

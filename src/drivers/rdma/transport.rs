@@ -43,15 +43,15 @@ use sideway::ibverbs::queue_pair::{
 };
 
 use super::buffer::{stage, GiveBack, Lease};
-use super::cm::{CmHandle, CmListener};
-use super::config::{APP_REGION, CQ_ENTRIES, QUEUE_DEPTH};
-use super::conn::{Connection, Incoming, Limits, RecvBuf, RecvWr, SendWr, Sge, Staged, Stager};
+use super::cm::CmHandle;
+use super::config::QUEUE_DEPTH;
+use super::conn::{Connection, Incoming, RecvBuf, RecvWr, SendWr, Sge, Staged, Stager};
 use super::context::RdmaContext;
 use super::device::{DeviceReactor, Member};
 use super::poller::CqSource;
 use crate::buffer::Buf;
 use crate::error::{Error, ErrorKind, Result};
-use crate::linger::{self, Deliver, Delivery, Registration};
+use crate::linger::{Deliver, Delivery, Registration};
 use crate::mem::{Slab, SlabBuf};
 use crate::reactor::{Completion, CompletionSource, Keep};
 use crate::transport::Transport;
@@ -60,10 +60,10 @@ pub use super::config::{RdmaConfig, APP_MAX};
 
 /// Sends in flight from which `send` leaves posting to their completions, so a stream
 /// of small messages goes out in batches (one doorbell for many).
-const CORK_IN_FLIGHT: u32 = 8;
+pub(super) const CORK_IN_FLIGHT: u32 = 8;
 
 /// A registered receive buffer, as the core holds it.
-struct RecvSlot(SlabBuf);
+pub(super) struct RecvSlot(pub(super) SlabBuf);
 
 impl RecvBuf for RecvSlot {
     fn bytes(&self) -> impl std::ops::Deref<Target = [u8]> + '_ {
@@ -103,57 +103,57 @@ impl Stager for SlabStager<'_> {
     }
 }
 
-type Core = Connection<RecvSlot, Keep>;
+pub(super) type Core = Connection<RecvSlot, Keep>;
 
 /// The connection's completion queue and a batch buffer, shared by the device thread
 /// and (in latency mode) waiting tasks.
-struct Cq {
-    source: CqSource,
-    buf: Vec<Completion>,
+pub(super) struct Cq {
+    pub(super) source: CqSource,
+    pub(super) buf: Vec<Completion>,
 }
 
-struct Shared {
+pub(super) struct Shared {
     // Declared first: the QP is destroyed before its CQ and before the memory its
     // requests name (owned by `conn`, `slab` and `app_slab`).
-    qp: Mutex<BasicQueuePair>,
-    cq: Mutex<Cq>,
-    conn: Mutex<Core>,
+    pub(super) qp: Mutex<BasicQueuePair>,
+    pub(super) cq: Mutex<Cq>,
+    pub(super) conn: Mutex<Core>,
     /// Lent receive buffers given back by dropped messages (a leaf lock).
-    returns: Mutex<Vec<(u32, SlabBuf)>>,
-    has_returns: AtomicBool,
+    pub(super) returns: Mutex<Vec<(u32, SlabBuf)>>,
+    pub(super) has_returns: AtomicBool,
     /// Tasks busy-polling the CQ now (latency mode). While there are any, the device
     /// thread does not arm this CQ.
-    inline: AtomicUsize,
-    reactor: Arc<DeviceReactor>,
+    pub(super) inline: AtomicUsize,
+    pub(super) reactor: Arc<DeviceReactor>,
     /// This connection's id in the reactor.
-    member: AtomicUsize,
-    me: Weak<Shared>,
+    pub(super) member: AtomicUsize,
+    pub(super) me: Weak<Shared>,
     /// Receive buffers and send bounce slots, `chunk` bytes each.
-    slab: Slab,
+    pub(super) slab: Slab,
     /// Registered memory handed to the application by `alloc_buf` (size classes from
     /// one chunk to [`APP_MAX`]), sent without a copy.
-    app_slab: Slab,
+    pub(super) app_slab: Slab,
     /// `alloc_buf` beyond registered memory: recycled heap memory.
-    heap: crate::buffer::HeapPool,
-    changed: Event,
-    cfg: RdmaConfig,
-    cm: CmHandle,
-    registration: Mutex<Option<Registration>>,
-    _context: RdmaContext,
+    pub(super) heap: crate::buffer::HeapPool,
+    pub(super) changed: Event,
+    pub(super) cfg: RdmaConfig,
+    pub(super) cm: CmHandle,
+    pub(super) registration: Mutex<Option<Registration>>,
+    pub(super) _context: RdmaContext,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A message connection over an RDMA reliable-connected queue pair.
 pub struct RdmaTransport {
-    shared: Arc<Shared>,
-    peer: Option<SocketAddr>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) peer: Option<SocketAddr>,
 }
 
 /// Post receives, then SENDs, each batch with one doorbell.
-fn post(qp: &mut BasicQueuePair, recvs: &[RecvWr], sends: &[SendWr]) -> Result<()> {
+pub(super) fn post(qp: &mut BasicQueuePair, recvs: &[RecvWr], sends: &[SendWr]) -> Result<()> {
     if !recvs.is_empty() {
         let mut g = qp.start_post_recv();
         for r in recvs {
@@ -258,7 +258,7 @@ impl Deliver for Shared {
 impl Shared {
     /// Feed the core one input, then post what it asks for (after unlocking it) and
     /// wake the waiters if something changed.
-    fn drive<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
+    pub(super) fn drive<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
         let mut recvs = Vec::new();
         let mut sends = Vec::new();
         let mut conn = lock(&self.conn);
@@ -331,7 +331,7 @@ impl Shared {
     /// RDMA-CM says the connection ended (peer disconnected or died). Move the QP to
     /// the error state: what already arrived is still delivered, then every posted
     /// request completes with a flush error, which fails the waiting operations.
-    fn on_gone(&self, why: String) {
+    pub(super) fn on_gone(&self, why: String) {
         if !self.drive(|c| c.on_disconnect(why)) {
             return;
         }
@@ -412,173 +412,7 @@ impl Shared {
     }
 }
 
-/// What the setup hook made: the registered memory and the core with its receives
-/// posted.
-struct Setup {
-    slab: Slab,
-    app_slab: Slab,
-    core: Core,
-}
-
 impl RdmaTransport {
-    fn limits(cfg: &RdmaConfig) -> Limits {
-        Limits {
-            depth: cfg.depth,
-            chunk: cfg.chunk,
-            max_message_size: cfg.max_message_size,
-            send_buffer: cfg.send_buffer,
-            recv_budget: cfg.recv_buffer,
-            sq_depth: QUEUE_DEPTH,
-            cork_in_flight: CORK_IN_FLIGHT,
-        }
-    }
-
-    /// Register the memory and post every receive, before the peer can send.
-    fn setup(ctx: &RdmaContext, qp: &mut BasicQueuePair, cfg: &RdmaConfig) -> Result<Setup> {
-        let slab = ctx.slab(cfg.chunk, cfg.chunk, (cfg.chunk * 256).max(1 << 20));
-        // Regions are registered lazily, on the first `alloc_buf` of a class.
-        let app_slab = ctx.slab(cfg.chunk, APP_MAX, APP_REGION);
-        let registration = |e: std::io::Error| Error::new(ErrorKind::Registration, e.to_string());
-        let bufs = (0..cfg.depth)
-            .map(|_| {
-                slab.alloc(cfg.chunk)
-                    .map_err(registration)?
-                    .map(RecvSlot)
-                    .ok_or_else(|| Error::new(ErrorKind::Registration, "no receive slot"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // Register the send bounce slots now too (one per send-queue entry, the most
-        // ever live): from here on no message registers anything.
-        let bounce = (0..QUEUE_DEPTH)
-            .map(|_| slab.alloc(cfg.chunk))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(registration)?;
-        drop(bounce);
-        let (core, first) = Connection::new(Self::limits(cfg), bufs);
-        post(qp, &first, &[])?;
-        Ok(Setup {
-            slab,
-            app_slab,
-            core,
-        })
-    }
-
-    /// The connection's CQ, on its device's shared reactor (started if need be).
-    fn make_cq(
-        ctx: &RdmaContext,
-        cfg: &RdmaConfig,
-        reactor: &mut Option<Arc<DeviceReactor>>,
-    ) -> Result<CqSource> {
-        let r = DeviceReactor::for_device(ctx, cfg.poller)?;
-        let cq = r.new_cq(ctx, CQ_ENTRIES)?;
-        *reactor = Some(r);
-        Ok(cq)
-    }
-
-    fn start(
-        conn: super::cm::CmConnection,
-        reactor: Arc<DeviceReactor>,
-        setup: Setup,
-        cfg: RdmaConfig,
-        peer: Option<SocketAddr>,
-    ) -> Result<RdmaTransport> {
-        let (qp, source, context, cm) = conn.into_parts();
-        let mut source =
-            source.ok_or_else(|| Error::new(ErrorKind::Registration, "no completion queue"))?;
-        let cm_channel = source.take_cm();
-        let shared = Arc::new_cyclic(|me| Shared {
-            qp: Mutex::new(qp),
-            cq: Mutex::new(Cq {
-                source,
-                buf: Vec::with_capacity(64),
-            }),
-            conn: Mutex::new(setup.core),
-            returns: Mutex::new(Vec::new()),
-            has_returns: AtomicBool::new(false),
-            inline: AtomicUsize::new(0),
-            reactor,
-            member: AtomicUsize::new(usize::MAX),
-            me: me.clone(),
-            slab: setup.slab,
-            app_slab: setup.app_slab,
-            heap: crate::buffer::HeapPool::default(),
-            changed: Event::new(),
-            cfg,
-            cm,
-            registration: Mutex::new(None),
-            _context: context,
-        });
-        // The hello goes out first.
-        shared.drive(|_| ());
-        let weak = Arc::downgrade(&shared);
-        shared.cm.on_gone(move |why| {
-            if let Some(s) = weak.upgrade() {
-                s.on_gone(why);
-            }
-        });
-        let listed: Weak<dyn Deliver> = Arc::downgrade(&shared) as Weak<dyn Deliver>;
-        *lock(&shared.registration) = Some(linger::register(listed));
-        let member = Arc::downgrade(&shared) as Weak<dyn Member>;
-        let id = shared.reactor.add(member, cm_channel);
-        shared.member.store(id, Ordering::Release);
-        Ok(RdmaTransport { shared, peer })
-    }
-
-    /// Connect to `addr` (blocking the calling thread for at most `timeout`).
-    ///
-    /// # Errors
-    /// As [`cm::connect_qp`](super::cm::connect_qp).
-    pub fn connect_blocking(addr: SocketAddr, timeout: Duration, cfg: RdmaConfig) -> Result<Self> {
-        Self::open(cfg, Some(addr), |make_cq, before| {
-            super::cm::connect_qp_with(addr, timeout, make_cq, before)
-        })
-    }
-
-    /// Accept one connection on `listener` (blocking for at most `timeout`).
-    ///
-    /// # Errors
-    /// As [`CmListener::accept`].
-    pub fn accept_blocking(
-        listener: &CmListener,
-        timeout: Duration,
-        cfg: RdmaConfig,
-    ) -> Result<Self> {
-        Self::open(cfg, None, |make_cq, before| {
-            listener.accept_with(timeout, make_cq, before)
-        })
-    }
-
-    /// Set a connection up through `dial` (RDMA-CM connect or accept), which makes the
-    /// CQ with the first hook and, once the QP exists, runs the second (registered
-    /// memory, posted receives) before the peer can send.
-    fn open(
-        cfg: RdmaConfig,
-        peer: Option<SocketAddr>,
-        dial: impl FnOnce(
-            &mut dyn FnMut(&RdmaContext) -> Result<CqSource>,
-            &mut dyn FnMut(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
-        ) -> Result<super::cm::CmConnection>,
-    ) -> Result<Self> {
-        let cfg = cfg.normalized();
-        let (mut setup, mut reactor) = (None, None);
-        let conn = dial(
-            &mut |ctx| Self::make_cq(ctx, &cfg, &mut reactor),
-            &mut |ctx, qp| {
-                setup = Some(Self::setup(ctx, qp, &cfg)?);
-                Ok(())
-            },
-        )?;
-        let missing = || {
-            Error::new(
-                ErrorKind::Io(std::io::ErrorKind::Other),
-                "RDMA-CM set up a connection without its completion queue or memory",
-            )
-        };
-        let reactor = reactor.ok_or_else(missing)?;
-        let setup = setup.ok_or_else(missing)?;
-        Self::start(conn, reactor, setup, cfg, peer)
-    }
-
     /// Memory registrations this connection made: the receive buffers and one bounce
     /// slot per send-queue entry, all registered when it was set up
     /// ([`registration_bound`](RdmaTransport::registration_bound)) and reused for every

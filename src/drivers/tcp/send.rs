@@ -23,8 +23,8 @@
 //! executor, so the burst ended) or when a `recv` on the connection has to wait (a
 //! request went out, the reply is awaited: the next request is a new burst). A
 //! ping-pong writes every message inline; a stream writes its first message inline and
-//! the rest in batches. In latency mode (`TcpConfig::busy_poll`) there is no cork: a
-//! busy-polling `recv` rarely waits, and every send to an idle connection writes at once.
+//! the rest in batches. In latency mode (`TcpConfig::busy_poll`) the cork comes off
+//! whenever a `recv` starts, since a busy-polling `recv` rarely has to wait.
 //!
 //! Whoever owns the socket holds the `pen` (the socket and the batch taken off the
 //! queue) while writing; inline writes register no waker, so they never steal the
@@ -68,11 +68,10 @@ pub(crate) struct SendSide {
     pen: Mutex<Pen>,
     /// Set by an inline write, cleared when a burst ends (see the module docs).
     corked: AtomicBool,
-    /// Latency mode's window (zero: off). In latency mode inline writes do not cork
-    /// (every send to an idle connection writes at once: a busy-polling `recv` rarely
-    /// waits, so it would never uncork), and an inline write that finds the socket full
-    /// keeps retrying for up to the window before it hands over to the writer task
-    /// (which cannot run while its thread busy-polls).
+    /// Latency mode's window (zero: off). In latency mode an inline write that finds
+    /// the socket full keeps retrying for up to the window before it hands over to the
+    /// writer task (which cannot run while its thread busy-polls), and the cork comes
+    /// off whenever a `recv` starts (a busy-polling `recv` rarely has to wait).
     busy_poll: Duration,
     /// Notified when queue space frees up or the send side fails or closes.
     space: Event,
@@ -242,9 +241,7 @@ impl SendSide {
             st.queued += len;
             st.accepted_total += len as u64;
             drop(st);
-            if self.busy_poll.is_zero() {
-                self.corked.store(true, Ordering::Relaxed);
-            }
+            self.corked.store(true, Ordering::Relaxed);
             self.write_first(header, msg);
             return Ok(None);
         }
@@ -405,6 +402,11 @@ impl SendSide {
             }
             Poll::Ready(Drained::Empty) | Poll::Pending => {}
         }
+    }
+
+    /// Latency mode: the cork comes off when a `recv` starts, not only when it waits.
+    pub(crate) fn uncorks_on_recv(&self) -> bool {
+        !self.busy_poll.is_zero()
     }
 
     /// A `recv` on this connection has to wait: the burst of sends before it is over.

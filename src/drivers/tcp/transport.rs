@@ -181,6 +181,9 @@ impl TcpTransport {
     }
 
     fn poll_recv(&self, cx: &mut Context<'_>, slot: &mut Option<usize>) -> Poll<Result<Bytes>> {
+        if self.shared.send.uncorks_on_recv() {
+            self.shared.send.uncork();
+        }
         let (res, fatal) = self.shared.recv.poll_recv(cx, slot);
         match (&res, fatal) {
             (Poll::Pending, _) => self.shared.send.uncork(),

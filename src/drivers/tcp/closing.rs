@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use event_listener::EventListener;
+use crate::sync::EventListener;
 use futures::io::AsyncRead;
 
 use super::send::SendSide;

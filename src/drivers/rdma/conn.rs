@@ -677,6 +677,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
 
     /// The receive buffers this core holds (posted, or back and not posted again), with
     /// their indices; lent ones are not here (for the shell's test hook).
+    #[cfg(feature = "rdma")]
     pub(crate) fn held_buffers(&self) -> impl Iterator<Item = (u32, &B)> + '_ {
         self.slots.iter().enumerate().filter_map(|(i, s)| match s {
             Slot::Posted(b) | Slot::Pending(b) => Some((i as u32, b)),

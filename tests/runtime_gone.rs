@@ -168,6 +168,90 @@ fn queued_messages_are_delivered_after_the_runtime_is_dropped() {
     }
 }
 
+/// A peer that sends one 3-byte message at once, starts reading only after 300 ms (so
+/// what we send is still queued when our runtime goes), counts what arrives until EOF
+/// and keeps its end open for 2 s more (so our reads find nothing, not an end).
+fn slow_peer_that_spoke() -> (SocketAddr, mpsc::Receiver<usize>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&[0, 0, 0, 3, 1, 2, 3]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut n = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
+        let _ = tx.send(n);
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    (addr, rx)
+}
+
+/// Receiving after the runtime is gone ends receiving only: a message that had already
+/// arrived is returned, a `recv` that would have to wait fails with `Unsupported`, and
+/// neither that nor any later `flush`, `close`, `shutdown`, `recv` or the last handle's
+/// drop loses what `send` accepted before. (Found by a breaker: one `recv` failed the
+/// connection with tokio's "being shutdown" error, and the drop then cut 24 MiB of
+/// accepted messages short.)
+#[test]
+fn receiving_after_the_runtime_is_gone_loses_nothing_sent() {
+    let size = 8 << 20;
+    for multi in [false, true] {
+        for then in ["drop", "flush", "close", "shutdown", "messages"] {
+            let (addr, counted) = slow_peer_that_spoke();
+            let rt = tokio_rt(multi);
+            let t = rt.block_on(async {
+                let t = TcpTransport::connect(addr).await.unwrap();
+                for i in 0..3u8 {
+                    t.send(vec![i; size].into()).await.unwrap();
+                }
+                // Let the peer's message arrive before the runtime goes.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                t
+            });
+            drop(rt);
+            let what = format!("multi_thread {multi}, then {then}");
+            let w = what.clone();
+            bounded("operations after the runtime ended", move || {
+                futures::executor::block_on(async move {
+                    if then == "messages" {
+                        use futures::StreamExt;
+                        let mut m = t.messages();
+                        let first = m.next().await.unwrap().unwrap();
+                        assert_eq!(&first[..], &[1, 2, 3], "{w}");
+                        let err = m.next().await.unwrap().unwrap_err();
+                        assert_eq!(err.kind(), ErrorKind::Unsupported, "{w}: {err}");
+                        assert!(m.next().await.is_none(), "{w}");
+                        return;
+                    }
+                    assert_eq!(&t.recv().await.unwrap()[..], &[1, 2, 3], "{w}");
+                    let err = t.recv().await.unwrap_err();
+                    assert_eq!(err.kind(), ErrorKind::Unsupported, "{w}: {err}");
+                    assert_eq!(t.recv().await.unwrap_err().kind(), ErrorKind::Unsupported);
+                    match then {
+                        "flush" => t.flush().await.unwrap(),
+                        "close" => t.close().await.unwrap(),
+                        "shutdown" => t.shutdown().await.unwrap(),
+                        _ => {}
+                    }
+                })
+            });
+            assert_eq!(
+                counted.recv_timeout(Duration::from_secs(30)),
+                Ok(3 * (4 + size)),
+                "{what}: every accepted message arrives"
+            );
+        }
+    }
+}
+
 /// The async-io adapter with an executor of the user's that is dropped: the
 /// connection's writer task goes with it; the same rules hold.
 #[cfg(feature = "async-std")]

@@ -110,11 +110,12 @@ impl Runtime for TokioRuntime {
         if self.is_shut_down() {
             return Box::pin(std::future::ready(Err(shut_down())));
         }
+        let alive = self.alive.clone();
         Box::pin(Entered {
             handle: self.handle.clone(),
             fut: Box::pin(async move {
                 let stream = ::tokio::net::TcpStream::connect(addr).await?;
-                socket(stream, opts)
+                socket(stream, opts, alive)
             }),
         })
     }
@@ -131,7 +132,11 @@ impl Runtime for TokioRuntime {
         let std = std::net::TcpListener::bind(addr)?;
         std.set_nonblocking(true)?;
         let listener = ::tokio::net::TcpListener::from_std(std)?;
-        Ok(Box::new(Listener { listener, opts }))
+        Ok(Box::new(Listener {
+            listener,
+            opts,
+            alive: self.alive.clone(),
+        }))
     }
 }
 
@@ -142,7 +147,21 @@ fn shut_down() -> io::Error {
     )
 }
 
-fn socket(stream: ::tokio::net::TcpStream, opts: SocketOptions) -> io::Result<TcpSocket> {
+/// What a read that would have to wait returns once the runtime has shut down: its
+/// reactor is gone, so nothing could wake the reader again.
+fn reader_shut_down() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "recv: the tokio runtime this connection was opened on has shut down, and \
+         waiting for data needs its reactor (what was already sent is still delivered)",
+    )
+}
+
+fn socket(
+    stream: ::tokio::net::TcpStream,
+    opts: SocketOptions,
+    alive: Arc<AtomicBool>,
+) -> io::Result<TcpSocket> {
     stream.set_nodelay(opts.nodelay)?;
     let local_addr = stream.local_addr()?;
     let peer_addr = stream.peer_addr()?;
@@ -151,6 +170,7 @@ fn socket(stream: ::tokio::net::TcpStream, opts: SocketOptions) -> io::Result<Tc
         reader: Box::new(Reader {
             half: r,
             busy_poll: opts.busy_poll,
+            alive,
         }),
         writer: Box::new(Writer(w)),
         local_addr,
@@ -162,12 +182,13 @@ fn socket(stream: ::tokio::net::TcpStream, opts: SocketOptions) -> io::Result<Tc
 struct Listener {
     listener: ::tokio::net::TcpListener,
     opts: SocketOptions,
+    alive: Arc<AtomicBool>,
 }
 
 impl AsyncListener for Listener {
     fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<TcpSocket>> {
         let (stream, _) = ready!(self.listener.poll_accept(cx))?;
-        Poll::Ready(socket(stream, self.opts))
+        Poll::Ready(socket(stream, self.opts, self.alive.clone()))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -176,9 +197,23 @@ impl AsyncListener for Listener {
 }
 
 /// The read half, with optional busy-polling.
+///
+/// Once the runtime has shut down, a read takes what the socket holds without its
+/// reactor, and one that would have to wait fails with `Unsupported`
+/// ([`reader_shut_down`]); tokio's own error then ("being shutdown") is not passed on.
 struct Reader {
     half: ::tokio::net::tcp::OwnedReadHalf,
     busy_poll: Duration,
+    alive: Arc<AtomicBool>,
+}
+
+impl Reader {
+    fn read_without_reactor(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.read_now(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(reader_shut_down()),
+            r => r,
+        }
+    }
 }
 
 impl futures::io::AsyncRead for Reader {
@@ -187,11 +222,19 @@ impl futures::io::AsyncRead for Reader {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
+        if !self.alive.load(Ordering::Acquire) {
+            return Poll::Ready(self.read_without_reactor(buf));
+        }
         let mut rb = ReadBuf::new(buf);
         if let Poll::Ready(r) =
             ::tokio::io::AsyncRead::poll_read(Pin::new(&mut self.half), cx, &mut rb)
         {
-            return Poll::Ready(r.map(|()| rb.filled().len()));
+            let n = rb.filled().len();
+            return Poll::Ready(match r {
+                // The reactor went away while the runtime shut down.
+                Err(_) if !self.alive.load(Ordering::Acquire) => self.read_without_reactor(buf),
+                r => r.map(|()| n),
+            });
         }
         if self.busy_poll.is_zero() {
             return Poll::Pending;

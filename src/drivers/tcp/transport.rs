@@ -187,6 +187,9 @@ impl TcpTransport {
         let (res, fatal) = self.shared.recv.poll_recv(cx, slot);
         match (&res, fatal) {
             (Poll::Pending, _) => self.shared.send.uncork(),
+            // Receiving ended because the runtime is gone, not because the socket
+            // broke: what was sent is still delivered (by the linger thread).
+            (_, Fatal::Broken(_)) if self.shared.rt.is_shut_down() => {}
             (_, Fatal::CloseConnection) => self.shared.send.abort(),
             // The socket is broken both ways: a later `send` must not say `Ok`.
             (_, Fatal::Broken(e)) => self.shared.send.fail(e),

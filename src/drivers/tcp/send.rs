@@ -654,7 +654,10 @@ impl SendSide {
     }
 
     fn end(&self, error: Option<Error>) {
-        let sock = lock_pen(&self.pen).sock.take();
+        let (sock, batch) = {
+            let mut pen = lock_pen(&self.pen);
+            (pen.sock.take(), std::mem::take(&mut pen.batch))
+        };
         let mut st = lock(&self.state);
         st.finished = true;
         st.shutdown = true;
@@ -666,7 +669,7 @@ impl SendSide {
         st.queued = 0;
         let writer = st.parked.take();
         drop(st);
-        drop(sock);
+        drop((sock, batch));
         if let Some(w) = writer {
             w.wake();
         }
@@ -868,7 +871,18 @@ async fn run_writer(side: Arc<SendSide>, rt: Arc<dyn Runtime>, mut guard: TaskGu
         drop(st);
         let mut pen = lock_pen(&side.pen);
         match side.drain(&mut pen, &mut Io::Async(cx)) {
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                // The socket is full. Park here too, so that an abort (`close` out of
+                // time, a fatal receive error) wakes this task to let go of the
+                // socket instead of leaving it to a peer that may never read again.
+                drop(pen);
+                let mut st = lock(&side.state);
+                if st.abort || st.finished {
+                    continue;
+                }
+                st.parked = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
             Poll::Ready(Drained::Finished) => {
                 drop(pen);
                 side.finish();

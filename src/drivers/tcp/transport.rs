@@ -270,8 +270,13 @@ impl Transport for TcpTransport {
             Some(rt) => with_timeout(&*rt, Some(s.linger), "close", self.shutdown()).await,
             None => self.shutdown().await,
         };
-        // Delivered and FIN sent, or given up: drop what is left either way.
-        s.send.abort();
+        // Delivered and FIN sent, or given up: drop what is left either way, and let
+        // the socket go (a writer waiting for room is woken to drop it). Given up, the
+        // error stays: a later `flush`, `shutdown` or `close` reports it at once.
+        match &res {
+            Ok(()) => s.send.abort(),
+            Err(e) => s.send.fail(e.clone()),
+        }
         s.release();
         res
     }

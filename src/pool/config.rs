@@ -23,6 +23,10 @@ use crate::runtime::Runtime;
 ///   bounds each address a [`TcpConnector`](super::TcpConnector) tries; `RdmaConnector`'s
 ///   `timeout` bounds its attempt); whichever expires first ends the attempt, so set the
 ///   connector's limit no shorter than the pool's unless you mean it per address.
+///   A failed attempt puts the pool into backoff (the reconnect policy); one cut short
+///   by the checkout's deadline does not (it says nothing about the server), so with a
+///   `checkout_timeout` shorter than `connect_timeout` a server that never answers is
+///   never seen as down: each checkout spends its whole timeout on it.
 /// * `request_timeout` bounds one [`request`](super::PooledConnection::request).
 ///
 /// Each bound cancels a future at an `.await`: a connector or check that blocks its

@@ -234,9 +234,14 @@ impl<C: Connector> Inner<C> {
     }
 
     /// One connect, bounded by `connect_timeout` and the checkout's `deadline`.
-    async fn connect(&self, deadline: Instant) -> Result<C::Transport> {
+    /// The time one connect may take: `connect_timeout`, or what is left until
+    /// `deadline` if that is less (the connect is then cut short by the checkout's time).
+    fn connect_limit(&self, deadline: Instant) -> std::time::Duration {
         let left = deadline.saturating_duration_since(self.rt.now());
-        let limit = self.config.connect_timeout.min(left);
+        self.config.connect_timeout.min(left)
+    }
+
+    async fn connect(&self, limit: std::time::Duration) -> Result<C::Transport> {
         match timeout(&*self.rt, limit, self.connector.connect()).await {
             Ok(res) => res,
             Err(e) if e.is_timeout() => Err(Error::new(
@@ -423,10 +428,17 @@ impl<C: Connector> ConnectionPool<C> {
                     attempts += 1;
                     let first = *started.get_or_insert(now);
                     let reservation = Reservation { inner, live: true };
-                    let res = inner.connect(deadline).await;
+                    let limit = inner.connect_limit(deadline);
+                    let cut_short = limit < inner.config.connect_timeout;
+                    let res = inner.connect(limit).await;
                     reservation.settle();
                     let now = inner.rt.now();
                     match res {
+                        Err(e) if cut_short && e.is_timeout() => {
+                            inner.lock().checkout_connect_cut_short(ticket.id);
+                            inner.notify();
+                            return Err(inner.timeout_error(" while connecting"));
+                        }
                         Ok(conn) => {
                             let ok = inner.lock().connected();
                             inner.notify();
@@ -605,8 +617,7 @@ async fn maintain<C: Connector>(pool: Weak<Inner<C>>) {
                 inner: &inner,
                 live: true,
             };
-            let deadline = inner.rt.now() + inner.config.connect_timeout;
-            let res = inner.connect(deadline).await;
+            let res = inner.connect(inner.config.connect_timeout).await;
             reservation.settle();
             let now = inner.rt.now();
             let (failed, late) = {

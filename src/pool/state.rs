@@ -290,6 +290,16 @@ impl<T> PoolState<T> {
         self.connecting -= 1;
     }
 
+    /// A checkout's reserved connect ran out of the checkout's own time (what was left
+    /// of `checkout_timeout`, shorter than `connect_timeout`): the checkout times out,
+    /// and the attempt says nothing about the server, so it is not a failed connect and
+    /// the pool does not back off. (A checkout that got its turn just before its
+    /// deadline would otherwise put a healthy server "down" for every other user.)
+    pub(crate) fn checkout_connect_cut_short(&mut self, ticket: u64) {
+        self.connecting -= 1;
+        self.timed_out(ticket);
+    }
+
     /// The connection a checkout took with [`Step::Take`] was vetted with `health`.
     /// A connection that is not [reusable](Health::reusable) is discarded (its slot is
     /// free again) and the checkout keeps its turn at the head of the queue.
@@ -601,6 +611,27 @@ mod tests {
         past.deadline = t0;
         assert_eq!(s.checkout_connect_failed(t0, refused(), past), None);
         assert_eq!(s.status().failed_connects, 3);
+    }
+
+    #[test]
+    fn a_connect_cut_short_by_the_checkout_deadline_is_not_a_failure() {
+        let t0 = Instant::now();
+        let soon = t0 + MS;
+        let mut s: PoolState<u32> = PoolState::new(limits(1, ReconnectPolicy::fixed(100 * MS)), 1);
+        let a = s.join();
+        assert!(is_connect(&s.poll_checkout(a, t0, soon, false)));
+        s.checkout_connect_cut_short(a);
+        let st = s.status();
+        assert_eq!((st.failed_connects, st.connecting, st.waiting), (0, 0, 0));
+        assert_eq!(st.checkout_timeouts, 1);
+        // The next checkout connects at once: no backoff.
+        let b = s.join();
+        assert!(is_connect(&s.poll_checkout(
+            b,
+            soon,
+            soon + 60_000 * MS,
+            false
+        )));
     }
 
     #[test]

@@ -693,7 +693,6 @@ pub async fn a_cancelled_or_slow_checkout_gives_back_what_it_took(rt: Arc<dyn Ru
             .test_on_checkout(true)
             .checkout_timeout(ms(400))
             .connect_timeout(Duration::from_secs(60))
-            // A timed-out connect puts the pool into backoff; keep it short.
             .reconnect(ReconnectPolicy::fixed(ms(1)))
             .runtime(rt.clone()),
     )
@@ -751,8 +750,6 @@ pub async fn a_cancelled_or_slow_checkout_gives_back_what_it_took(rt: Arc<dyn Ru
     assert!(t0.elapsed() < ms(1500), "took {:?}", t0.elapsed());
     assert_free("connect timed out");
     hang_connect.store(false, Ordering::SeqCst);
-    // Let the 1 ms backoff after that failure pass (until then checkouts fail fast).
-    pause(&rt, ms(10)).await;
 
     // Dropped while waiting for its turn.
     let held = deadline(&rt, p.get()).await.unwrap();
@@ -1033,6 +1030,48 @@ pub async fn a_pool_that_outlives_its_runtime_fails_cleanly(rt: Arc<dyn Runtime>
     server.kill();
 }
 
+/// A connect that runs out of the checkout's time (what was left of
+/// `checkout_timeout`, less than `connect_timeout`) times the checkout out, and says
+/// nothing about the server: the pool must not count it as a failed connect and back
+/// off, failing the next users fast while the server is fine. (Found by a breaker: a
+/// waiter whose turn came just before its deadline put a healthy server "down" for
+/// everyone; under load hundreds of checkouts failed from one such attempt.)
+pub async fn a_connect_cut_short_by_the_checkout_timeout_does_not_mark_the_server_down(
+    rt: Arc<dyn Runtime>,
+) {
+    let server = EchoServer::start("127.0.0.1:0".parse().unwrap());
+    let gated = Gated::new(&rt, server.addr());
+    let hang = gated.hang_connect.clone();
+    let p = ConnectionPool::new(
+        gated,
+        PoolConfig::default()
+            .max_size(1)
+            .checkout_timeout(ms(100))
+            .connect_timeout(Duration::from_secs(60))
+            // A counted failure would fail every checkout for 30 s.
+            .reconnect(ReconnectPolicy::fixed(Duration::from_secs(30)))
+            .runtime(rt.clone()),
+    )
+    .unwrap();
+    for round in 0..3 {
+        hang.store(true, Ordering::SeqCst);
+        let err = deadline(&rt, p.get()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+        let st = p.status();
+        assert_eq!(
+            (st.failed_connects, st.connecting, st.in_use),
+            (0, 0, 0),
+            "round {round}: {st}"
+        );
+        hang.store(false, Ordering::SeqCst);
+        let c = deadline(&rt, p.get()).await.unwrap();
+        deadline(&rt, roundtrip(&c, b"fine")).await.unwrap();
+        c.mark_broken();
+    }
+    drop(p);
+    server.kill();
+}
+
 #[macro_export]
 macro_rules! pool_suite {
     ($run:path) => {
@@ -1045,7 +1084,8 @@ macro_rules! pool_suite {
             a_cancelled_or_slow_checkout_gives_back_what_it_took
             request_discards_a_connection_whose_exchange_did_not_complete
             runtime_timeout_works_on_every_runtime a_permanent_connect_error_fails_at_once
-            tcp_connector_takes_host_names_and_status_displays);
+            tcp_connector_takes_host_names_and_status_displays
+            a_connect_cut_short_by_the_checkout_timeout_does_not_mark_the_server_down);
         #[cfg(feature = "tokio")]
         $crate::pool_suite!(@each $run; a_pool_that_outlives_its_runtime_fails_cleanly);
     };

@@ -3,7 +3,6 @@
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,9 +22,9 @@ use crate::transport::Transport;
 /// [`recv`](PooledConnection::recv), [`request`](PooledConnection::request), ...), or
 /// pass `&conn` to generic code: it implements [`Transport`] with the same methods.
 /// They track what the pool must know: a `recv` dropped before it completed (its reply
-/// may still come) or a fatal error marks the connection broken, so it is not reused.
-/// It also derefs to the transport, for what is specific to it; calls made through
-/// that deref (`conn.deref().recv()`, `(&*conn).recv()`) are not tracked.
+/// may still come), a message sent and not answered, or a fatal error keeps the
+/// connection from being reused. [`get_ref`](PooledConnection::get_ref) gives the bare
+/// transport for what is specific to it; calls made through it are not tracked.
 pub struct PooledConnection<C: Connector> {
     conn: Option<C::Transport>,
     created: Instant,
@@ -37,6 +36,9 @@ pub struct PooledConnection<C: Connector> {
     abandoned: AtomicBool,
     /// Messages sent through the guard that no received message answered yet.
     unanswered: AtomicU64,
+    /// [`no_reply_expected`](PooledConnection::no_reply_expected) was called: sends on
+    /// this checkout are one-way.
+    one_way: AtomicBool,
 }
 
 /// Sets its flag when dropped unless disarmed: an operation dropped midway.
@@ -77,6 +79,7 @@ impl<C: Connector> PooledConnection<C> {
             broken: AtomicBool::new(broken),
             abandoned: AtomicBool::new(false),
             unanswered: AtomicU64::new(0),
+            one_way: AtomicBool::new(false),
         }
     }
 
@@ -137,12 +140,13 @@ impl<C: Connector> PooledConnection<C> {
         self.fail_if_fatal(res)
     }
 
-    /// The messages sent so far on this checkout get no reply (one-way traffic): do
-    /// not count them as an unfinished exchange when the guard is dropped. Without it,
-    /// a guard given back with more messages sent than received keeps its connection
-    /// out of the pool, since the replies may still be on their way.
+    /// This checkout carries one-way traffic: the messages it sends, before this call
+    /// and after, get no reply, so they do not count as an unfinished exchange when the
+    /// guard is dropped. Without it, a guard given back with more messages sent than
+    /// received keeps its connection out of the pool, since the replies may still be
+    /// on their way. It lasts for this checkout only.
     pub fn no_reply_expected(&self) {
-        self.unanswered.store(0, Ordering::Release);
+        self.one_way.store(true, Ordering::Release);
     }
 
     /// Wait until every message accepted so far has been handed to the network, as
@@ -266,7 +270,8 @@ impl<C: Connector> PooledConnection<C> {
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Acquire)
             || self.abandoned.load(Ordering::Acquire)
-            || self.unanswered.load(Ordering::Acquire) > 0
+            || (self.unanswered.load(Ordering::Acquire) > 0
+                && !self.one_way.load(Ordering::Acquire))
     }
 
     /// Close this connection instead of returning it to the pool (e.g. after a
@@ -287,11 +292,26 @@ impl<C: Connector> PooledConnection<C> {
     pub fn created_at(&self) -> Instant {
         self.created
     }
-}
 
-impl<C: Connector> Deref for PooledConnection<C> {
-    type Target = C::Transport;
-    fn deref(&self) -> &C::Transport {
+    /// The bare transport, for what is specific to it. What goes through it is not
+    /// tracked: the guard cannot see a message sent or a `recv` dropped there, and
+    /// would return a connection with a reply still on its way to the pool. Exchange
+    /// messages through the guard (its methods, its [`Transport`] impl, or
+    /// [`messages`](Transport::messages)); if you do use this for them, call
+    /// [`mark_broken`](PooledConnection::mark_broken) unless every exchange completed.
+    ///
+    /// The guard has no `Deref` to the transport, so that `(*conn).send(..)` cannot
+    /// bypass the tracking by accident:
+    ///
+    /// ```compile_fail
+    /// # use net_rs::pool::{ConnectionPool, TcpConnector};
+    /// # async fn f(pool: ConnectionPool<TcpConnector>) -> net_rs::Result<()> {
+    /// use net_rs::transport::Transport;
+    /// let conn = pool.get().await?;
+    /// (*conn).send(bytes::Bytes::from_static(b"untracked")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn get_ref(&self) -> &C::Transport {
         self.transport()
     }
 }

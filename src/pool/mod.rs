@@ -48,14 +48,16 @@
 //! answered: the reply arrives later and sits on the connection as the next message.
 //! Reused, the connection would hand it to the next user as the answer to *their*
 //! request. The rules above keep such a connection out of the pool, but only for what
-//! goes through the guard: the [`Deref`](std::ops::Deref) to the bare transport (`&*conn`) bypasses the
-//! tracking of dropped `recv`s, and then only the `has_unread` probe (which sees a reply
-//! only once it has arrived) stands between the late reply and the next user. So:
+//! goes through the guard: the bare transport
+//! ([`get_ref`](PooledConnection::get_ref); the guard has no `Deref` to it) bypasses the
+//! tracking of sends and dropped `recv`s, and then only the `has_unread` probe (which
+//! sees a reply only once it has arrived) stands between the late reply and the next
+//! user. So:
 //! * use [`PooledConnection::request`] (or [`ConnectionPool::request`]) for one request,
 //!   one reply, with [`PoolConfig::request_timeout`] or [`crate::runtime::timeout`]
 //!   around it; it discards the connection if the exchange does not complete;
 //! * otherwise call `send`/`recv` on the guard itself (or pass `&conn`, which is a
-//!   [`Transport`], to generic code), not on `&*conn`;
+//!   [`Transport`], to generic code), not on `conn.get_ref()`;
 //! * after a protocol error the transport cannot see, call
 //!   [`mark_broken`](PooledConnection::mark_broken).
 //!

@@ -235,7 +235,6 @@ impl<C: Connector> Inner<C> {
         Ok(())
     }
 
-    /// One connect, bounded by `connect_timeout` and the checkout's `deadline`.
     /// The time one connect may take: `connect_timeout`, or what is left until
     /// `deadline` if that is less (the connect is then cut short by the checkout's time).
     fn connect_limit(&self, deadline: Instant) -> std::time::Duration {
@@ -243,6 +242,7 @@ impl<C: Connector> Inner<C> {
         self.config.connect_timeout.min(left)
     }
 
+    /// One connect, bounded by `limit` (from [`connect_limit`](Inner::connect_limit)).
     async fn connect(&self, limit: std::time::Duration) -> Result<C::Transport> {
         match timeout(&*self.rt, limit, self.connector.connect()).await {
             Ok(res) => res,

@@ -222,6 +222,8 @@ pub(crate) struct Connection<B, K> {
     /// A completion or a given-back buffer may let more go out: run the pump.
     pump_due: bool,
     slots: Vec<Slot<B>>,
+    /// How many `slots` are `Slot::Posted`.
+    posted: u32,
     /// Indices of `Slot::Pending` buffers, in the order they came back.
     pending: Vec<u32>,
     lent: u32,
@@ -280,6 +282,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
             next_gen: 0,
             data_in_flight: 0,
             pump_due: true,
+            posted: bufs.len() as u32,
             slots: bufs.into_iter().map(Slot::Posted).collect(),
             pending: Vec::new(),
             lent: 0,
@@ -554,6 +557,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
             *slot = Slot::Posted(buf);
             n += 1;
         }
+        self.posted += n;
         self.credits.reposted(n);
         // The credits may go back in an update.
         self.pump_due = true;
@@ -687,10 +691,27 @@ impl<B: RecvBuf, K> Connection<B, K> {
 
     /// Receive buffers posted now.
     pub(crate) fn posted_receives(&self) -> usize {
+        self.posted as usize
+    }
+
+    /// The posted receives counted one by one (the simulation checks the count).
+    #[cfg(test)]
+    pub(crate) fn posted_by_scan(&self) -> usize {
         self.slots
             .iter()
             .filter(|s| matches!(s, Slot::Posted(_)))
             .count()
+    }
+
+    /// Whether buffers the application gives back must be posted again soon, or can
+    /// wait for whatever drives this connection next (a `recv` or `send`, a completion).
+    /// Soon when the receives the peer knows of (posted, less those not announced yet)
+    /// are down to a quarter of the depth: it may run out of credits, and its sends
+    /// are what would bring the next completion. Otherwise waking a thread for each
+    /// dropped message only costs (a system call and a context switch per message).
+    pub(crate) fn returns_urgent(&self) -> bool {
+        let known = self.posted.saturating_sub(self.credits.pending_return());
+        known <= (self.lim.depth / 4).max(2)
     }
 
     // ---- internals ----------------------------------------------------------------
@@ -734,7 +755,10 @@ impl<B: RecvBuf, K> Connection<B, K> {
             ));
         };
         let buf = match std::mem::replace(slot, Slot::Out) {
-            Slot::Posted(b) => b,
+            Slot::Posted(b) => {
+                self.posted -= 1;
+                b
+            }
             other => {
                 *slot = other;
                 return self.fail(Error::new(
@@ -1132,6 +1156,55 @@ mod tests {
         }
         settle(&mut a, &mut b);
         assert_eq!(b.conn.posted_receives(), 8, "every buffer is posted again");
+    }
+
+    #[test]
+    fn given_back_buffers_are_urgent_only_when_the_peer_may_run_short_of_credits() {
+        let (mut a, mut b) = (end(lim(16, 64)), end(lim(16, 64)));
+        settle(&mut a, &mut b);
+        assert!(!b.conn.returns_urgent(), "16 posted, the peer knows of them");
+        // The application holds what it gets: every lent buffer is a receive fewer.
+        for _ in 0..8 {
+            a.conn.queue_send(Bytes::from_static(b"x")).unwrap();
+        }
+        let mut lent = Vec::new();
+        for _ in 0..100 {
+            settle(&mut a, &mut b);
+            while let Some(Ok(m)) = b.conn.poll_recv() {
+                if let Incoming::Lent { idx, buf, .. } = m {
+                    lent.push((idx, buf));
+                }
+            }
+        }
+        assert_eq!(lent.len(), 8, "depth 16: 8 lent");
+        assert_eq!(b.conn.posted_receives(), 8);
+        assert!(!b.conn.returns_urgent(), "8 of 16 posted: a quarter is 4");
+        // Four more, copied: their buffers are posted again with the next drive.
+        for _ in 0..4 {
+            a.conn.queue_send(Bytes::from_static(b"y")).unwrap();
+        }
+        settle(&mut a, &mut b);
+        while let Some(Ok(_)) = b.conn.poll_recv() {}
+        settle(&mut a, &mut b);
+        assert!(!b.conn.returns_urgent());
+        // Consumed and not re-posted (the receive budget holds them back): the peer
+        // can see only a few receives now.
+        b.conn.lim.recv_budget = 0;
+        for _ in 0..5 {
+            a.conn.queue_send(Bytes::from_static(b"z")).unwrap();
+        }
+        settle(&mut a, &mut b);
+        assert!(b.conn.posted_receives() <= 4, "{}", b.conn.posted_receives());
+        assert!(b.conn.returns_urgent());
+        // Back under the budget and every buffer returned: posted again, not urgent.
+        b.conn.lim.recv_budget = usize::MAX;
+        while let Some(Ok(_)) = b.conn.poll_recv() {}
+        for (idx, buf) in lent {
+            b.conn.buffer_returned(idx, buf);
+        }
+        settle(&mut a, &mut b);
+        assert_eq!(b.conn.posted_receives(), 16);
+        assert!(!b.conn.returns_urgent());
     }
 
     #[test]

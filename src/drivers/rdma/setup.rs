@@ -104,6 +104,7 @@ impl RdmaTransport {
             conn: Mutex::new(setup.core),
             returns: Mutex::new(Vec::new()),
             has_returns: AtomicBool::new(false),
+            returns_urgent: AtomicBool::new(true),
             inline: AtomicUsize::new(0),
             reactor,
             member: AtomicUsize::new(usize::MAX),

@@ -558,6 +558,14 @@ impl Sim {
         for i in 0..2 {
             let lim = &self.lim[i];
             let bound = lim.recv_budget + lim.depth as usize * lim.chunk + lim.max_message_size;
+            let conn = &self.sides[i].conn;
+            if conn.posted_receives() != conn.posted_by_scan() {
+                self.fail(&format!(
+                    "side {i}: {} receives counted as posted, {} posted",
+                    conn.posted_receives(),
+                    conn.posted_by_scan()
+                ));
+            }
             let unread = self.sides[i].conn.unread();
             if unread > bound {
                 self.fail(&format!(

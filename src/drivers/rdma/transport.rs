@@ -12,9 +12,13 @@
 //! `conn` is let go: posts leave in the order the core made them, receives before the
 //! SENDs whose credits announce them. Lock order: CQ, then `conn`, then QP; `returns`
 //! is a leaf. No verbs call happens under `conn`, and none from a `Drop` on an arbitrary
-//! thread: a dropped received message only puts its buffer on `returns` and, if the
-//! device thread sleeps, rings its doorbell; the next holder of `conn` (that thread, or
-//! any operation) takes the buffer in and posts it.
+//! thread: a dropped received message only puts its buffer on `returns`; the next
+//! holder of `conn` (the device thread, or any operation) takes the buffer in and posts
+//! it. Only when the peer may run short of credits (the core's `returns_urgent`: the
+//! receives it knows of are down to a quarter of the depth) does the drop also ring the
+//! sleeping device thread's doorbell; otherwise the next `recv`, `send` or completion
+//! takes it, and a stream of dropped messages costs no system call or thread wake-up
+//! each.
 //!
 //! # Completions
 //! The device's poller thread (`DeviceReactor`) polls this connection's CQ and hands
@@ -121,6 +125,8 @@ pub(super) struct Shared {
     /// Lent receive buffers given back by dropped messages (a leaf lock).
     pub(super) returns: Mutex<Vec<(u32, SlabBuf)>>,
     pub(super) has_returns: AtomicBool,
+    /// The core's `returns_urgent()` as of the last drive.
+    pub(super) returns_urgent: AtomicBool,
     /// Tasks busy-polling the CQ now (latency mode). While there are any, the device
     /// thread does not arm this CQ.
     pub(super) inline: AtomicUsize,
@@ -193,7 +199,11 @@ impl GiveBack for Shared {
     fn give_back(&self, idx: usize, buf: SlabBuf) {
         lock(&self.returns).push((idx as u32, buf));
         self.has_returns.store(true, Ordering::SeqCst);
-        self.reactor.wake();
+        // Only when the peer may run short of credits: otherwise the next drive (a
+        // `recv`, a `send`, the completion of the peer's next message) takes it.
+        if self.returns_urgent.load(Ordering::SeqCst) {
+            self.reactor.wake();
+        }
     }
 }
 
@@ -278,6 +288,8 @@ impl Shared {
             &mut sends,
         );
         let mut changed = conn.take_changed();
+        self.returns_urgent
+            .store(conn.returns_urgent(), Ordering::SeqCst);
         if recvs.is_empty() && sends.is_empty() {
             drop(conn);
         } else {

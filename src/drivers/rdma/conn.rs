@@ -1162,7 +1162,10 @@ mod tests {
     fn given_back_buffers_are_urgent_only_when_the_peer_may_run_short_of_credits() {
         let (mut a, mut b) = (end(lim(16, 64)), end(lim(16, 64)));
         settle(&mut a, &mut b);
-        assert!(!b.conn.returns_urgent(), "16 posted, the peer knows of them");
+        assert!(
+            !b.conn.returns_urgent(),
+            "16 posted, the peer knows of them"
+        );
         // The application holds what it gets: every lent buffer is a receive fewer.
         for _ in 0..8 {
             a.conn.queue_send(Bytes::from_static(b"x")).unwrap();
@@ -1194,7 +1197,11 @@ mod tests {
             a.conn.queue_send(Bytes::from_static(b"z")).unwrap();
         }
         settle(&mut a, &mut b);
-        assert!(b.conn.posted_receives() <= 4, "{}", b.conn.posted_receives());
+        assert!(
+            b.conn.posted_receives() <= 4,
+            "{}",
+            b.conn.posted_receives()
+        );
         assert!(b.conn.returns_urgent());
         // Back under the budget and every buffer returned: posted again, not urgent.
         b.conn.lim.recv_budget = usize::MAX;

@@ -322,6 +322,18 @@ fn run_tcp(args: &Args) {
                 verdict(r >= 0.9)
             );
         }
+        if let (Some(n), Some(w)) = (send(64, netrs), send(64, "raw shared")) {
+            println!(
+                "  64 B send msg/s, net-rs ({flavour}) / raw shared (Mutex<BufWriter>, Bytes): {:.2}x",
+                n / w
+            );
+        }
+    }
+    if let (Some(w), Some(s)) = (send(64, "raw std"), send(64, "raw shared")) {
+        println!(
+            "  64 B send msg/s, raw shared / raw std: {:.2}x (the cost of a shareable send taking Bytes)",
+            s / w
+        );
     }
     if let (Some(n), Some(w)) = (send(1 << 20, "net-rs"), send(1 << 20, "raw std")) {
         let r = n / w;

@@ -54,7 +54,7 @@ impl Contender for Raw {
     }
 
     fn senders(&self) -> Vec<Box<dyn Sender>> {
-        vec![Box::new(Raw)]
+        vec![Box::new(Raw), Box::new(Shared)]
     }
 
     fn stream_from(&self, addr: SocketAddr, size: usize) {
@@ -69,6 +69,39 @@ impl Sender for Raw {
 
     fn stream_to(&self, addr: SocketAddr, msg: &Bytes, dur: Duration) -> (u64, Duration) {
         send_stream(TcpStream::connect(addr).unwrap(), msg, dur)
+    }
+}
+
+/// `raw shared`: [`Raw`]'s sender with the shape of a `send(&self, Bytes)`: the
+/// `BufWriter` behind a `Mutex` (so any thread may send on it) and each message handed
+/// over as a `Bytes` by value (the caller's clone, dropped once copied). What the rows
+/// differ by is the least any shareable send taking `Bytes` pays per message (a lock,
+/// an unlock, a reference count up and down), with no queue, task or runtime.
+pub struct Shared;
+
+impl Sender for Shared {
+    fn name(&self) -> &'static str {
+        "raw shared"
+    }
+
+    fn stream_to(&self, addr: SocketAddr, msg: &Bytes, dur: Duration) -> (u64, Duration) {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let w = std::sync::Mutex::new(BufWriter::with_capacity(64 << 10, s));
+        let send = |m: Bytes| write_frame(&mut *w.lock().unwrap(), &m);
+        let t0 = Instant::now();
+        let sent = stream_until(t0 + dur, || {
+            send(std::hint::black_box(msg.clone())).unwrap()
+        });
+        let mut w = w.into_inner().unwrap();
+        write_frame(&mut w, &[]).unwrap();
+        w.flush().unwrap();
+        let mut buf = Vec::new();
+        read_frame(&mut r, &mut buf).unwrap();
+        let got = decode_count(&buf);
+        assert_eq!(got, sent, "receiver counted every message");
+        (got, t0.elapsed())
     }
 }
 

@@ -3,6 +3,8 @@
 //! * Receiving: a [`Lease`] lends a receive buffer to the application as the owner of
 //!   a `Bytes`; when the last `Bytes` of it drops, the buffer goes back to its
 //!   connection to be posted again.
+//! * The core's view of both: a [`RecvSlot`] is a receive buffer as the connection
+//!   core holds it, and [`SlabStager`] stages the core's fragments with [`stage`].
 //! * Sending: [`stage`] names a fragment's memory for a work request: in place if it
 //!   lies in one of the connection's registered slabs (no copy, no registration), else
 //!   copied into a registered bounce slot. Either way it returns what must stay alive
@@ -12,6 +14,7 @@ use std::sync::Weak;
 
 use bytes::Bytes;
 
+use super::conn::{self, RecvBuf, Sge, Stager};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mem::{Slab, SlabBuf};
 use crate::reactor::Keep;
@@ -98,4 +101,45 @@ pub(crate) fn stage(frag: Bytes, registered: &[&Slab], bounce: &Slab) -> Result<
         addr,
         zero_copy: false,
     })
+}
+
+/// A registered receive buffer, as the core holds it.
+pub(super) struct RecvSlot(pub(super) SlabBuf);
+
+impl RecvBuf for RecvSlot {
+    fn bytes(&self) -> impl std::ops::Deref<Target = [u8]> + '_ {
+        self.0.as_ref()
+    }
+    fn sge(&self) -> Sge {
+        let b = self.0.as_ref();
+        Sge {
+            addr: b.as_ptr() as u64,
+            len: b.len() as u32,
+            lkey: self.0.key(),
+        }
+    }
+}
+
+/// Stages fragments in place (this connection's registered memory) or in a bounce
+/// slot.
+pub(super) struct SlabStager<'a> {
+    pub(super) app: &'a Slab,
+    pub(super) slab: &'a Slab,
+}
+
+impl Stager for SlabStager<'_> {
+    type Keep = Keep;
+    fn stage(&mut self, frag: Bytes) -> Result<conn::Staged<Keep>> {
+        let len = frag.len() as u32;
+        let s = stage(frag, &[self.app, self.slab], self.slab)?;
+        Ok(conn::Staged {
+            keep: s.keep,
+            sge: Sge {
+                addr: s.addr,
+                len,
+                lkey: s.lkey,
+            },
+            zero_copy: s.zero_copy,
+        })
+    }
 }

@@ -17,6 +17,8 @@
 //! * [`poller`]: a completion queue as the reactor's completion source.
 //! * `device`: one completion poller thread per device, driving the CQs of all its
 //!   connections.
+//! * `inspect`: what a transport says about itself (registrations, zero-copy counts,
+//!   credits, queues) and the test hooks.
 //! * `events`: RDMA-CM events after setup (peer disconnected or dead) routed to the
 //!   connection they concern.
 //! * `wire`: everything on the wire or in a `wr_id`, typed: the immediate data, the
@@ -41,6 +43,8 @@ pub mod context;
 mod device;
 #[cfg(feature = "rdma")]
 mod events;
+#[cfg(feature = "rdma")]
+mod inspect;
 #[cfg(feature = "rdma")]
 pub mod poller;
 #[cfg(feature = "rdma")]

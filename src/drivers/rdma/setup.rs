@@ -10,13 +10,14 @@ use std::time::Duration;
 use event_listener::Event;
 use sideway::ibverbs::queue_pair::BasicQueuePair;
 
+use super::buffer::RecvSlot;
 use super::cm::CmListener;
 use super::config::{RdmaConfig, APP_MAX, APP_REGION, CQ_ENTRIES, QUEUE_DEPTH};
 use super::conn::{Connection, Limits};
 use super::context::RdmaContext;
 use super::device::{DeviceReactor, Member};
 use super::poller::CqSource;
-use super::transport::{lock, post, Cq, RdmaTransport, RecvSlot, Shared, CORK_IN_FLIGHT};
+use super::transport::{lock, post, Cq, RdmaTransport, Shared, CORK_IN_FLIGHT};
 use crate::error::{Error, ErrorKind, Result};
 use crate::linger::{self, Deliver};
 use crate::mem::Slab;

@@ -275,6 +275,13 @@ pub(crate) struct PooledVec {
     pool: Weak<HeapInner>,
 }
 
+impl PooledVec {
+    /// Give the memory back to the allocator, not to the pool.
+    pub(crate) fn free(mut self) {
+        self.pool = Weak::new();
+    }
+}
+
 impl AsRef<[u8]> for PooledVec {
     fn as_ref(&self) -> &[u8] {
         &self.vec[..self.len]

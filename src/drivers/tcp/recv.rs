@@ -107,8 +107,11 @@ impl Large {
             .take_cached(self.len)
             .unwrap_or_else(|| Self::take(self.len, self.filled.saturating_mul(2), pool));
         next.as_mut()[..self.filled].copy_from_slice(&self.buf.as_ref()[..self.filled]);
-        // The old buffer goes back to the pool.
-        self.buf = next;
+        // The outgrown buffer goes back to the allocator, not to the pool: kept, the
+        // steps of one growing frame (4 KiB, 8 KiB, ... half its size) would add about
+        // as much again as what arrived, for sizes no later frame takes (a frame
+        // takes an idle buffer of its full size from the pool, see `start`).
+        std::mem::replace(&mut self.buf, next).free();
     }
 
     /// Where the next read goes: the free part of the buffer (never past the frame).

@@ -46,6 +46,7 @@ pub mod prelude;
 pub mod reactor;
 pub mod runtime;
 mod sync;
+mod time;
 pub mod transport;
 
 pub use error::{Error, ErrorKind, Result};

@@ -86,7 +86,7 @@ pub(crate) fn register(conn: Weak<dyn Deliver>) -> Registration {
 /// The connection's writer task is gone: deliver what is left from the linger thread,
 /// for up to its linger time from now.
 pub(crate) fn adopt(conn: Arc<dyn Deliver>) {
-    let deadline = Instant::now() + conn.linger();
+    let deadline = crate::time::deadline(Instant::now(), conn.linger());
     let start = {
         let mut reg = registry();
         reg.orphans.push((conn, deadline));
@@ -183,7 +183,7 @@ fn deliver_at_exit() {
             .chain(reg.orphans.iter().map(|(c, _)| c.clone()))
             .map(|c| {
                 let linger = c.linger();
-                (c, start + linger)
+                (c, crate::time::deadline(start, linger))
             })
             .collect()
     };

@@ -376,7 +376,7 @@ impl<C: Connector> ConnectionPool<C> {
     pub async fn get(&self) -> Result<PooledConnection<C>> {
         let inner = &*self.inner;
         inner.check_running()?;
-        let deadline = inner.rt.now() + inner.config.checkout_timeout;
+        let deadline = crate::time::deadline(inner.rt.now(), inner.config.checkout_timeout);
         let mut ticket = Ticket {
             inner,
             id: inner.lock().join(),

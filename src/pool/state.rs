@@ -281,7 +281,10 @@ impl<T> PoolState<T> {
         self.last_error = Some(err);
         self.retry_at = match self.limits.policy.backoff {
             Backoff::None => None,
-            _ => Some(now + self.limits.policy.delay(self.failures, &mut self.rng)),
+            _ => Some(crate::time::deadline(
+                now,
+                self.limits.policy.delay(self.failures, &mut self.rng),
+            )),
         };
     }
 

@@ -153,7 +153,7 @@ where
                 std::hint::spin_loop();
                 continue;
             }
-            if idle < cfg.spin + cfg.yield_window {
+            if idle < cfg.spin.saturating_add(cfg.yield_window) {
                 std::thread::yield_now();
                 continue;
             }

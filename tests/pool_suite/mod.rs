@@ -1086,6 +1086,62 @@ pub async fn a_connect_cut_short_by_the_checkout_timeout_does_not_mark_the_serve
     server.kill();
 }
 
+/// `Duration::MAX` is a natural way to say "no limit": every duration setting of the
+/// pool (and of its TCP connections) takes it without a panic, and the pool works.
+/// Checkout timeout, connect timeout, request timeout, idle timeout, lifetime, reaper
+/// interval, all at once, against a working server; then a fixed back-off of
+/// `Duration::MAX` against a server that is down (a failed connect, the next checkout
+/// while backing off for good).
+pub async fn no_limit_durations_neither_panic_nor_hang(rt: Arc<dyn Runtime>) {
+    let server = EchoServer::start(free_port());
+    let tcp = TcpConfig::default()
+        .runtime(rt.clone())
+        .linger(Duration::MAX)
+        .connect_timeout(Some(Duration::MAX));
+    let p = ConnectionPool::new(
+        TcpConnector::with_config(server.addr, tcp),
+        PoolConfig::default()
+            .checkout_timeout(Duration::MAX)
+            .connect_timeout(Duration::MAX)
+            .request_timeout(Some(Duration::MAX))
+            .idle_timeout(Some(Duration::MAX))
+            .max_lifetime(Some(Duration::MAX))
+            .reaper_interval(Duration::MAX)
+            .reconnect(ReconnectPolicy::exponential(Duration::MAX, Duration::MAX))
+            .runtime(rt.clone()),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let reply = deadline(&rt, p.request(Bytes::from_static(b"hi")))
+            .await
+            .unwrap();
+        assert_eq!(&reply[..], b"hi");
+        let c = deadline(&rt, p.get()).await.unwrap();
+        deadline(&rt, roundtrip(c.get_ref(), b"again"))
+            .await
+            .unwrap();
+    }
+    deadline(&rt, p.close()).await;
+    server.kill();
+
+    let down = free_port();
+    let p = pool(
+        &rt,
+        down,
+        PoolConfig::default()
+            .checkout_timeout(Duration::from_millis(500))
+            .reconnect(ReconnectPolicy::fixed(Duration::MAX)),
+    );
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        assert!(deadline(&rt, p.get()).await.is_err());
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "not bounded by the checkout timeout"
+        );
+    }
+}
+
 #[macro_export]
 macro_rules! pool_suite {
     ($run:path) => {
@@ -1099,7 +1155,8 @@ macro_rules! pool_suite {
             request_discards_a_connection_whose_exchange_did_not_complete
             runtime_timeout_works_on_every_runtime a_permanent_connect_error_fails_at_once
             tcp_connector_takes_host_names_and_status_displays
-            a_connect_cut_short_by_the_checkout_timeout_does_not_mark_the_server_down);
+            a_connect_cut_short_by_the_checkout_timeout_does_not_mark_the_server_down
+            no_limit_durations_neither_panic_nor_hang);
         #[cfg(feature = "tokio")]
         $crate::pool_suite!(@each $run; a_pool_that_outlives_its_runtime_fails_cleanly);
     };

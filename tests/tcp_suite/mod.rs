@@ -313,6 +313,38 @@ pub async fn orderly_shutdown_delivers_everything(rt: Arc<dyn Runtime>) {
     assert_eq!(&deadline(&rt, c.recv()).await.unwrap()[..], b"late");
 }
 
+/// `Duration::MAX` is a natural way to say "no limit": a connection whose linger and
+/// connect timeout are `Duration::MAX` works, closes, and lets go when dropped (with
+/// messages still to deliver), without a panic; everything sent arrives.
+pub async fn no_limit_durations_neither_panic_nor_hang(rt: Arc<dyn Runtime>) {
+    let cfg = config(&rt)
+        .linger(Duration::MAX)
+        .connect_timeout(Some(Duration::MAX));
+    // `close`.
+    let (c, s) = pair(&cfg).await;
+    c.send(pattern(1000, 1)).await.unwrap();
+    deadline(&rt, c.close()).await.unwrap();
+    assert_eq!(deadline(&rt, s.recv()).await.unwrap(), pattern(1000, 1));
+    assert_eq!(
+        deadline(&rt, s.recv()).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    // The last handle dropped with a message larger than the socket takes at once.
+    let (c, s) = pair(&cfg).await;
+    c.send(pattern(4 << 20, 2)).await.unwrap();
+    drop(c);
+    assert_eq!(deadline(&rt, s.recv()).await.unwrap(), pattern(4 << 20, 2));
+    assert_eq!(
+        deadline(&rt, s.recv()).await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    // Both ends at once.
+    let (c, s) = pair(&cfg).await;
+    c.send(pattern(10, 3)).await.unwrap();
+    assert_eq!(deadline(&rt, s.recv()).await.unwrap(), pattern(10, 3));
+    drop((c, s));
+}
+
 pub async fn recv_is_cancel_safe(rt: Arc<dyn Runtime>) {
     let (c, s) = pair(&config(&rt)).await;
     const N: u32 = 200;
@@ -1266,7 +1298,8 @@ macro_rules! tcp_suite {
             echo_all_sizes latency_mode_keeps_every_guarantee seed_example_alloc_buf many_small_messages_in_order
             oversized_send_fails_before_writing oversized_frame_is_rejected_and_closes
             garbage_length_prefix_is_rejected truncated_frame_gives_unexpected_eof
-            orderly_shutdown_delivers_everything recv_is_cancel_safe
+            orderly_shutdown_delivers_everything no_limit_durations_neither_panic_nor_hang
+            recv_is_cancel_safe
             concurrent_receivers_share_the_stream dropped_send_sends_nothing
             send_and_recv_from_different_tasks close_fails_pending_recv
             dead_peer_fails_pending_operations connection_refused bind_error_names_the_address stream_and_sink

@@ -259,7 +259,7 @@ pub(crate) fn connect_qp_with(
     make_cq: impl FnOnce(&RdmaContext) -> Result<CqSource>,
     before_connect: impl FnOnce(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
 ) -> Result<CmConnection> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::time::deadline(Instant::now(), timeout);
     let ch = channel()?;
     let id = ch
         .create_id(PortSpace::Tcp)
@@ -402,7 +402,7 @@ impl CmListener {
         make_cq: impl FnOnce(&RdmaContext) -> Result<CqSource>,
         before_accept: impl FnOnce(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
     ) -> Result<CmConnection> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::time::deadline(Instant::now(), timeout);
         let what = "RDMA accept";
         let id = self.requests.recv_timeout(timeout).map_err(|e| match e {
             crossbeam_channel::RecvTimeoutError::Timeout => Error::new(

@@ -348,7 +348,8 @@ impl Shared {
                 return v;
             }
             if let Some(window) = self.cfg.busy_poll {
-                let until = Instant::now() + window;
+                let start = Instant::now();
+                let until = crate::time::deadline(start, window);
                 self.inline.fetch_add(1, Ordering::AcqRel);
                 let found = loop {
                     self.poll_inline();
@@ -359,7 +360,7 @@ impl Shared {
                     if now >= until {
                         break None;
                     }
-                    crate::runtime::spin_or_yield(now + window - until);
+                    crate::runtime::spin_or_yield(now - start);
                 };
                 if self.inline.fetch_sub(1, Ordering::AcqRel) == 1 && found.is_none() {
                     // The last busy poller goes to sleep: arm the CQ so the poller thread
@@ -498,7 +499,11 @@ impl Drop for RdmaTransport {
             s.reactor.remove(id);
         } else {
             let member: Arc<dyn Member> = s.clone();
-            s.reactor.linger(member, id, Instant::now() + s.cfg.linger);
+            s.reactor.linger(
+                member,
+                id,
+                crate::time::deadline(Instant::now(), s.cfg.linger),
+            );
         }
     }
 }

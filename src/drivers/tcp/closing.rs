@@ -81,7 +81,7 @@ impl Closing {
                 scratch: vec![0u8; 16 * 1024],
             }),
             send,
-            deadline: now + linger,
+            deadline: crate::time::deadline(now, linger),
             quiet: QUIET.min(linger),
             registration: Mutex::new(None),
         });

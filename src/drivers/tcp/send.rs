@@ -713,7 +713,7 @@ impl SendSide {
     /// The linger time left for an abandoned connection, measured from `now`.
     fn linger_left(&self, st: &SendState, now: Instant) -> Option<Duration> {
         st.abandoned
-            .map(|since| (since + self.linger).saturating_duration_since(now))
+            .map(|since| crate::time::deadline(since, self.linger).saturating_duration_since(now))
     }
 }
 

@@ -423,3 +423,39 @@ fn a_timer_fired_by_shutdown_is_not_the_linger_time_running_out() {
         "everything accepted arrives"
     );
 }
+
+/// A transport dropped (or shut down) on a runtime that then sits idle, its thread
+/// blocked on something else (a blocking wrapper around an async client, say): the
+/// peer still sees the stream end at once, as it would for a dropped socket, with
+/// everything sent before it. The messages here fit the socket; bytes it cannot take
+/// at once need the runtime to run again (or to shut down: the linger thread takes
+/// over, see `queued_messages_are_delivered_after_the_runtime_is_dropped`).
+#[test]
+fn the_stream_ends_when_the_last_handle_is_dropped_on_an_idle_runtime() {
+    for multi in [false, true] {
+        for shutdown_first in [false, true] {
+            let (addr, counted) = peer();
+            let rt = tokio_rt(multi);
+            rt.block_on(async {
+                let t = TcpTransport::connect(addr).await.unwrap();
+                t.send(Bytes::from_static(b"hello")).await.unwrap();
+                assert_eq!(&t.recv().await.unwrap()[..], b"hello");
+                t.send(Bytes::from(vec![7u8; 32 << 10])).await.unwrap();
+                t.send(Bytes::from_static(b"last")).await.unwrap();
+                if shutdown_first {
+                    // Not awaited: the caller gives up on it at once.
+                    drop(t.shutdown());
+                }
+                drop(t);
+            });
+            // The runtime is alive and idle while the peer waits for the end.
+            assert_eq!(
+                counted.recv_timeout(Duration::from_secs(10)),
+                Ok(4 + (32 << 10) + 4 + 4),
+                "multi-thread {multi}, shutdown first {shutdown_first}: the peer \
+                 saw every byte and the end while the runtime sat idle"
+            );
+            drop(rt);
+        }
+    }
+}

@@ -614,23 +614,32 @@ impl SendSide {
         st.shutdown || st.error.is_some()
     }
 
-    /// Change the flags, then make sure the owner of the socket acts on them: an idle
-    /// connection is handed to the writer task (or the linger thread).
+    /// Change the flags, then make sure the owner of the socket acts on them. The
+    /// caller acts at once, as an inline `send` would: on an idle connection it takes
+    /// the socket; while the writer task owns it, it helps (`help_write`: only if
+    /// nobody is writing right now). What the socket takes without blocking is written
+    /// and FIN follows, so a transport shut down or dropped on a thread whose runtime
+    /// then sits idle still ends its stream (the peer sees the end at once, as with a
+    /// dropped socket). What the socket does not take is left to the writer task (or
+    /// the linger thread).
     fn update(&self, f: impl FnOnce(&mut SendState)) {
         let mut st = lock(&self.state);
         f(&mut st);
         let mut writer = None;
         let mut adopt = false;
+        let mut inline = false;
+        let mut help = false;
         if st.owner == Owner::Idle && st.has_work() && !st.finished {
             if st.task_gone {
                 st.owner = Owner::Linger;
                 adopt = true;
             } else {
-                st.owner = Owner::Task;
-                writer = st.parked.take();
+                st.owner = Owner::Inline;
+                inline = true;
             }
         } else if st.owner == Owner::Task {
             writer = st.parked.take();
+            help = !st.finished;
         }
         drop(st);
         if let Some(w) = writer {
@@ -641,6 +650,31 @@ impl SendSide {
         }
         self.space.notify(usize::MAX);
         self.progress.notify(usize::MAX);
+        if inline {
+            self.write_inline_all();
+        } else if help {
+            self.help_write();
+        }
+    }
+
+    /// The caller owns the socket (`Inline`): write what is queued and FIN if shut
+    /// down, without blocking; what is left passes on as after an inline `send`.
+    fn write_inline_all(&self) {
+        let mut pen = lock_pen(&self.pen);
+        match self.drain(&mut pen, &mut Io::Now) {
+            Poll::Ready(Drained::Finished) => {
+                drop(pen);
+                self.finish();
+            }
+            Poll::Ready(Drained::Stop(r)) => {
+                drop(pen);
+                self.stop(r);
+            }
+            Poll::Ready(Drained::Empty) | Poll::Pending => {
+                drop(pen);
+                self.release_inline();
+            }
+        }
     }
 
     /// Writing ended normally: FIN was sent after everything queued.
@@ -1100,6 +1134,62 @@ mod loom_model {
                 "a sender's frames in order: {got:?}"
             );
             pos(b"b1");
+        });
+    }
+
+    /// A shutdown (as `shutdown()` or the last handle's drop makes) racing a sender:
+    /// the shutting-down thread acts on the socket itself when it can (inline, or
+    /// helping the writer task). Every frame `send` accepted is written once, FIN
+    /// follows them, and nothing waits forever.
+    #[test]
+    fn loom_a_shutdown_racing_sends_ends_after_every_accepted_frame() {
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(2);
+        model.check(|| {
+            let out = Arc::new(loom::sync::Mutex::new(Vec::new()));
+            let fin = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+            let sock = FakeSocket {
+                out: out.clone(),
+                fin: fin.clone(),
+                calls: AtomicUsize::new(0),
+            };
+            let side = SendSide::new(
+                1 << 20,
+                Duration::from_secs(1),
+                Duration::ZERO,
+                Box::new(sock),
+            );
+            let w = {
+                let side = side.clone();
+                loom::thread::spawn(move || {
+                    loom::future::block_on(writer(side, Arc::new(NoRuntime)))
+                })
+            };
+            let a = {
+                let side = side.clone();
+                loom::thread::spawn(move || {
+                    let mut accepted = Vec::new();
+                    for m in [&b"a1"[..], &b"a2"[..]] {
+                        let header = encode_header(m.len(), 1 << 20);
+                        if loom::future::block_on(side.send(header, Bytes::from_static(m))).is_ok()
+                        {
+                            accepted.push(m.to_vec());
+                        }
+                    }
+                    accepted
+                })
+            };
+            side.shutdown();
+            let accepted = a.join().unwrap();
+            let mut listener = None;
+            loom::future::block_on(futures::future::poll_fn(|cx| {
+                side.poll_finished(cx, &mut listener)
+            }))
+            .unwrap();
+            w.join().unwrap();
+            assert!(fin.load(Ordering::SeqCst), "FIN after the last frame");
+            let got = frames(&out.lock().unwrap());
+            assert_eq!(got, accepted, "every accepted frame once, in order");
         });
     }
 }

@@ -217,3 +217,56 @@ fn the_connection_pool_serves_rdma_connections() {
     });
     assert_eq!(server.join().expect("server thread"), 3);
 }
+
+/// `Duration::MAX` as "no limit" on every duration an RDMA user sets (connect and
+/// accept timeouts, `RdmaConfig::linger`, the poller's sleep): no panic, and a message
+/// sent right before the last handle is dropped still arrives (the lingering path).
+#[test]
+fn no_limit_durations_neither_panic_nor_hang() {
+    use net_rs::drivers::rdma::transport::RdmaConfig;
+    use net_rs::reactor::PollerConfig;
+    let Some(ip) = device_ip() else { return };
+    let addr = SocketAddr::new(ip, 18606);
+    let cfg = RdmaConfig {
+        linger: Duration::MAX,
+        poller: PollerConfig {
+            park_timeout: Duration::MAX,
+            ..PollerConfig::default()
+        },
+        ..RdmaConfig::default()
+    };
+    let listener = cm::listen(addr).unwrap().with_config(cfg.clone());
+    let server = std::thread::spawn(move || {
+        futures::executor::block_on(async move {
+            let t = listener.accept(Duration::MAX).await.unwrap();
+            let mut got = Vec::new();
+            loop {
+                match t.recv().await {
+                    Ok(m) => got.push(m),
+                    Err(e) => {
+                        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+                        break;
+                    }
+                }
+            }
+            got
+        })
+    });
+    futures::executor::block_on(async {
+        let t = net_rs::drivers::rdma::connect_with(addr, Duration::MAX, cfg)
+            .await
+            .unwrap();
+        t.send(pattern(100, 1)).await.unwrap();
+        t.send(pattern(1 << 20, 2)).await.unwrap();
+        drop(t);
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(server.join());
+    });
+    let got = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server saw the end within 60 s")
+        .expect("server thread");
+    assert_eq!(got, vec![pattern(100, 1), pattern(1 << 20, 2)]);
+}

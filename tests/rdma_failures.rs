@@ -402,3 +402,79 @@ fn long_one_way_flood_has_no_rnr_and_constant_registrations() {
     assert_eq!(rnr, 0, "receiver-not-ready events during the flood");
     assert_eq!(regs.0, regs.1, "registrations grew during the flood");
 }
+
+/// `close` against a peer that stops reading (its application holds the connection and
+/// never calls `recv`, so no credits come back) is bounded by `RdmaConfig::linger`: it
+/// fails with `TimedOut` after about that long, a `recv` waiting on another thread ends,
+/// and later `flush`, `shutdown` and `close` return at once with an error.
+#[test]
+fn close_is_bounded_by_linger_against_a_peer_that_does_not_read() {
+    use net_rs::drivers::rdma::transport::RdmaConfig;
+    use std::sync::Arc;
+    use std::time::Instant;
+    let Some(ip) = device_ip() else { return };
+    let addr = SocketAddr::new(ip, 18640);
+    let listener = cm::listen(addr).unwrap();
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        // Accept and hold the connection without reading, until told to stop.
+        let t = block_on(listener.accept(Duration::from_secs(30))).unwrap();
+        let _ = stop_rx.recv_timeout(Duration::from_secs(60));
+        drop(t);
+    });
+    let cfg = RdmaConfig {
+        linger: Duration::from_secs(1),
+        send_buffer: 1 << 20,
+        ..RdmaConfig::default()
+    };
+    let t = Arc::new(block_on(cm::connect_with(addr, Duration::from_secs(10), cfg)).unwrap());
+    // Send until `send` has to wait: the peer's credits and our queue are used up.
+    let msg = Bytes::from(vec![5u8; 64 << 10]);
+    let mut accepted = 0;
+    loop {
+        let sent = block_on(futures::future::select(
+            Box::pin(t.send(msg.clone())),
+            timer(Duration::from_millis(500)),
+        ));
+        match sent {
+            futures::future::Either::Left((r, _)) => {
+                r.unwrap();
+                accepted += 1;
+                assert!(accepted < 10_000, "send never waited");
+            }
+            futures::future::Either::Right(_) => break,
+        }
+    }
+    let pending_recv = {
+        let t = t.clone();
+        std::thread::spawn(move || block_on(t.recv()).map(|m| m.len()))
+    };
+    let t0 = Instant::now();
+    let t1 = t.clone();
+    let err = within(30, "close against a peer that does not read", move || {
+        block_on(t1.close()).unwrap_err()
+    });
+    let took = t0.elapsed();
+    assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(15),
+        "close took {took:?} with a linger of 1 s"
+    );
+    let recv = within(10, "a recv pending during the close", move || {
+        pending_recv.join().unwrap()
+    });
+    assert!(recv.is_err(), "{recv:?}");
+    let t2 = t.clone();
+    within(
+        10,
+        "flush, shutdown and close after the timeout",
+        move || {
+            assert!(block_on(t2.flush()).is_err());
+            assert!(block_on(t2.shutdown()).is_err());
+            assert!(block_on(t2.close()).is_err());
+        },
+    );
+    drop(t);
+    let _ = stop_tx.send(());
+    server.join().unwrap();
+}

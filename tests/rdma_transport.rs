@@ -270,3 +270,38 @@ fn no_limit_durations_neither_panic_nor_hang() {
         .expect("server thread");
     assert_eq!(got, vec![pattern(100, 1), pattern(1 << 20, 2)]);
 }
+
+/// A receive buffer size no connection can register is refused with a clear error
+/// before anything is set up: no panic, no abort (the process lives on to connect
+/// with a sane setting).
+#[test]
+fn an_impossible_chunk_is_an_error_not_a_crash() {
+    use net_rs::drivers::rdma::transport::RdmaConfig;
+    let Some(ip) = device_ip() else { return };
+    let addr = SocketAddr::new(ip, 18607);
+    let server = echo_server(addr);
+    for chunk in [usize::MAX, u32::MAX as usize, (1 << 20) + 1] {
+        let cfg = RdmaConfig {
+            chunk,
+            ..RdmaConfig::default()
+        };
+        let err = futures::executor::block_on(net_rs::drivers::rdma::connect_with(
+            addr,
+            Duration::from_secs(10),
+            cfg,
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::Io(std::io::ErrorKind::InvalidInput),
+            "chunk {chunk}: {err}"
+        );
+    }
+    futures::executor::block_on(async {
+        let t = cm::connect(addr, Duration::from_secs(10)).await.unwrap();
+        t.send(pattern(10, 1)).await.unwrap();
+        assert_eq!(t.recv().await.unwrap(), pattern(10, 1));
+        t.close().await.unwrap();
+    });
+    assert_eq!(server.join().unwrap(), 1);
+}

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use super::wire::Hello;
+use crate::error::{Error, ErrorKind, Result};
 use crate::reactor::PollerConfig;
 
 /// Work requests each queue's side may have outstanding.
@@ -17,6 +18,11 @@ pub const CQ_ENTRIES: u32 = 2 * QUEUE_DEPTH + 16;
 
 /// Smallest receive buffer (a hello must fit).
 const MIN_CHUNK: usize = Hello::MIN_CHUNK as usize;
+
+/// Largest receive buffer (fragment) size: 1 MiB. A connection registers `depth` of
+/// them (512 MiB at the default depth), so larger ones are refused with an error
+/// rather than attempted.
+pub const MAX_CHUNK: usize = 1 << 20;
 
 /// Largest `alloc_buf` served from registered memory; larger buffers come from the
 /// heap (and are copied when sent).
@@ -61,10 +67,24 @@ pub struct RdmaConfig {
 impl RdmaConfig {
     /// Raise `chunk` to at least 64 bytes and keep `depth` within 3 ..= 512 (the
     /// receive queue's size).
-    pub(crate) fn normalized(mut self) -> Self {
+    ///
+    /// # Errors
+    /// `Io(InvalidInput)` for a `chunk` over [`MAX_CHUNK`], before anything is
+    /// allocated or registered.
+    pub(crate) fn normalized(mut self) -> Result<Self> {
+        if self.chunk > MAX_CHUNK {
+            return Err(Error::new(
+                ErrorKind::Io(std::io::ErrorKind::InvalidInput),
+                format!(
+                    "RdmaConfig::chunk of {} bytes: at most {MAX_CHUNK} (the connection \
+                     registers `depth` receive buffers of that size)",
+                    self.chunk
+                ),
+            ));
+        }
         self.chunk = self.chunk.max(MIN_CHUNK);
         self.depth = self.depth.clamp(Hello::MIN_DEPTH, QUEUE_DEPTH);
-        self
+        Ok(self)
     }
 }
 

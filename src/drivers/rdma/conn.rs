@@ -174,6 +174,9 @@ pub(crate) struct Lifecycle {
     /// The peer's end-of-stream marker arrived.
     pub(crate) peer_ended: bool,
     pub(crate) health: Health,
+    /// The failure the connection had already had when it was closed: `recv` goes on
+    /// reporting it (after the close, later failures are only the close's flushes).
+    pub(crate) failed_before_close: Option<Error>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +298,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
             life: Lifecycle {
                 local: Local::Open,
                 peer_ended: false,
+                failed_before_close: None,
                 health: Health::Up,
             },
             changed: false,
@@ -424,6 +428,11 @@ impl<B: RecvBuf, K> Connection<B, K> {
 
     /// Stop both directions (after `shutdown` and `flush`, or to give up).
     pub(crate) fn close(&mut self) {
+        if self.life.local != Local::Closed {
+            if let Health::Failed { error, .. } = &self.life.health {
+                self.life.failed_before_close = Some(error.clone());
+            }
+        }
         self.life.local = Local::Closed;
         self.changed = true;
     }
@@ -589,7 +598,12 @@ impl<B: RecvBuf, K> Connection<B, K> {
             }));
         }
         if self.life.local == Local::Closed {
-            return Some(Err(Error::closed("recv")));
+            // Closed after the connection failed: the failure stays the answer.
+            return Some(Err(self
+                .life
+                .failed_before_close
+                .clone()
+                .unwrap_or_else(|| Error::closed("recv"))));
         }
         // An orderly end (the peer's marker) wins over the disconnect that follows it.
         if self.life.peer_ended {
@@ -1082,6 +1096,29 @@ mod tests {
         let err = recv(&mut a).unwrap().unwrap_err();
         assert!(err.to_string().contains("peer gone"), "{err}");
         assert!(a.conn.is_closed());
+    }
+
+    #[test]
+    fn a_failure_before_close_is_what_recv_keeps_reporting() {
+        let (mut a, mut b) = (end(lim(4, 64)), end(lim(4, 64)));
+        settle(&mut a, &mut b);
+        a.conn
+            .fail(Error::new(ErrorKind::ConnectionReset, "peer gone"));
+        let first = recv(&mut a).unwrap().unwrap_err();
+        assert_eq!(first.kind(), ErrorKind::ConnectionReset);
+        a.conn.close();
+        for _ in 0..2 {
+            let err = recv(&mut a).unwrap().unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+            assert!(err.to_string().contains("peer gone"), "{err}");
+        }
+        // Closed while healthy: `Closed`, whatever the close's own flushes do after.
+        let (mut c, mut d) = (end(lim(4, 64)), end(lim(4, 64)));
+        settle(&mut c, &mut d);
+        c.conn.close();
+        c.conn
+            .fail(Error::new(ErrorKind::ConnectionReset, "flushed"));
+        assert_eq!(recv(&mut c).unwrap().unwrap_err().kind(), ErrorKind::Closed);
     }
 
     #[test]

@@ -19,11 +19,16 @@
 //! receive buffer given back while the thread sleeps: see [`DeviceReactor::wake`]). A
 //! connection whose last handle was dropped with messages still going out *lingers*:
 //! the reactor keeps it (a strong reference) and drives it until they are delivered or
-//! its linger time is up, then finishes it.
+//! its linger time is up, then finishes it. The thread is also the driver's clock: a
+//! task that waits with a deadline (a `close` bounded by its linger time) registers a
+//! timer ([`DeviceReactor::wake_at`]), and the thread wakes it when the time comes.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use sideway::ibverbs::completion::CompletionChannel;
@@ -68,6 +73,8 @@ struct Members {
     list: Mutex<slab::Slab<Entry>>,
     version: AtomicU64,
     lingering: Mutex<Vec<Lingering>>,
+    /// Tasks to wake at a time (see [`DeviceReactor::wake_at`]).
+    timers: Mutex<Vec<(Instant, Waker)>>,
     /// The thread is about to sleep or sleeps: work must ring the doorbell.
     asleep: AtomicBool,
 }
@@ -159,6 +166,22 @@ impl DeviceReactor {
         self.doorbell.ring();
     }
 
+    /// Wake `waker` at `at` (or soon after: the thread's next round past it). The
+    /// sleeping thread is rung so that it sleeps no longer than that.
+    pub(crate) fn wake_at(&self, at: Instant, waker: Waker) {
+        lock(&self.members.timers).push((at, waker));
+        self.doorbell.ring();
+    }
+
+    /// A future that is ready at `at`, woken by this reactor's thread.
+    pub(crate) fn sleep_until(self: &Arc<Self>, at: Instant) -> Sleep {
+        Sleep {
+            reactor: self.clone(),
+            at,
+            registered: None,
+        }
+    }
+
     /// A member has work that no completion announces: make sure the thread sees it.
     /// Call after making `needs_service` true (a doorbell ring costs a system call, so
     /// it happens only when the thread is asleep or about to be).
@@ -166,6 +189,32 @@ impl DeviceReactor {
         if self.members.asleep.load(Ordering::SeqCst) {
             self.doorbell.ring();
         }
+    }
+}
+
+/// Ready at its time; see [`DeviceReactor::sleep_until`]. Registers its waker with the
+/// reactor once (again only if the task's waker changes).
+pub(crate) struct Sleep {
+    reactor: Arc<DeviceReactor>,
+    at: Instant,
+    registered: Option<Waker>,
+}
+
+impl Future for Sleep {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if Instant::now() >= self.at {
+            return Poll::Ready(());
+        }
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.registered = Some(cx.waker().clone());
+            self.reactor.wake_at(self.at, cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
@@ -191,6 +240,25 @@ impl DeviceSource {
         self.snapshot = list.iter().map(|(_, e)| e.member.clone()).collect();
         let cms = list.iter().filter_map(|(_, e)| e.cm.clone()).collect();
         self.waiter = CqWaiter::new(self.channel.clone(), cms).with_doorbell(self.doorbell.clone());
+    }
+
+    /// Wake the tasks whose time has come.
+    fn fire_timers(&mut self) {
+        let due: Vec<Waker> = {
+            let mut t = lock(&self.members.timers);
+            if t.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            let (due, keep) = std::mem::take(&mut *t)
+                .into_iter()
+                .partition(|(at, _)| *at <= now);
+            *t = keep;
+            due.into_iter().map(|(_, w)| w).collect()
+        };
+        for w in due {
+            w.wake();
+        }
     }
 
     /// Finish the lingering members that settled or ran out of time.
@@ -220,6 +288,7 @@ impl CompletionSource for DeviceSource {
     /// Polls every member's CQ once; each member hands its batch to its own protocol
     /// core (routing it here would only be handed back), so `out` stays empty.
     fn poll(&mut self, _out: &mut Vec<Completion>, max: usize) -> io::Result<usize> {
+        self.fire_timers();
         self.settle_lingering();
         self.refresh();
         Ok(self
@@ -248,11 +317,15 @@ impl CompletionSource for DeviceSource {
             .filter_map(Weak::upgrade)
             .any(|m| m.needs_service());
         // Lingering members are checked against their deadlines at least this often.
-        let timeout = if lock(&self.members.lingering).is_empty() {
+        let mut timeout = if lock(&self.members.lingering).is_empty() {
             timeout
         } else {
             timeout.min(Duration::from_millis(10))
         };
+        // No later than the first timer.
+        if let Some(first) = lock(&self.members.timers).iter().map(|(at, _)| *at).min() {
+            timeout = timeout.min(first.saturating_duration_since(Instant::now()));
+        }
         let res = if work {
             Ok(true)
         } else {

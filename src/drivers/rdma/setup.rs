@@ -170,7 +170,7 @@ impl RdmaTransport {
             &mut dyn FnMut(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
         ) -> Result<super::cm::CmConnection>,
     ) -> Result<Self> {
-        let cfg = cfg.normalized();
+        let cfg = cfg.normalized()?;
         let (mut setup, mut reactor) = (None, None);
         let conn = dial(
             &mut |ctx| Self::make_cq(ctx, &cfg, &mut reactor),

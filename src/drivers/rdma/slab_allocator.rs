@@ -79,12 +79,29 @@ impl RegionSource for Registered {
         // Zeroed in one allocation (`calloc`: the kernel hands out zero pages), not
         // byte by byte: a per-byte loop cost ~16 ms per MiB in debug builds (and ~6
         // times that in the emulated test VM), several MiB per connection.
-        let zeroed: *mut [u8] = Box::into_raw(vec![0u8; len].into_boxed_slice());
-        // SAFETY: `UnsafeCell<u8>` has the same in-memory representation as `u8`, so the
-        // allocation `zeroed` (just leaked from its box, owned by nothing else) is a
-        // valid slice of `len` initialized `UnsafeCell<u8>` with the same layout, and
-        // the new box frees it with that layout.
-        let mem: Box<[UnsafeCell<u8>]> = unsafe { Box::from_raw(zeroed as *mut [UnsafeCell<u8>]) };
+        // Fallible: memory that cannot be had is an error, not an abort.
+        let layout = std::alloc::Layout::array::<u8>(len)
+            .ok()
+            .filter(|l| l.size() > 0)
+            .ok_or_else(|| io::Error::other(format!("no region of {len} bytes")))?;
+        // SAFETY: `layout` has a non-zero size (checked above).
+        let zeroed = unsafe { std::alloc::alloc_zeroed(layout) };
+        if zeroed.is_null() {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("registered region of {len} bytes: out of memory"),
+            ));
+        }
+        // SAFETY: `zeroed` is a fresh allocation of `len` zeroed bytes with the layout of
+        // `[u8; len]`, owned by nothing else; `UnsafeCell<u8>` has the same in-memory
+        // representation as `u8`, so it is a valid slice of `len` initialized
+        // `UnsafeCell<u8>`, and the box frees it with that same layout.
+        let mem: Box<[UnsafeCell<u8>]> = unsafe {
+            Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                zeroed.cast::<UnsafeCell<u8>>(),
+                len,
+            ))
+        };
         let ptr = UnsafeCell::raw_get(mem.as_ptr()) as usize;
         // Local access only (see the module docs).
         // SAFETY: `ptr..ptr+len` is the heap block `mem`, which the returned region owns

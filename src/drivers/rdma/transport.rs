@@ -344,12 +344,33 @@ impl Shared {
     /// the task first polls the CQ itself for up to `busy_poll`.
     async fn wait<T>(&self, mut check: impl FnMut(&mut Core) -> Option<T>) -> T {
         loop {
-            if let Some(v) = self.drive(&mut check) {
+            if let Some(v) = self.wait_until(None, &mut check).await {
                 return v;
+            }
+        }
+    }
+
+    /// [`wait`](Shared::wait), giving up at `deadline` (`None` once it has passed and
+    /// `check` still gives nothing). The device thread wakes the task at the deadline.
+    async fn wait_until<T>(
+        &self,
+        deadline: Option<Instant>,
+        mut check: impl FnMut(&mut Core) -> Option<T>,
+    ) -> Option<T> {
+        let mut sleep = deadline.map(|at| self.reactor.sleep_until(at));
+        loop {
+            if let Some(v) = self.drive(&mut check) {
+                return Some(v);
+            }
+            if deadline.is_some_and(|at| Instant::now() >= at) {
+                return None;
             }
             if let Some(window) = self.cfg.busy_poll {
                 let start = Instant::now();
-                let until = crate::time::deadline(start, window);
+                let mut until = crate::time::deadline(start, window);
+                if let Some(at) = deadline {
+                    until = until.min(at);
+                }
                 self.inline.fetch_add(1, Ordering::AcqRel);
                 let found = loop {
                     self.poll_inline();
@@ -369,17 +390,22 @@ impl Shared {
                     self.poll_inline();
                 }
                 if let Some(v) = found {
-                    return v;
+                    return Some(v);
                 }
                 if let Some(v) = self.drive(&mut check) {
-                    return v;
+                    return Some(v);
                 }
             }
             let listener = self.changed.listen();
             if let Some(v) = self.drive(&mut check) {
-                return v;
+                return Some(v);
             }
-            listener.await;
+            match &mut sleep {
+                None => listener.await,
+                Some(sleep) => {
+                    futures::future::select(listener, sleep).await;
+                }
+            }
         }
     }
 }
@@ -425,8 +451,29 @@ impl Transport for RdmaTransport {
         self.flush().await
     }
 
+    /// Shut down, wait (up to [`RdmaConfig::linger`]) until the peer acknowledged
+    /// everything, then disconnect. Out of linger time (a peer that does not read and
+    /// so returns no credits) it fails with `TimedOut`, drops what was still queued and
+    /// disconnects; later `flush`, `shutdown` and `close` return that error at once.
     async fn close(&self) -> Result<()> {
-        let res = self.shutdown().await;
+        let s = &*self.shared;
+        s.drive(|c| c.shutdown());
+        let deadline = crate::time::deadline(Instant::now(), s.cfg.linger);
+        let res = match s.wait_until(Some(deadline), |c| c.poll_flush()).await {
+            Some(res) => res,
+            None => {
+                let e = Error::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "close: what was sent was not acknowledged within the linger time \
+                         ({:?}); the rest is dropped",
+                        s.cfg.linger
+                    ),
+                );
+                s.drive(|c| c.fail(e.clone()));
+                Err(e)
+            }
+        };
         // The peer ended the stream and then the connection before our end-of-stream
         // got through: there is nobody left to deliver it to, and closing succeeds (as
         // a TCP close after the peer's FIN does).

@@ -478,3 +478,71 @@ fn close_is_bounded_by_linger_against_a_peer_that_does_not_read() {
     let _ = stop_tx.send(());
     server.join().unwrap();
 }
+
+/// A peer that connects through RDMA-CM but does not speak net-rs (here rdma-core's
+/// `ucmatose` client): the accepted connection fails with `TimedOut` once
+/// `RdmaConfig::handshake_timeout` passes without the peer's hello, so `send`, `recv`
+/// and `close` end instead of waiting forever, and the listener serves a net-rs client
+/// afterwards. Skipped where `ucmatose` is not installed (the CI VM has it).
+#[test]
+fn a_peer_that_does_not_speak_net_rs_fails_in_time() {
+    use net_rs::drivers::rdma::transport::RdmaConfig;
+    let Some(ip) = device_ip() else { return };
+    let port = 18641;
+    let addr = SocketAddr::new(ip, port);
+    let cfg = RdmaConfig {
+        handshake_timeout: Duration::from_secs(1),
+        linger: Duration::from_secs(1),
+        ..RdmaConfig::default()
+    };
+    let listener = cm::listen(addr).unwrap().with_config(cfg);
+    let tool = Command::new("ucmatose")
+        .args([
+            "-s",
+            &ip.to_string(),
+            "-p",
+            &port.to_string(),
+            "-c",
+            "1",
+            "-C",
+            "5",
+            "-S",
+            "64",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut tool) = tool else {
+        eprintln!("no ucmatose here: skipped");
+        return;
+    };
+    let t = block_on(listener.accept(Duration::from_secs(20))).unwrap();
+    let t = std::sync::Arc::new(t);
+    let t1 = t.clone();
+    let (send, recv) = within(20, "send and recv to a silent foreign peer", move || {
+        (
+            block_on(t1.send(Bytes::from_static(b"hello?"))),
+            block_on(t1.recv()),
+        )
+    });
+    let send = send.unwrap_err();
+    assert_eq!(send.kind(), ErrorKind::TimedOut, "{send}");
+    assert!(recv.is_err(), "{recv:?}");
+    let t2 = t.clone();
+    let closed = within(20, "close", move || block_on(t2.close()));
+    assert!(closed.is_err(), "{closed:?}");
+    drop(t);
+    let _ = tool.kill();
+    let _ = tool.wait();
+    // The listener still serves net-rs.
+    let client = std::thread::spawn(move || {
+        block_on(async {
+            let c = cm::connect(addr, Duration::from_secs(10)).await.unwrap();
+            c.send(Bytes::from_static(b"net-rs")).await.unwrap();
+            c.close().await.unwrap();
+        })
+    });
+    let s = block_on(listener.accept(Duration::from_secs(20))).unwrap();
+    assert_eq!(&block_on(s.recv()).unwrap()[..], b"net-rs");
+    client.join().unwrap();
+}

@@ -219,8 +219,9 @@ fn the_connection_pool_serves_rdma_connections() {
 }
 
 /// `Duration::MAX` as "no limit" on every duration an RDMA user sets (connect and
-/// accept timeouts, `RdmaConfig::linger`, the poller's sleep): no panic, and a message
-/// sent right before the last handle is dropped still arrives (the lingering path).
+/// accept timeouts, `RdmaConfig::linger`, the poller's sleep), and the largest poller
+/// batch: no panic, and a message sent right before the last handle is dropped still
+/// arrives (the lingering path).
 #[test]
 fn no_limit_durations_neither_panic_nor_hang() {
     use net_rs::drivers::rdma::transport::RdmaConfig;
@@ -231,6 +232,7 @@ fn no_limit_durations_neither_panic_nor_hang() {
         linger: Duration::MAX,
         poller: PollerConfig {
             park_timeout: Duration::MAX,
+            batch: usize::MAX,
             ..PollerConfig::default()
         },
         ..RdmaConfig::default()

@@ -42,11 +42,14 @@ pub struct PollerConfig {
     pub spin: Duration,
     /// Then poll with a `yield_now` between tries for this long.
     pub yield_window: Duration,
-    /// Most completions taken from the source at once.
+    /// Most completions taken from the source at once (taken as 1 ..= 4096).
     pub batch: usize,
     /// Longest single sleep, so the thread notices a shutdown request.
     pub park_timeout: Duration,
 }
+
+/// The largest [`PollerConfig::batch`] taken: a batch's buffer is allocated up front.
+const MAX_BATCH: usize = 4096;
 
 impl Default for PollerConfig {
     /// Spin 20 µs, yield for 200 µs more, batches of 32, sleep at most 50 ms at a time.
@@ -84,11 +87,12 @@ where
     H: FnMut(&[Completion]) + Send + 'static,
 {
     /// A poller feeding `handler` with batches from `source`.
-    pub fn new(source: S, handler: H, config: PollerConfig) -> Self {
+    pub fn new(source: S, handler: H, mut config: PollerConfig) -> Self {
+        config.batch = config.batch.clamp(1, MAX_BATCH);
         Poller {
             source,
             handler,
-            buf: Vec::with_capacity(config.batch.max(1)),
+            buf: Vec::with_capacity(config.batch),
             config,
             stats: Arc::default(),
         }
@@ -100,7 +104,7 @@ where
     /// The source's poll error.
     pub fn run_once(&mut self) -> io::Result<usize> {
         self.buf.clear();
-        let n = self.source.poll(&mut self.buf, self.config.batch.max(1))?;
+        let n = self.source.poll(&mut self.buf, self.config.batch)?;
         if n > 0 {
             // Count first: the handler wakes futures, whose owners may read the stats.
             self.stats

@@ -62,6 +62,11 @@ pub struct RdmaConfig {
     /// How long a dropped connection (its last handle gone) or an exiting process keeps
     /// delivering what `send` accepted before it gives up (default 10 s, as TCP).
     pub linger: Duration,
+    /// How long a new connection waits for the peer's hello (the first message of the
+    /// net-rs protocol) before it fails with `TimedOut` (default 10 s): a peer that
+    /// connected through RDMA-CM but does not speak net-rs (another tool, an old
+    /// version) makes `send`, `recv` and `flush` fail then instead of waiting forever.
+    pub handshake_timeout: Duration,
 }
 
 impl RdmaConfig {
@@ -99,6 +104,7 @@ impl Default for RdmaConfig {
             busy_poll: None,
             recv_buffer: 4 << 20,
             linger: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -639,6 +639,11 @@ impl<B: RecvBuf, K> Connection<B, K> {
 
     // ---- queries ------------------------------------------------------------------
 
+    /// Whether the peer's hello has arrived (it speaks this protocol).
+    pub(crate) fn greeted(&self) -> bool {
+        self.peer.is_some()
+    }
+
     /// Whether the connection is closed or broken, or the peer ended it.
     pub(crate) fn is_closed(&self) -> bool {
         self.life.local != Local::Open

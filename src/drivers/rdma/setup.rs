@@ -5,7 +5,8 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::task::{Wake, Waker};
+use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use sideway::ibverbs::queue_pair::BasicQueuePair;
@@ -21,6 +22,33 @@ use super::transport::{lock, post, Cq, RdmaTransport, Shared, CORK_IN_FLIGHT};
 use crate::error::{Error, ErrorKind, Result};
 use crate::linger::{self, Deliver};
 use crate::mem::Slab;
+
+/// Woken by the device thread when the handshake time is up: fails the connection if
+/// the peer's hello has not come.
+struct HelloWatch(Weak<Shared>);
+
+impl Wake for HelloWatch {
+    fn wake(self: Arc<Self>) {
+        let Some(s) = self.0.upgrade() else { return };
+        let timeout = s.cfg.handshake_timeout;
+        let failed = s.drive(|c| {
+            let silent = !c.greeted() && !c.is_closed();
+            if silent {
+                c.fail(Error::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "the peer connected but sent no hello within {timeout:?}: it does \
+                         not speak net-rs's protocol (RdmaConfig::handshake_timeout)"
+                    ),
+                ));
+            }
+            silent
+        });
+        if failed {
+            let _ = s.cm.disconnect();
+        }
+    }
+}
 
 /// What the setup hook made: the registered memory and the core with its receives
 /// posted.
@@ -132,6 +160,10 @@ impl RdmaTransport {
         let member = Arc::downgrade(&shared) as Weak<dyn Member>;
         let id = shared.reactor.add(member, cm_channel);
         shared.member.store(id, Ordering::Release);
+        // A peer that never says hello does not speak net-rs: give up on it in time.
+        let deadline = crate::time::deadline(Instant::now(), shared.cfg.handshake_timeout);
+        let watch = Waker::from(Arc::new(HelloWatch(Arc::downgrade(&shared))));
+        shared.reactor.wake_at(deadline, watch);
         Ok(RdmaTransport { shared, peer })
     }
 

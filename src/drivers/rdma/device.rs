@@ -10,16 +10,17 @@
 //!
 //! The registry keeps a weak reference per device: the first connection on a device
 //! starts its reactor (with that connection's [`PollerConfig`]), the last one to go
-//! stops it. Members are weak too: a connection leaves with
-//! [`DeviceReactor::remove`], and one being dropped is simply skipped.
+//! stops it. Members are weak too: a connection whose last handle is dropped is handed
+//! to the reactor to linger (below), which removes it when it is done.
 //!
 //! Nothing that changes the set depends on a timeout to be noticed: a connection that
 //! joins rings the reactor's doorbell (an eventfd the thread also sleeps on), so its CQ
 //! is polled and armed at once; so does work that no completion announces (a lent
 //! receive buffer given back while the thread sleeps: see [`DeviceReactor::wake`]). A
-//! connection whose last handle was dropped with messages still going out *lingers*:
-//! the reactor keeps it (a strong reference) and drives it until they are delivered or
-//! its linger time is up, then finishes it. The thread is also the driver's clock: a
+//! connection whose last handle was dropped *lingers*: the reactor keeps it (a strong
+//! reference) and drives it until what it still had to send is delivered or its linger
+//! time is up, then finishes it (disconnect) and lets it go; so the last handle's drop
+//! makes no verbs call on whatever thread it runs. The thread is also the driver's clock: a
 //! task that waits with a deadline (a `close` bounded by its linger time) registers a
 //! timer ([`DeviceReactor::wake_at`]), and the thread wakes it when the time comes.
 
@@ -147,12 +148,6 @@ impl DeviceReactor {
         // thread must take it in now, not when its sleep times out.
         self.doorbell.ring();
         id
-    }
-
-    /// Stop driving member `id`.
-    pub(crate) fn remove(&self, id: usize) {
-        lock(&self.members.list).try_remove(id);
-        self.members.version.fetch_add(1, Ordering::Release);
     }
 
     /// Keep driving member `id` (whose last handle is gone) until it settles or

@@ -133,6 +133,7 @@ impl RdmaTransport {
             conn: Mutex::new(setup.core),
             returns: Mutex::new(Vec::new()),
             has_returns: AtomicBool::new(false),
+            drive_due: AtomicBool::new(false),
             returns_urgent: AtomicBool::new(true),
             inline: AtomicUsize::new(0),
             reactor,

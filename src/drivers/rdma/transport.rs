@@ -29,8 +29,10 @@
 //! Dropping the last handle with messages still going out does not lose them: the
 //! connection queues its end-of-stream marker and *lingers* in the device reactor, which
 //! drives it until everything (the marker included) is acknowledged or
-//! [`RdmaConfig::linger`] is up, then disconnects it. When the process exits, the exit
-//! hook (`src/linger.rs`) waits (up to `linger`) for connections still delivering.
+//! [`RdmaConfig::linger`] is up, then disconnects it. The drop itself only hands the
+//! connection over: every post and the disconnect happen on the device thread. When
+//! the process exits, the exit hook (`src/linger.rs`) waits (up to `linger`) for
+//! connections still delivering.
 
 use std::fmt;
 use std::future::Future;
@@ -84,6 +86,9 @@ pub(super) struct Shared {
     /// Lent receive buffers given back by dropped messages (a leaf lock).
     pub(super) returns: Mutex<Vec<(u32, SlabBuf)>>,
     pub(super) has_returns: AtomicBool,
+    /// The core took an input without a drive (the last handle's drop): the device
+    /// thread drives it (posting what it asks for) on its next round.
+    pub(super) drive_due: AtomicBool,
     /// The core's `returns_urgent()` as of the last drive.
     pub(super) returns_urgent: AtomicBool,
     /// Tasks busy-polling the CQ now (latency mode). While there are any, the device
@@ -188,7 +193,7 @@ impl Member for Shared {
     }
 
     fn needs_service(&self) -> bool {
-        self.has_returns.load(Ordering::SeqCst)
+        self.has_returns.load(Ordering::SeqCst) || self.drive_due.load(Ordering::SeqCst)
     }
 
     fn settled(&self) -> bool {
@@ -276,7 +281,8 @@ impl Shared {
         buf.clear();
         match source.poll(buf, max) {
             Ok(n) => {
-                if n > 0 || self.has_returns.load(Ordering::Acquire) {
+                let due = self.drive_due.swap(false, Ordering::AcqRel);
+                if n > 0 || due || self.has_returns.load(Ordering::Acquire) {
                     self.drive(|c| buf.iter().for_each(|x| c.on_completion(x)));
                 }
                 n
@@ -530,28 +536,22 @@ impl Transport for RdmaTransport {
 }
 
 impl Drop for RdmaTransport {
+    /// No verbs or RDMA-CM call here (the last handle may be dropped on any thread):
+    /// the core takes the shutdown (its end-of-stream marker queued after what `send`
+    /// accepted), and the device thread posts it, keeps the connection until the peer
+    /// acknowledged everything (or [`RdmaConfig::linger`] is up), then disconnects it
+    /// and lets it go.
     fn drop(&mut self) {
         let s = &self.shared;
-        // What was accepted still goes out, then the end-of-stream marker; the device
-        // reactor keeps the connection until the peer acknowledged it all (or linger
-        // is up), then disconnects it.
-        let settled = s.drive(|c| {
-            c.shutdown();
-            c.poll_flush().is_some()
-        });
+        lock(&s.conn).shutdown();
+        s.drive_due.store(true, Ordering::SeqCst);
         let id = s.member.load(Ordering::Acquire);
-        if settled {
-            s.drive(|c| c.close());
-            let _ = s.cm.disconnect();
-            s.reactor.remove(id);
-        } else {
-            let member: Arc<dyn Member> = s.clone();
-            s.reactor.linger(
-                member,
-                id,
-                crate::time::deadline(Instant::now(), s.cfg.linger),
-            );
-        }
+        let member: Arc<dyn Member> = s.clone();
+        s.reactor.linger(
+            member,
+            id,
+            crate::time::deadline(Instant::now(), s.cfg.linger),
+        );
     }
 }
 

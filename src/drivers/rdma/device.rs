@@ -20,9 +20,11 @@
 //! connection whose last handle was dropped *lingers*: the reactor keeps it (a strong
 //! reference) and drives it until what it still had to send is delivered or its linger
 //! time is up, then finishes it (disconnect) and lets it go; so the last handle's drop
-//! makes no verbs call on whatever thread it runs. The thread is also the driver's clock: a
-//! task that waits with a deadline (a `close` bounded by its linger time) registers a
-//! timer ([`DeviceReactor::wake_at`]), and the thread wakes it when the time comes.
+//! makes no verbs call on whatever thread it runs.
+//!
+//! The thread is also the driver's clock: a task that waits with a deadline (a `close`
+//! bounded by its linger time) registers a timer ([`DeviceReactor::wake_at`]), and the
+//! thread wakes it when the time comes.
 
 use std::future::Future;
 use std::io;

@@ -640,6 +640,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
     // ---- queries ------------------------------------------------------------------
 
     /// Whether the peer's hello has arrived (it speaks this protocol).
+    #[cfg(feature = "rdma")]
     pub(crate) fn greeted(&self) -> bool {
         self.peer.is_some()
     }

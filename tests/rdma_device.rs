@@ -71,66 +71,23 @@ fn registered_slab_keeps_registrations_constant() {
 /// is connected to itself (loopback RC), so no second node is needed.
 #[test]
 fn device_completions_reach_futures_through_the_reactor() {
-    use net_rs::drivers::rdma::poller::CqSource;
     use net_rs::mem::SlabBuf;
     use net_rs::reactor::{Completion, OpSlab, Poller, PollerConfig};
-    use sideway::ibverbs::address::AddressHandleAttribute;
-    use sideway::ibverbs::device_context::Mtu;
     use sideway::ibverbs::queue_pair::{
-        PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState, SetScatterGatherEntry,
-        WorkRequestFlags,
+        PostSendGuard, QueuePair, SetScatterGatherEntry, WorkRequestFlags,
     };
     use sideway::ibverbs::AccessFlags;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     let Some(ctx) = context() else { return };
-    let source = CqSource::new(&ctx, 256).unwrap();
-    let cq = source.cq().clone();
-    let mut qp = ctx
-        .protection_domain()
-        .create_qp_builder()
-        .setup_max_send_wr(64)
-        .setup_max_recv_wr(64)
-        .setup_send_cq(cq.clone())
-        .setup_recv_cq(cq)
-        .build()
-        .unwrap();
-    let gid_index: u32 = std::env::var("SOFTROCE_GID_INDEX")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let gid = ctx.device_context().query_gid(1, gid_index).unwrap();
-    let mut attr = QueuePairAttribute::new();
-    attr.setup_state(QueuePairState::Init)
-        .setup_pkey_index(0)
-        .setup_port(1)
-        .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite);
-    qp.modify(&attr).unwrap();
-    let mut ah = AddressHandleAttribute::new();
-    ah.setup_dest_lid(0)
-        .setup_port(1)
-        .setup_service_level(0)
-        .setup_grh_src_gid_index(gid_index as u8)
-        .setup_grh_dest_gid(&gid)
-        .setup_grh_hop_limit(64);
-    let mut attr = QueuePairAttribute::new();
-    attr.setup_state(QueuePairState::ReadyToReceive)
-        .setup_path_mtu(Mtu::Mtu1024)
-        .setup_dest_qp_num(qp.qp_number())
-        .setup_rq_psn(1)
-        .setup_max_dest_read_atomic(0)
-        .setup_min_rnr_timer(12)
-        .setup_address_vector(&ah);
-    qp.modify(&attr).unwrap();
-    let mut attr = QueuePairAttribute::new();
-    attr.setup_state(QueuePairState::ReadyToSend)
-        .setup_sq_psn(1)
-        .setup_timeout(14)
-        .setup_retry_cnt(7)
-        .setup_rnr_retry(7)
-        .setup_max_read_atomic(0);
-    qp.modify(&attr).unwrap();
+    let (source, mut qp) = rdma_env::loopback_qp(
+        &ctx,
+        256,
+        64,
+        AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
+        0,
+    );
 
     let ops = OpSlab::new();
     let ops2 = ops.clone();

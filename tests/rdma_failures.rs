@@ -7,7 +7,7 @@
 #![cfg(feature = "rdma")]
 
 mod rdma_env;
-use rdma_env::device_ip;
+use rdma_env::{device_ip, timer, within};
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -21,30 +21,7 @@ use net_rs::drivers::rdma::cm;
 use net_rs::transport::Transport;
 use net_rs::ErrorKind;
 
-/// Run `f` on a thread of its own; fail the test if it takes longer than `secs`.
-fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(v) => v,
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: still waiting after {secs} s"),
-        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: the thread panicked"),
-    }
-}
-
 const CHILD_MESSAGES: u32 = 10;
-
-/// A future that completes after `d` (a thread sleeps; no runtime needed).
-fn timer(d: Duration) -> futures::channel::oneshot::Receiver<()> {
-    let (tx, rx) = futures::channel::oneshot::channel();
-    std::thread::spawn(move || {
-        std::thread::sleep(d);
-        let _ = tx.send(());
-    });
-    rx
-}
 
 /// Not a test on its own: the peer process of the killed-peer tests. `NET_RS_CHILD` is
 /// `connect` (connect, send `CHILD_MESSAGES` messages, wait to be killed) or `accept`

@@ -21,7 +21,7 @@
 #![cfg(feature = "rdma")]
 
 mod rdma_env;
-use rdma_env::device_ip;
+use rdma_env::{device_ip, within};
 
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
@@ -40,19 +40,6 @@ use net_rs::transport::Transport;
 use net_rs::ErrorKind;
 
 // ---- helpers --------------------------------------------------------------------------
-
-/// Run `f` on a thread of its own; fail the test if it takes longer than `secs`.
-fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(v) => v,
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: still waiting after {secs} s"),
-        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: the thread panicked"),
-    }
-}
 
 /// The runtimes the other RDMA tests use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1104,60 +1091,14 @@ mod one_sided {
     pub fn loopback_qp(
         ctx: &net_rs::drivers::rdma::context::RdmaContext,
     ) -> (CqSource, BasicQueuePair) {
-        use sideway::ibverbs::address::AddressHandleAttribute;
-        use sideway::ibverbs::device_context::Mtu;
-        use sideway::ibverbs::queue_pair::{QueuePairAttribute, QueuePairState};
         use sideway::ibverbs::AccessFlags;
-
-        let source = CqSource::new(ctx, 64).unwrap();
-        let cq = source.cq().clone();
-        let mut qp = ctx
-            .protection_domain()
-            .create_qp_builder()
-            .setup_max_send_wr(8)
-            .setup_max_recv_wr(8)
-            .setup_send_cq(cq.clone())
-            .setup_recv_cq(cq)
-            .build()
-            .unwrap();
-        let gid_index: u32 = std::env::var("SOFTROCE_GID_INDEX")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
-        let gid = ctx.device_context().query_gid(1, gid_index).unwrap();
-        let mut attr = QueuePairAttribute::new();
-        attr.setup_state(QueuePairState::Init)
-            .setup_pkey_index(0)
-            .setup_port(1)
-            .setup_access_flags(
-                AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead,
-            );
-        qp.modify(&attr).unwrap();
-        let mut ah = AddressHandleAttribute::new();
-        ah.setup_dest_lid(0)
-            .setup_port(1)
-            .setup_service_level(0)
-            .setup_grh_src_gid_index(gid_index as u8)
-            .setup_grh_dest_gid(&gid)
-            .setup_grh_hop_limit(64);
-        let mut attr = QueuePairAttribute::new();
-        attr.setup_state(QueuePairState::ReadyToReceive)
-            .setup_path_mtu(Mtu::Mtu1024)
-            .setup_dest_qp_num(qp.qp_number())
-            .setup_rq_psn(1)
-            .setup_max_dest_read_atomic(1)
-            .setup_min_rnr_timer(12)
-            .setup_address_vector(&ah);
-        qp.modify(&attr).unwrap();
-        let mut attr = QueuePairAttribute::new();
-        attr.setup_state(QueuePairState::ReadyToSend)
-            .setup_sq_psn(1)
-            .setup_timeout(14)
-            .setup_retry_cnt(7)
-            .setup_rnr_retry(7)
-            .setup_max_read_atomic(1);
-        qp.modify(&attr).unwrap();
-        (source, qp)
+        crate::rdma_env::loopback_qp(
+            ctx,
+            64,
+            8,
+            AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead,
+            1,
+        )
     }
 }
 

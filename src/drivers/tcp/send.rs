@@ -1057,6 +1057,35 @@ mod loom_model {
         }
     }
 
+    /// A send side over a [`FakeSocket`] whose writer task runs on a thread of its own:
+    /// the side, the bytes written, whether FIN was sent, the writer's thread.
+    #[allow(clippy::type_complexity)]
+    fn side_with_writer() -> (
+        Arc<SendSide>,
+        Arc<loom::sync::Mutex<Vec<u8>>>,
+        Arc<loom::sync::atomic::AtomicBool>,
+        loom::thread::JoinHandle<()>,
+    ) {
+        let out = Arc::new(loom::sync::Mutex::new(Vec::new()));
+        let fin = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let sock = FakeSocket {
+            out: out.clone(),
+            fin: fin.clone(),
+            calls: AtomicUsize::new(0),
+        };
+        let side = SendSide::new(
+            1 << 20,
+            Duration::from_secs(1),
+            Duration::ZERO,
+            Box::new(sock),
+        );
+        let w = {
+            let side = side.clone();
+            loom::thread::spawn(move || loom::future::block_on(writer(side, Arc::new(NoRuntime))))
+        };
+        (side, out, fin, w)
+    }
+
     fn send(side: &SendSide, msg: &'static [u8]) {
         let header = encode_header(msg.len(), 1 << 20);
         loom::future::block_on(side.send(header, Bytes::from_static(msg))).unwrap();
@@ -1079,25 +1108,7 @@ mod loom_model {
         let mut model = loom::model::Builder::new();
         model.preemption_bound = Some(2);
         model.check(|| {
-            let out = Arc::new(loom::sync::Mutex::new(Vec::new()));
-            let fin = Arc::new(loom::sync::atomic::AtomicBool::new(false));
-            let sock = FakeSocket {
-                out: out.clone(),
-                fin: fin.clone(),
-                calls: AtomicUsize::new(0),
-            };
-            let side = SendSide::new(
-                1 << 20,
-                Duration::from_secs(1),
-                Duration::ZERO,
-                Box::new(sock),
-            );
-            let w = {
-                let side = side.clone();
-                loom::thread::spawn(move || {
-                    loom::future::block_on(writer(side, Arc::new(NoRuntime)))
-                })
-            };
+            let (side, out, fin, w) = side_with_writer();
             let a = {
                 let side = side.clone();
                 loom::thread::spawn(move || {
@@ -1146,25 +1157,7 @@ mod loom_model {
         let mut model = loom::model::Builder::new();
         model.preemption_bound = Some(2);
         model.check(|| {
-            let out = Arc::new(loom::sync::Mutex::new(Vec::new()));
-            let fin = Arc::new(loom::sync::atomic::AtomicBool::new(false));
-            let sock = FakeSocket {
-                out: out.clone(),
-                fin: fin.clone(),
-                calls: AtomicUsize::new(0),
-            };
-            let side = SendSide::new(
-                1 << 20,
-                Duration::from_secs(1),
-                Duration::ZERO,
-                Box::new(sock),
-            );
-            let w = {
-                let side = side.clone();
-                loom::thread::spawn(move || {
-                    loom::future::block_on(writer(side, Arc::new(NoRuntime)))
-                })
-            };
+            let (side, out, fin, w) = side_with_writer();
             let a = {
                 let side = side.clone();
                 loom::thread::spawn(move || {

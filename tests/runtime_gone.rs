@@ -28,6 +28,18 @@ fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
     }
 }
 
+/// Bytes read from `s` until EOF (or an error).
+fn count_until_eof(s: &mut std::net::TcpStream) -> usize {
+    let mut n = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return n,
+            Ok(k) => n += k,
+        }
+    }
+}
+
 /// A blocking peer that echoes one message, then counts what arrives until EOF.
 fn peer() -> (SocketAddr, mpsc::Receiver<usize>) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -42,14 +54,7 @@ fn peer() -> (SocketAddr, mpsc::Receiver<usize>) {
         s.read_exact(&mut m).unwrap();
         s.write_all(&head).unwrap();
         s.write_all(&m).unwrap();
-        let mut n = 0;
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => n += k,
-            }
-        }
+        let n = count_until_eof(&mut s);
         let _ = tx.send(n);
     });
     (addr, rx)
@@ -180,14 +185,7 @@ fn slow_peer_that_spoke() -> (SocketAddr, mpsc::Receiver<usize>) {
         s.write_all(&[0, 0, 0, 3, 1, 2, 3]).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut n = 0;
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => n += k,
-            }
-        }
+        let n = count_until_eof(&mut s);
         let _ = tx.send(n);
         std::thread::sleep(Duration::from_secs(2));
     });

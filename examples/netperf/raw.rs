@@ -87,21 +87,14 @@ impl Sender for Shared {
     fn stream_to(&self, addr: SocketAddr, msg: &Bytes, dur: Duration) -> (u64, Duration) {
         let s = TcpStream::connect(addr).unwrap();
         s.set_nodelay(true).unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
+        let r = BufReader::new(s.try_clone().unwrap());
         let w = std::sync::Mutex::new(BufWriter::with_capacity(64 << 10, s));
         let send = |m: Bytes| write_frame(&mut *w.lock().unwrap(), &m);
         let t0 = Instant::now();
         let sent = stream_until(t0 + dur, || {
             send(std::hint::black_box(msg.clone())).unwrap()
         });
-        let mut w = w.into_inner().unwrap();
-        write_frame(&mut w, &[]).unwrap();
-        w.flush().unwrap();
-        let mut buf = Vec::new();
-        read_frame(&mut r, &mut buf).unwrap();
-        let got = decode_count(&buf);
-        assert_eq!(got, sent, "receiver counted every message");
-        (got, t0.elapsed())
+        (end_stream(r, w.into_inner().unwrap(), sent), t0.elapsed())
     }
 }
 
@@ -128,17 +121,23 @@ pub fn common_sender(msg: Bytes, dur: Duration) -> (SocketAddr, JoinHandle<(u64,
 /// [`Sender::stream_to`].
 fn send_stream(s: TcpStream, msg: &[u8], dur: Duration) -> (u64, Duration) {
     s.set_nodelay(true).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
+    let r = BufReader::new(s.try_clone().unwrap());
     let mut w = BufWriter::with_capacity(64 << 10, s);
     let t0 = Instant::now();
     let sent = stream_until(t0 + dur, || write_frame(&mut w, msg).unwrap());
+    (end_stream(r, w, sent), t0.elapsed())
+}
+
+/// The end of a sending cell: the empty end marker, then the receiver's count, which
+/// must be `sent`.
+fn end_stream(mut r: BufReader<TcpStream>, mut w: BufWriter<TcpStream>, sent: u64) -> u64 {
     write_frame(&mut w, &[]).unwrap();
     w.flush().unwrap();
     let mut buf = Vec::new();
     read_frame(&mut r, &mut buf).unwrap();
     let got = decode_count(&buf);
     assert_eq!(got, sent, "receiver counted every message");
-    (got, t0.elapsed())
+    got
 }
 
 /// The receiving end of a streaming cell, on a connected stream: see

@@ -508,12 +508,18 @@ pub async fn close_fails_pending_recv(rt: Arc<dyn Runtime>) {
     );
 }
 
-pub async fn dead_peer_fails_pending_operations(rt: Arc<dyn Runtime>) {
-    let (addr, peer) = raw_peer(|s| {
+/// A peer that waits 100 ms and closes without reading what we sent: the kernel
+/// answers that with a reset.
+fn resetting_peer() -> (SocketAddr, Peer) {
+    raw_peer(|s| {
         std::thread::sleep(Duration::from_millis(100));
         // Close with unread data pending makes the kernel send a reset.
         drop(s);
-    });
+    })
+}
+
+pub async fn dead_peer_fails_pending_operations(rt: Arc<dyn Runtime>) {
+    let (addr, peer) = resetting_peer();
     let c = TcpTransport::connect_with(addr, &config(&rt))
         .await
         .unwrap();
@@ -545,11 +551,7 @@ pub async fn dead_peer_fails_pending_operations(rt: Arc<dyn Runtime>) {
 /// its error once, to whichever call comes first; reads then only see the end).
 pub async fn a_reset_seen_by_one_direction_fails_the_other(rt: Arc<dyn Runtime>) {
     for recv_first in [true, false] {
-        let (addr, peer) = raw_peer(|s| {
-            std::thread::sleep(Duration::from_millis(100));
-            // Close with unread data pending makes the kernel send a reset.
-            drop(s);
-        });
+        let (addr, peer) = resetting_peer();
         let c = TcpTransport::connect_with(addr, &config(&rt))
             .await
             .unwrap();

@@ -29,7 +29,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -78,6 +78,8 @@ struct Members {
     lingering: Mutex<Vec<Lingering>>,
     /// Tasks to wake at a time (see [`DeviceReactor::wake_at`]).
     timers: Mutex<Vec<(Instant, Waker)>>,
+    /// How many there are, so that the busy-polling thread takes no lock while none are.
+    timer_count: AtomicUsize,
     /// The thread is about to sleep or sleeps: work must ring the doorbell.
     asleep: AtomicBool,
 }
@@ -142,7 +144,7 @@ impl DeviceReactor {
     }
 
     /// Drive `member` from now on (and watch its RDMA-CM channel `cm`, if it owns one).
-    /// Returns the id to [`remove`](DeviceReactor::remove) it with.
+    /// Returns its id (the key under which [`linger`](DeviceReactor::linger) takes it).
     pub(crate) fn add(&self, member: Weak<dyn Member>, cm: Option<Arc<EventChannel>>) -> usize {
         let id = lock(&self.members.list).insert(Entry { member, cm });
         self.members.version.fetch_add(1, Ordering::Release);
@@ -166,7 +168,10 @@ impl DeviceReactor {
     /// Wake `waker` at `at` (or soon after: the thread's next round past it). The
     /// sleeping thread is rung so that it sleeps no longer than that.
     pub(crate) fn wake_at(&self, at: Instant, waker: Waker) {
-        lock(&self.members.timers).push((at, waker));
+        let mut t = lock(&self.members.timers);
+        t.push((at, waker));
+        self.members.timer_count.store(t.len(), Ordering::Release);
+        drop(t);
         self.doorbell.ring();
     }
 
@@ -241,16 +246,17 @@ impl DeviceSource {
 
     /// Wake the tasks whose time has come.
     fn fire_timers(&mut self) {
+        if self.members.timer_count.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let due: Vec<Waker> = {
             let mut t = lock(&self.members.timers);
-            if t.is_empty() {
-                return;
-            }
             let now = Instant::now();
             let (due, keep) = std::mem::take(&mut *t)
                 .into_iter()
                 .partition(|(at, _)| *at <= now);
             *t = keep;
+            self.members.timer_count.store(t.len(), Ordering::Release);
             due.into_iter().map(|(_, w)| w).collect()
         };
         for w in due {

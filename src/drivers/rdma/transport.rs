@@ -281,7 +281,9 @@ impl Shared {
         buf.clear();
         match source.poll(buf, max) {
             Ok(n) => {
-                let due = self.drive_due.swap(false, Ordering::AcqRel);
+                // A plain load first: the swap only when the drop asked for a drive.
+                let due = self.drive_due.load(Ordering::Acquire)
+                    && self.drive_due.swap(false, Ordering::AcqRel);
                 if n > 0 || due || self.has_returns.load(Ordering::Acquire) {
                     self.drive(|c| buf.iter().for_each(|x| c.on_completion(x)));
                 }

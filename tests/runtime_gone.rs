@@ -42,6 +42,12 @@ fn count_until_eof(s: &mut std::net::TcpStream) -> usize {
 
 /// A blocking peer that echoes one message, then counts what arrives until EOF.
 fn peer() -> (SocketAddr, mpsc::Receiver<usize>) {
+    peer_pausing(Duration::ZERO)
+}
+
+/// [`peer`], reading nothing for `pause` after its echo (so what we send next fills
+/// the socket).
+fn peer_pausing(pause: Duration) -> (SocketAddr, mpsc::Receiver<usize>) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
@@ -54,6 +60,7 @@ fn peer() -> (SocketAddr, mpsc::Receiver<usize>) {
         s.read_exact(&mut m).unwrap();
         s.write_all(&head).unwrap();
         s.write_all(&m).unwrap();
+        std::thread::sleep(pause);
         let n = count_until_eof(&mut s);
         let _ = tx.send(n);
     });
@@ -425,20 +432,26 @@ fn a_timer_fired_by_shutdown_is_not_the_linger_time_running_out() {
 /// A transport dropped (or shut down) on a runtime that then sits idle, its thread
 /// blocked on something else (a blocking wrapper around an async client, say): the
 /// peer still sees the stream end at once, as it would for a dropped socket, with
-/// everything sent before it. The messages here fit the socket; bytes it cannot take
-/// at once need the runtime to run again (or to shut down: the linger thread takes
-/// over, see `queued_messages_are_delivered_after_the_runtime_is_dropped`).
+/// everything sent before it: what the socket takes at once is written by the dropping
+/// thread, the rest (an 8 MiB message does not fit) by the linger thread, which needs
+/// no runtime.
 #[test]
 fn the_stream_ends_when_the_last_handle_is_dropped_on_an_idle_runtime() {
-    for multi in [false, true] {
-        for shutdown_first in [false, true] {
-            let (addr, counted) = peer();
+    for (multi, shutdown_first, big) in [false, true]
+        .into_iter()
+        .flat_map(|m| [(m, false), (m, true)])
+        .flat_map(|(m, s)| [(m, s, 32 << 10), (m, s, 8 << 20)])
+    {
+        {
+            // The peer reads nothing for 200 ms after its echo: the 8 MiB message
+            // is still mostly queued when the last handle goes.
+            let (addr, counted) = peer_pausing(Duration::from_millis(200));
             let rt = tokio_rt(multi);
             rt.block_on(async {
                 let t = TcpTransport::connect(addr).await.unwrap();
                 t.send(Bytes::from_static(b"hello")).await.unwrap();
                 assert_eq!(&t.recv().await.unwrap()[..], b"hello");
-                t.send(Bytes::from(vec![7u8; 32 << 10])).await.unwrap();
+                t.send(Bytes::from(vec![7u8; big])).await.unwrap();
                 t.send(Bytes::from_static(b"last")).await.unwrap();
                 if shutdown_first {
                     // Not awaited: the caller gives up on it at once.
@@ -449,9 +462,9 @@ fn the_stream_ends_when_the_last_handle_is_dropped_on_an_idle_runtime() {
             // The runtime is alive and idle while the peer waits for the end.
             assert_eq!(
                 counted.recv_timeout(Duration::from_secs(10)),
-                Ok(4 + (32 << 10) + 4 + 4),
-                "multi-thread {multi}, shutdown first {shutdown_first}: the peer \
-                 saw every byte and the end while the runtime sat idle"
+                Ok(4 + big + 4 + 4),
+                "multi-thread {multi}, shutdown first {shutdown_first}, {big} B: the \
+                 peer saw every byte and the end while the runtime sat idle"
             );
             drop(rt);
         }

@@ -371,7 +371,9 @@ impl SendSide {
             st.owner = Owner::Idle;
             return;
         }
-        if st.task_gone {
+        // The writer task is gone, or nobody holds the transport any more (see
+        // `abandon`): the linger thread writes the rest.
+        if st.task_gone || st.abandoned.is_some() {
             st.owner = Owner::Linger;
             drop(st);
             self.adopt();
@@ -581,12 +583,21 @@ impl SendSide {
         });
     }
 
-    /// The last handle is gone: deliver what is queued within `linger`, then FIN.
+    /// The last handle is gone: deliver what is queued within `linger`, then FIN. The
+    /// caller writes what the socket takes now (see [`update`](SendSide::update)); the
+    /// rest goes to the linger thread, not the writer task, whose runtime may sit idle
+    /// (or never run again) once nobody holds the transport.
     pub(crate) fn abandon(&self) {
         self.update(|st| {
             st.shutdown = true;
             st.abandoned.get_or_insert_with(Instant::now);
         });
+        let mut st = lock(&self.state);
+        if !st.finished && st.has_work() && matches!(st.owner, Owner::Idle | Owner::Task) {
+            st.owner = Owner::Linger;
+            drop(st);
+            self.adopt();
+        }
     }
 
     /// The connection failed (the socket broke): stop writing, with `e` for every

@@ -175,6 +175,7 @@ fn limits() -> Limits {
         recv_budget: 4 << 20,
         sq_depth: 512,
         cork_in_flight: 8,
+        port_mtu: 4096,
     }
 }
 

@@ -19,13 +19,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sideway::ibverbs::device_context::Mtu;
 use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair, QueuePairState};
 use sideway::ibverbs::AccessFlags;
 use sideway::rdmacm::communication_manager::{
     ConnectionParameter, Event, EventChannel, EventType, GetEventErrorKind, Identifier, PortSpace,
 };
 
-pub use super::config::{CQ_ENTRIES, QUEUE_DEPTH};
+pub use super::config::{QpTiming, CQ_ENTRIES, QUEUE_DEPTH};
 use super::context::RdmaContext;
 use super::events::{self, Watch};
 use super::poller::CqSource;
@@ -43,6 +44,8 @@ pub struct CmConnection {
     pub source: Option<CqSource>,
     /// The device context the connection lives on.
     pub context: RdmaContext,
+    /// The queue pair's path MTU in bytes (256 to 4096): the largest packet it sends.
+    pub path_mtu: u32,
     handle: CmHandle,
 }
 
@@ -193,11 +196,25 @@ fn make_qp(
         .setup_recv_cq(cq)
         .build()
         .map_err(|e| cm_error(ErrorKind::Registration, "cannot create a queue pair", e))?;
-    move_qp(id, &mut qp, QueuePairState::Init)?;
+    move_qp(id, &ctx, &mut qp, QueuePairState::Init, QpTiming::default())?;
     Ok((ctx, source, qp))
 }
 
-fn move_qp(id: &Arc<Identifier>, qp: &mut BasicQueuePair, state: QueuePairState) -> Result<()> {
+/// Bytes in a packet of path MTU `mtu` (an `ibv_mtu`: 1 is 256 bytes ... 5 is 4096).
+fn mtu_bytes(mtu: u32) -> u32 {
+    128 << mtu.clamp(1, 5)
+}
+
+/// Move `qp` to `state` with the attributes RDMA-CM gives for it, except: no remote
+/// access (INIT), a path MTU no larger than the local port's active MTU (RTR), and the
+/// retransmission `timing` (RTS). Returns the path MTU in bytes at RTR, else 0.
+fn move_qp(
+    id: &Arc<Identifier>,
+    ctx: &RdmaContext,
+    qp: &mut BasicQueuePair,
+    state: QueuePairState,
+    timing: QpTiming,
+) -> Result<u32> {
     let mut attr = id.get_qp_attr(state).map_err(|e| {
         cm_error(
             ErrorKind::Io(std::io::ErrorKind::Other),
@@ -211,12 +228,40 @@ fn move_qp(id: &Arc<Identifier>, qp: &mut BasicQueuePair, state: QueuePairState)
         // remote access at all (its memory is registered for local access too).
         attr.setup_access_flags(AccessFlags::none());
     }
+    let mut path_mtu = 0;
+    if state == QueuePairState::ReadyToReceive {
+        // On the accepting side RDMA-CM takes the path MTU from the connect request,
+        // i.e. from the *other* host's link, which may allow more than this one: a
+        // packet larger than the local port's MTU would never leave (the connection
+        // would hang on every message past it). Clamp to the port; the hello tells
+        // the peer this port's MTU so it sends no larger packets either.
+        let path = attr.path_mtu() as u32;
+        let local = ctx
+            .device_context()
+            .query_port(id.port())
+            .map(|p| p.attr.active_mtu)
+            .unwrap_or(path);
+        let mtu = if (1..path).contains(&local) {
+            local
+        } else {
+            path
+        };
+        if mtu != path {
+            attr.setup_path_mtu(Mtu::from(mtu));
+        }
+        path_mtu = mtu_bytes(mtu);
+    }
     if state == QueuePairState::ReadyToSend {
-        // sideway 0.4.3 cannot set these in the CM connection parameters (they stay 0).
-        // Retransmit lost packets (7 tries); and should a receiver ever be not ready
-        // (credits prevent it), retry without limit instead of failing the connection:
-        // the device's RNR counters show it (`RdmaContext::rnr_events`).
-        attr.setup_retry_cnt(7).setup_rnr_retry(7);
+        // sideway 0.4.3 cannot set these in the CM connection parameters. A packet
+        // the peer does not acknowledge is sent again after `timing.timeout_exp`
+        // (4.096 µs × 2^n) at most `timing.retry_cnt` times (never 7, which Soft-RoCE
+        // takes as "forever"), then the send fails: a dead link or host is an error in
+        // bounded time. Should a receiver ever be not ready (credits prevent it),
+        // retry without limit instead of failing the connection: the device's RNR
+        // counters show it (`RdmaContext::rnr_events`).
+        attr.setup_timeout(timing.timeout_exp)
+            .setup_retry_cnt(timing.retry_cnt)
+            .setup_rnr_retry(7);
     }
     qp.modify(&attr).map_err(|e| {
         cm_error(
@@ -224,7 +269,8 @@ fn move_qp(id: &Arc<Identifier>, qp: &mut BasicQueuePair, state: QueuePairState)
             &format!("cannot move the queue pair to {state:?}"),
             e,
         )
-    })
+    })?;
+    Ok(path_mtu)
 }
 
 fn conn_param(qp: &BasicQueuePair) -> ConnectionParameter {
@@ -247,15 +293,18 @@ pub fn connect_qp(
     connect_qp_with(
         addr,
         timeout,
+        QpTiming::default(),
         |ctx| CqSource::new(ctx, CQ_ENTRIES),
         before_connect,
     )
 }
 
-/// [`connect_qp`] with the CQ made by `make_cq` (e.g. on a shared completion channel).
+/// [`connect_qp`] with the retransmission `timing` and the CQ made by `make_cq` (e.g.
+/// on a shared completion channel).
 pub(crate) fn connect_qp_with(
     addr: SocketAddr,
     timeout: Duration,
+    timing: QpTiming,
     make_cq: impl FnOnce(&RdmaContext) -> Result<CqSource>,
     before_connect: impl FnOnce(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
 ) -> Result<CmConnection> {
@@ -289,8 +338,14 @@ pub(crate) fn connect_qp_with(
         EventType::ConnectResponse,
         &what,
     )?);
-    move_qp(&id, &mut qp, QueuePairState::ReadyToReceive)?;
-    move_qp(&id, &mut qp, QueuePairState::ReadyToSend)?;
+    let path_mtu = move_qp(
+        &id,
+        &context,
+        &mut qp,
+        QueuePairState::ReadyToReceive,
+        timing,
+    )?;
+    move_qp(&id, &context, &mut qp, QueuePairState::ReadyToSend, timing)?;
     id.establish()
         .map_err(|e| cm_error(ErrorKind::ConnectionReset, &what, e))?;
     // From now on the poller reads this connection's channel while it sleeps.
@@ -300,6 +355,7 @@ pub(crate) fn connect_qp_with(
         qp,
         source: Some(source),
         context,
+        path_mtu,
         handle: CmHandle { id },
     })
 }
@@ -392,13 +448,20 @@ impl CmListener {
         timeout: Duration,
         before_accept: impl FnOnce(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
     ) -> Result<CmConnection> {
-        self.accept_with(timeout, |ctx| CqSource::new(ctx, CQ_ENTRIES), before_accept)
+        self.accept_with(
+            timeout,
+            QpTiming::default(),
+            |ctx| CqSource::new(ctx, CQ_ENTRIES),
+            before_accept,
+        )
     }
 
-    /// [`accept`](CmListener::accept) with the CQ made by `make_cq`.
+    /// [`accept`](CmListener::accept) with the retransmission `timing` and the CQ made
+    /// by `make_cq`.
     pub(crate) fn accept_with(
         &self,
         timeout: Duration,
+        timing: QpTiming,
         make_cq: impl FnOnce(&RdmaContext) -> Result<CqSource>,
         before_accept: impl FnOnce(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
     ) -> Result<CmConnection> {
@@ -417,8 +480,14 @@ impl CmListener {
         let watch = Watch::attach(&id);
         let (context, source, mut qp) = make_qp(&id, make_cq)?;
         before_accept(&context, &mut qp)?;
-        move_qp(&id, &mut qp, QueuePairState::ReadyToReceive)?;
-        move_qp(&id, &mut qp, QueuePairState::ReadyToSend)?;
+        let path_mtu = move_qp(
+            &id,
+            &context,
+            &mut qp,
+            QueuePairState::ReadyToReceive,
+            timing,
+        )?;
+        move_qp(&id, &context, &mut qp, QueuePairState::ReadyToSend, timing)?;
         id.accept(conn_param(&qp))
             .map_err(|e| cm_error(ErrorKind::ConnectionReset, what, e))?;
         watch.wait_established(deadline, what)?;
@@ -426,6 +495,7 @@ impl CmListener {
             qp,
             source: Some(source),
             context,
+            path_mtu,
             handle: CmHandle { id },
         })
     }

@@ -67,9 +67,64 @@ pub struct RdmaConfig {
     /// connected through RDMA-CM but does not speak net-rs (another tool, an old
     /// version) makes `send`, `recv` and `flush` fail then instead of waiting forever.
     pub handshake_timeout: Duration,
+    /// How long the queue pair waits for the peer's acknowledgement of a packet before
+    /// it sends it again (default 1.07 s). The device takes it as 4.096 µs × 2^n
+    /// (InfiniBand's "local ACK timeout"): the value is rounded up to the next such
+    /// step, from 8.2 µs to 2.4 hours (never 0, which means "wait forever"). Hardware
+    /// may wait longer than asked; Soft-RoCE waits about as long.
+    pub ack_timeout: Duration,
+    /// How many times the queue pair sends an unacknowledged packet again before the
+    /// send fails (0 ..= 6, default 6; larger values are taken as 6, because Soft-RoCE
+    /// takes 7 as "retry forever" while hardware takes it as 7). So a peer whose link
+    /// or host is down fails a pending send, then every operation, with `TimedOut`
+    /// after about `ack_timeout × (retry_count + 1)`: 7.5 s with the defaults, which a
+    /// network outage of a few seconds survives. (A connection with nothing in
+    /// flight notices nothing: see the README on idle connections.)
+    pub retry_count: u8,
+}
+
+/// The retransmission settings of a queue pair, as the device takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QpTiming {
+    /// Local ACK timeout: 4.096 µs × 2^`timeout_exp` (1 ..= 31).
+    pub timeout_exp: u8,
+    /// Retransmissions before a send fails (0 ..= 6).
+    pub retry_cnt: u8,
+}
+
+impl QpTiming {
+    /// The timing for `ack_timeout` (rounded up to a step) and `retry_count` (at most
+    /// 6).
+    pub fn new(ack_timeout: Duration, retry_count: u8) -> Self {
+        // 4.096 µs × 2^n >= ack_timeout, n in 1..=31.
+        let steps = ack_timeout.as_nanos().div_ceil(4096).max(2);
+        let exp = (u128::BITS - (steps - 1).leading_zeros()).clamp(1, 31);
+        QpTiming {
+            timeout_exp: exp as u8,
+            retry_cnt: retry_count.min(6),
+        }
+    }
+
+    /// How long a send to a peer that acknowledges nothing takes to fail, at least:
+    /// one timeout per try.
+    pub fn give_up_after(&self) -> Duration {
+        Duration::from_nanos(4096 << self.timeout_exp) * (u32::from(self.retry_cnt) + 1)
+    }
+}
+
+impl Default for QpTiming {
+    fn default() -> Self {
+        let d = RdmaConfig::default();
+        QpTiming::new(d.ack_timeout, d.retry_count)
+    }
 }
 
 impl RdmaConfig {
+    /// The queue pair's retransmission settings from `ack_timeout` and `retry_count`.
+    pub fn qp_timing(&self) -> QpTiming {
+        QpTiming::new(self.ack_timeout, self.retry_count)
+    }
+
     /// Raise `chunk` to at least 64 bytes and keep `depth` within 3 ..= 512 (the
     /// receive queue's size).
     ///
@@ -105,6 +160,32 @@ impl Default for RdmaConfig {
             recv_buffer: 4 << 20,
             linger: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_nanos(4096 << 18),
+            retry_count: 6,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_timeouts_round_up_to_the_devices_steps_and_retries_stay_finite() {
+        let t = |d: Duration| QpTiming::new(d, 6).timeout_exp;
+        assert_eq!(t(Duration::ZERO), 1, "0 would mean forever");
+        assert_eq!(t(Duration::from_nanos(8192)), 1);
+        assert_eq!(t(Duration::from_nanos(8193)), 2);
+        assert_eq!(t(Duration::from_nanos(4096 << 18)), 18);
+        assert_eq!(t(Duration::from_nanos((4096 << 18) + 1)), 19);
+        assert_eq!(t(Duration::from_secs(1)), 18);
+        assert_eq!(t(Duration::MAX), 31);
+        assert_eq!(QpTiming::new(Duration::ZERO, 7).retry_cnt, 6);
+        assert_eq!(QpTiming::new(Duration::ZERO, 255).retry_cnt, 6);
+        assert_eq!(QpTiming::new(Duration::ZERO, 0).retry_cnt, 0);
+        let d = QpTiming::default();
+        assert_eq!((d.timeout_exp, d.retry_cnt), (18, 6));
+        let bound = d.give_up_after().as_secs_f64();
+        assert!((7.5..7.6).contains(&bound), "{bound}");
     }
 }

@@ -53,6 +53,12 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::reactor::credit::Credits;
 use crate::reactor::{Completion, WrId};
 
+/// `IBV_WC_RETRY_EXC_ERR`: the transport's retransmissions ran out.
+const RETRY_EXC_ERR: u32 = 12;
+
+/// The smallest path MTU of RDMA (InfiniBand and RoCE), in bytes.
+const MIN_MTU: u32 = 256;
+
 /// Registered memory named by a work request: address, length, local key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Sge {
@@ -139,6 +145,9 @@ pub(crate) struct Limits {
     /// Sends in flight from which `queue_send` leaves posting to their completions,
     /// so a stream of small messages goes out in batches (one doorbell for many).
     pub(crate) cork_in_flight: u32,
+    /// The active MTU of the local port in bytes, told to the peer in the hello (0:
+    /// unknown).
+    pub(crate) port_mtu: u32,
 }
 
 /// Where the local direction is.
@@ -238,7 +247,11 @@ pub(crate) struct Connection<B, K> {
     /// so holding credits back for them could only deadlock).
     unread: usize,
     peer: Option<Hello>,
-    /// Fragment size: the smaller of both sides' receive buffers.
+    /// The queue pair's path MTU in bytes (0: unknown), set by the shell once RDMA-CM
+    /// has moved it to RTR.
+    path_mtu: u32,
+    /// Fragment size: the smaller of both sides' receive buffers, and no more than the
+    /// peer's port MTU if the path MTU is larger (see [`Connection::set_path_mtu`]).
     frag: usize,
     life: Lifecycle,
     /// Something a waiting task may be interested in changed.
@@ -260,6 +273,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
             depth: lim.depth,
             chunk: lim.chunk as u32,
             max_message_size: lim.max_message_size as u64,
+            mtu: lim.port_mtu,
         }
         .encode();
         let hello = Bytes::copy_from_slice(&hello);
@@ -294,6 +308,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
             partial: Vec::new(),
             unread: 0,
             peer: None,
+            path_mtu: 0,
             frag: lim.chunk,
             life: Lifecycle {
                 local: Local::Open,
@@ -309,6 +324,15 @@ impl<B: RecvBuf, K> Connection<B, K> {
     }
 
     // ---- inputs -------------------------------------------------------------------
+
+    /// The queue pair's path MTU in bytes, known once it is ready to receive. If it is
+    /// larger than the peer's port MTU (the accepting side's link allows less than the
+    /// connecting side's, from which RDMA-CM takes the path MTU), fragments are cut to
+    /// the peer's MTU, so each is one packet the peer's link carries.
+    pub(crate) fn set_path_mtu(&mut self, bytes: u32) {
+        self.path_mtu = bytes;
+        self.frag = self.fragment_size();
+    }
 
     /// Queue one whole message. `Ok(None)`: accepted. `Ok(Some(msg))`: not now (the
     /// peer's hello has not arrived, or `send_buffer` bytes are queued): wait for a
@@ -736,6 +760,25 @@ impl<B: RecvBuf, K> Connection<B, K> {
 
     // ---- internals ----------------------------------------------------------------
 
+    /// The smaller of both receive buffers; no larger than the peer's port MTU if this
+    /// side's path MTU (or an unknown one) is larger. A peer's MTU under 256 bytes (the
+    /// smallest there is) counts as 256.
+    fn fragment_size(&self) -> usize {
+        let Some(h) = &self.peer else {
+            return self.lim.chunk;
+        };
+        let frag = self.lim.chunk.min(h.chunk as usize);
+        let peer_mtu = match h.mtu {
+            0 => return frag,
+            m => m.max(MIN_MTU),
+        };
+        if self.path_mtu == 0 || self.path_mtu > peer_mtu {
+            frag.min(peer_mtu as usize)
+        } else {
+            frag
+        }
+    }
+
     fn is_dead(&self) -> bool {
         self.life.local == Local::Closed || !matches!(self.life.health, Health::Up)
     }
@@ -756,10 +799,19 @@ impl<B: RecvBuf, K> Connection<B, K> {
         self.sq_free += 1;
         self.data_in_flight -= 1;
         if !c.is_success() {
-            let e = Error::new(
-                ErrorKind::WorkCompletion { status: c.status },
-                format!("send failed with work completion status {}", c.status),
-            );
+            let e = if c.status == RETRY_EXC_ERR {
+                Error::new(
+                    ErrorKind::TimedOut,
+                    "the peer acknowledged nothing through every retransmission of a \
+                     send (RdmaConfig::ack_timeout × (retry_count + 1)): its link or \
+                     host is down",
+                )
+            } else {
+                Error::new(
+                    ErrorKind::WorkCompletion { status: c.status },
+                    format!("send failed with work completion status {}", c.status),
+                )
+            };
             self.fail(e);
             if let Health::Failed { lost, .. } = &mut self.life.health {
                 *lost = true;
@@ -812,8 +864,8 @@ impl<B: RecvBuf, K> Connection<B, K> {
                 match hello {
                     Ok(h) if self.peer.is_none() => {
                         self.credits.on_hello(h.depth);
-                        self.frag = self.lim.chunk.min(h.chunk as usize);
                         self.peer = Some(h);
+                        self.frag = self.fragment_size();
                     }
                     Ok(_) => {}
                     Err(e) => self.fail(e.into()),
@@ -928,6 +980,7 @@ mod tests {
             recv_budget: 1 << 20,
             sq_depth: 64,
             cork_in_flight: 8,
+            port_mtu: 0,
         }
     }
 
@@ -1102,6 +1155,73 @@ mod tests {
         let err = recv(&mut a).unwrap().unwrap_err();
         assert!(err.to_string().contains("peer gone"), "{err}");
         assert!(a.conn.is_closed());
+    }
+
+    #[test]
+    fn a_send_the_peer_never_acknowledges_fails_everything_with_timed_out() {
+        let (mut a, mut b) = (end(lim(8, 128)), end(lim(8, 128)));
+        settle(&mut a, &mut b);
+        a.conn
+            .queue_send(Bytes::from_static(b"into the void"))
+            .unwrap();
+        let mut out = Vec::new();
+        a.conn.poll_transmit(&mut a.mem, &mut out);
+        assert_eq!(out.len(), 1);
+        // The link is down: the retransmissions run out.
+        a.conn.on_completion(&Completion {
+            status: RETRY_EXC_ERR,
+            ..Completion::success(out[0].wr_id)
+        });
+        let flush = a.conn.poll_flush().unwrap().unwrap_err();
+        assert_eq!(flush.kind(), ErrorKind::TimedOut, "{flush}");
+        assert!(flush.to_string().contains("retry_count"), "{flush}");
+        assert_eq!(
+            recv(&mut a).unwrap().unwrap_err().kind(),
+            ErrorKind::TimedOut
+        );
+        let send = a.conn.queue_send(Bytes::from_static(b"later")).unwrap_err();
+        assert_eq!(send.kind(), ErrorKind::TimedOut);
+        assert!(a.conn.is_closed());
+    }
+
+    /// Fragment sizes `a` posts for a message of `len` bytes.
+    fn fragments(a: &mut End, b: &mut End, len: usize) -> Vec<u32> {
+        a.conn.queue_send(Bytes::from(vec![7u8; len])).unwrap();
+        let sizes = pump(a, b)
+            .iter()
+            .map(|wr| wr.sge.map_or(0, |s| s.len))
+            .collect();
+        settle(a, b);
+        assert_eq!(recv(b).unwrap().unwrap().len(), len);
+        sizes
+    }
+
+    #[test]
+    fn fragments_fit_the_peers_port_when_the_path_mtu_is_larger() {
+        let mtu = |port_mtu| Limits {
+            port_mtu,
+            ..lim(16, 4096)
+        };
+        // `a` connected from a 4096-byte link to `b` on a 1024-byte one: RDMA-CM gave
+        // both 4096, `b` clamped its own to 1024.
+        let (mut a, mut b) = (end(mtu(4096)), end(mtu(1024)));
+        a.conn.set_path_mtu(4096);
+        b.conn.set_path_mtu(1024);
+        settle(&mut a, &mut b);
+        assert_eq!(fragments(&mut a, &mut b, 4096), [1024; 4]);
+        assert_eq!(fragments(&mut a, &mut b, 1500), [1024, 476]);
+        // `b`'s packets are 1024 bytes at most anyway: its fragments stay whole.
+        assert_eq!(fragments(&mut b, &mut a, 4096), [4096]);
+
+        // The same MTU both sides, or a peer that does not say (an older release):
+        // whole buffers.
+        for (pa, pb) in [(4096, 4096), (1024, 0)] {
+            let (mut a, mut b) = (end(mtu(pa)), end(mtu(pb)));
+            a.conn.set_path_mtu(pa);
+            b.conn.set_path_mtu(pa);
+            settle(&mut a, &mut b);
+            assert_eq!(fragments(&mut a, &mut b, 4096), [4096]);
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
-use sideway::ibverbs::queue_pair::BasicQueuePair;
+use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair, QueuePairAttributeMask};
 
 use super::buffer::RecvSlot;
 use super::cm::CmListener;
@@ -59,8 +59,9 @@ pub(super) struct Setup {
 }
 
 impl RdmaTransport {
-    pub(super) fn limits(cfg: &RdmaConfig) -> Limits {
+    pub(super) fn limits(cfg: &RdmaConfig, port_mtu: u32) -> Limits {
         Limits {
+            port_mtu,
             depth: cfg.depth,
             chunk: cfg.chunk,
             max_message_size: cfg.max_message_size,
@@ -92,7 +93,13 @@ impl RdmaTransport {
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(registration)?;
         drop(bounce);
-        let (core, first) = Connection::new(Self::limits(cfg), bufs);
+        // The hello tells the peer the largest packet this port takes.
+        let port_mtu = qp
+            .query(QueuePairAttributeMask::Port)
+            .ok()
+            .and_then(|(attr, _)| ctx.device_context().query_port(attr.port()).ok())
+            .map_or(0, |p| 128 << p.attr.active_mtu.clamp(1, 5));
+        let (core, first) = Connection::new(Self::limits(cfg, port_mtu), bufs);
         post(qp, &first, &[])?;
         Ok(Setup {
             slab,
@@ -120,7 +127,10 @@ impl RdmaTransport {
         cfg: RdmaConfig,
         peer: Option<SocketAddr>,
     ) -> Result<RdmaTransport> {
+        let path_mtu = conn.path_mtu;
         let (qp, source, context, cm) = conn.into_parts();
+        let mut core = setup.core;
+        core.set_path_mtu(path_mtu);
         let mut source =
             source.ok_or_else(|| Error::new(ErrorKind::Registration, "no completion queue"))?;
         let cm_channel = source.take_cm();
@@ -130,7 +140,7 @@ impl RdmaTransport {
                 source,
                 buf: Vec::with_capacity(64),
             }),
-            conn: Mutex::new(setup.core),
+            conn: Mutex::new(core),
             returns: Mutex::new(Vec::new()),
             has_returns: AtomicBool::new(false),
             drive_due: AtomicBool::new(false),
@@ -173,8 +183,9 @@ impl RdmaTransport {
     /// # Errors
     /// As [`cm::connect_qp`](super::cm::connect_qp).
     pub fn connect_blocking(addr: SocketAddr, timeout: Duration, cfg: RdmaConfig) -> Result<Self> {
+        let cfg_timing = cfg.qp_timing();
         Self::open(cfg, Some(addr), |make_cq, before| {
-            super::cm::connect_qp_with(addr, timeout, make_cq, before)
+            super::cm::connect_qp_with(addr, timeout, cfg_timing, make_cq, before)
         })
     }
 
@@ -187,8 +198,9 @@ impl RdmaTransport {
         timeout: Duration,
         cfg: RdmaConfig,
     ) -> Result<Self> {
+        let timing = cfg.qp_timing();
         Self::open(cfg, None, |make_cq, before| {
-            listener.accept_with(timeout, make_cq, before)
+            listener.accept_with(timeout, timing, make_cq, before)
         })
     }
 

@@ -9,8 +9,10 @@
 //! RDMA-CM reports a disconnect (the QPs go to the error state and every posted request
 //! completes with a flush error). After every step the invariants are checked:
 //!
-//! * no SEND reaches the peer without a posted receive (no RNR), and no fragment is
-//!   larger than the receive buffer it lands in;
+//! * no SEND reaches the peer without a posted receive (no RNR), no fragment is
+//!   larger than the receive buffer it lands in, and no packet larger than the
+//!   receiving port's MTU (the ports' MTUs differ; RDMA-CM gives both sides the
+//!   connecting side's path MTU, which the accepting side clamps to its own);
 //! * memory a posted SEND names is alive and unchanged until its completion (bounce
 //!   slots are reused from a free list, so freeing one early corrupts a later message);
 //! * every accepted message arrives once, in order, intact (per sending task), or the
@@ -156,6 +158,9 @@ struct Sim {
     wire: [VecDeque<SendWr>; 2],
     disconnected: bool,
     lim: [Limits; 2],
+    /// Each queue pair's path MTU: side 0 connects, so RDMA-CM gives both sides its
+    /// port's MTU, and side 1 clamps it to its own port's (as `cm` does).
+    path_mtu: [u32; 2],
     trace: bool,
 }
 
@@ -208,6 +213,7 @@ impl Sim {
                 l.depth = 16;
             }
         }
+        let path_mtu = [lims[0].port_mtu, lims[0].port_mtu.min(lims[1].port_mtu)];
         let sides = [0, 1].map(|i| {
             let lim = lims[i];
             let mem = Rc::new(RefCell::new(Memory::default()));
@@ -218,7 +224,8 @@ impl Sim {
                 })
                 .collect();
             let map = bufs.iter().map(|b| (b.addr, b.clone())).collect();
-            let (conn, first) = Connection::new(lim, bufs);
+            let (mut conn, first) = Connection::new(lim, bufs);
+            conn.set_path_mtu(path_mtu[i]);
             Side {
                 conn,
                 stager: FakeStager(mem.clone()),
@@ -238,6 +245,7 @@ impl Sim {
             wire: [VecDeque::new(), VecDeque::new()],
             disconnected: false,
             lim: lims,
+            path_mtu,
             trace: std::env::var_os("NET_RS_SIM_TRACE").is_some(),
         };
         sim.plan(scenario);
@@ -382,6 +390,16 @@ impl Sim {
                 "side {i} sent a {}-byte fragment into a {}-byte receive buffer",
                 data.len(),
                 buf.data.borrow().len()
+            ));
+        }
+        // The SEND leaves in packets of the path MTU: the first must fit the
+        // receiving port's MTU, or the peer's link drops it (and on the device every
+        // such message would hang, retried without end).
+        let packet = data.len().min(self.path_mtu[i] as usize);
+        if packet > self.lim[j].port_mtu as usize {
+            self.fail(&format!(
+                "side {i} sent a {packet}-byte packet (path MTU {}) to a port of MTU {}",
+                self.path_mtu[i], self.lim[j].port_mtu
             ));
         }
         buf.data.borrow_mut()[..data.len()].copy_from_slice(&data);
@@ -767,6 +785,7 @@ fn limits(rng: &mut Rng, scenario: Scenario) -> Limits {
         recv_budget: rng.below(4000) as usize,
         sq_depth: 4 + rng.below(60) as u32,
         cork_in_flight: 1 + rng.below(8) as u32,
+        port_mtu: [256, 512, 1024, 4096][rng.below(4) as usize],
     }
 }
 

@@ -18,20 +18,25 @@
 //!   how every release of net-rs has sent it. Peers of the same byte order agree; a
 //!   big-endian and a little-endian host would not (kept so the wire does not change).
 //! * [`Hello`]: the payload of the first message each side sends (sideway has no
-//!   RDMA-CM private data), 20 bytes, all big-endian:
+//!   RDMA-CM private data), 24 bytes, all big-endian:
 //!
 //!   ```text
-//!   0            4          8          12                     20
-//!   +------------+----------+----------+----------------------+
-//!   | magic: u32 | depth:   | chunk:   | max_message_size:    |
-//!   | 4E 52 00 01| u32      | u32      | u64                  |
-//!   | "NR", v1   | receives | bytes in | bytes in the largest |
-//!   |            | posted   | a buffer | message accepted     |
-//!   +------------+----------+----------+----------------------+
+//!   0            4          8          12                     20          24
+//!   +------------+----------+----------+----------------------+-----------+
+//!   | magic: u32 | depth:   | chunk:   | max_message_size:    | mtu: u32  |
+//!   | 4E 52 00 01| u32      | u32      | u64                  | bytes per |
+//!   | "NR", v1   | receives | bytes in | bytes in the largest | packet the|
+//!   |            | posted   | a buffer | message accepted     | port takes|
+//!   +------------+----------+----------+----------------------+-----------+
 //!   ```
 //!
-//!   Bytes past the 20th are ignored, as they always were (a later version of protocol
-//!   1 may append fields that older peers skip).
+//!   `mtu` (appended in a later release of protocol 1; 0 = not said) is the active MTU
+//!   of the sender's port: a peer whose queue pair's path MTU is larger sends it
+//!   fragments of at most that many bytes, so every packet fits (RDMA-CM takes the
+//!   path MTU from the connecting side, which may be more than the other side's link
+//!   allows). A hello of 20 to 23 bytes (a release before the field) decodes with
+//!   `mtu` 0; bytes past the 24th are ignored, as bytes past the last field always
+//!   were (a later version of protocol 1 may append fields that older peers skip).
 //! * [`WrKind`]: the local numbering of work requests in `wr_id` (never sent): bit 63
 //!   ([`WrId::DRIVER_TAG`]) clear is an op-slab id (sends of data, hello and FIN, whose
 //!   memory the op slab owns until the completion); bit 63 set with bits 32..63 clear
@@ -74,6 +79,7 @@ const CONTROL_BIT: u64 = 1 << 40;
 const _: () = assert!(MAX_PIGGYBACK == Imm::MAX_CREDITS as u32);
 // The hello fits the smallest receive buffer.
 const _: () = assert!(Hello::LEN <= Hello::MIN_CHUNK as usize);
+const _: () = assert!(Hello::MIN_LEN <= Hello::LEN);
 
 /// Why a value read from a peer (immediate data, a hello) or from a completion (a
 /// `wr_id`) is not one net-rs makes. Converts into an [`Error`] of kind
@@ -91,7 +97,7 @@ pub enum WireError {
         /// The whole immediate value.
         imm: u32,
     },
-    /// A hello shorter than [`Hello::LEN`] bytes.
+    /// A hello shorter than [`Hello::MIN_LEN`] bytes.
     HelloShort {
         /// Its length in bytes.
         len: usize,
@@ -135,8 +141,8 @@ impl fmt::Display for WireError {
             ),
             WireError::HelloShort { len } => write!(
                 f,
-                "{HELLO_BAD}: too short ({len} bytes, want {})",
-                Hello::LEN
+                "{HELLO_BAD}: too short ({len} bytes, want at least {})",
+                Hello::MIN_LEN
             ),
             WireError::HelloMagic { found } => write!(
                 f,
@@ -274,11 +280,16 @@ pub struct Hello {
     pub chunk: u32,
     /// The largest message in bytes the sender accepts.
     pub max_message_size: u64,
+    /// The active MTU of the sender's port in bytes (256 to 4096), the largest packet
+    /// it can receive; 0 if the hello did not say (a release before the field).
+    pub mtu: u32,
 }
 
 impl Hello {
     /// Bytes in an encoded hello.
-    pub const LEN: usize = 20;
+    pub const LEN: usize = 24;
+    /// Bytes in the shortest hello accepted (a release before the `mtu` field).
+    pub const MIN_LEN: usize = 20;
     /// The first four bytes of every hello: "NR" and protocol version 1.
     pub const MAGIC: u32 = 0x4E52_0001;
     /// The smallest receive depth a peer may announce (see
@@ -288,25 +299,31 @@ impl Hello {
     /// one).
     pub const MIN_CHUNK: u32 = 64;
 
-    /// The hello's bytes: magic, depth, chunk, max message size, all big-endian.
+    /// The hello's bytes: magic, depth, chunk, max message size, MTU, all big-endian.
     pub fn encode(&self) -> [u8; Hello::LEN] {
         let mut b = [0u8; Hello::LEN];
         b[0..4].copy_from_slice(&Hello::MAGIC.to_be_bytes());
         b[4..8].copy_from_slice(&self.depth.to_be_bytes());
         b[8..12].copy_from_slice(&self.chunk.to_be_bytes());
         b[12..20].copy_from_slice(&self.max_message_size.to_be_bytes());
+        b[20..24].copy_from_slice(&self.mtu.to_be_bytes());
         b
     }
 
     /// Read a peer's hello from the payload of the message flagged [`ImmFlags::Hello`].
-    /// Bytes past [`Hello::LEN`] are ignored.
+    /// Bytes past [`Hello::LEN`] are ignored; a payload of [`Hello::MIN_LEN`] up to
+    /// `LEN - 1` bytes (a release before the `mtu` field) gives `mtu` 0.
     ///
     /// # Errors
-    /// [`WireError::HelloShort`] under [`Hello::LEN`] bytes, [`WireError::HelloMagic`]
+    /// [`WireError::HelloShort`] under [`Hello::MIN_LEN`] bytes, [`WireError::HelloMagic`]
     /// without [`Hello::MAGIC`], [`WireError::HelloLimits`] for a depth under
     /// [`Hello::MIN_DEPTH`] or a chunk under [`Hello::MIN_CHUNK`].
     pub fn decode(b: &[u8]) -> Result<Hello, WireError> {
-        let Some(b) = b.first_chunk::<{ Hello::LEN }>() else {
+        let mtu = match b.get(20..24) {
+            Some(m) => u32::from_be_bytes([m[0], m[1], m[2], m[3]]),
+            None => 0,
+        };
+        let Some(b) = b.first_chunk::<{ Hello::MIN_LEN }>() else {
             return Err(WireError::HelloShort { len: b.len() });
         };
         let word = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
@@ -320,6 +337,7 @@ impl Hello {
             depth: word(4),
             chunk: word(8),
             max_message_size: u64::from_be_bytes(max),
+            mtu,
         };
         if hello.depth < Hello::MIN_DEPTH || hello.chunk < Hello::MIN_CHUNK {
             return Err(WireError::HelloLimits {
@@ -396,11 +414,13 @@ mod tests {
         assert_eq!(imm(0xFFFF, ImmFlags::CreditUpdate), 0x0002_FFFF);
         assert_eq!(imm(1, ImmFlags::Hello), 0x000A_0001);
 
-        // The hello: "NR", version 1, then depth, chunk, max message size, big-endian.
+        // The hello: "NR", version 1, then depth, chunk, max message size, MTU,
+        // big-endian.
         let hello = Hello {
             depth: 512,
             chunk: 4096,
             max_message_size: 8 << 20,
+            mtu: 1024,
         };
         assert_eq!(
             hello.encode(),
@@ -409,9 +429,15 @@ mod tests {
                 0x00, 0x00, 0x02, 0x00, // depth 512
                 0x00, 0x00, 0x10, 0x00, // chunk 4096
                 0x00, 0x00, 0x00, 0x00, 0x00, 0x80, 0x00, 0x00, // 8 MiB
+                0x00, 0x00, 0x04, 0x00, // MTU 1024
             ]
         );
-        assert_eq!(Hello::LEN, 20);
+        assert_eq!(Hello::LEN, 24);
+        // A hello of a release before the MTU field: the first 20 bytes, MTU 0.
+        assert_eq!(
+            Hello::decode(&hello.encode()[..20]),
+            Ok(Hello { mtu: 0, ..hello })
+        );
         assert_eq!(&Hello::MAGIC.to_be_bytes(), b"NR\x00\x01");
 
         // wr_id: receives are bit 63 plus the index, the credit update bit 63 plus bit
@@ -511,8 +537,13 @@ mod tests {
             depth: 3,
             chunk: 64,
             max_message_size: u64::MAX,
+            mtu: 4096,
         };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
+        // A partial MTU field is not an MTU.
+        for len in Hello::MIN_LEN..Hello::LEN {
+            assert_eq!(Hello::decode(&h.encode()[..len]), Ok(Hello { mtu: 0, ..h }));
+        }
         let mut longer = h.encode().to_vec();
         longer.extend_from_slice(b"future fields");
         assert_eq!(Hello::decode(&longer), Ok(h));
@@ -524,9 +555,10 @@ mod tests {
             depth: 16,
             chunk: 4096,
             max_message_size: 1 << 20,
+            mtu: 1024,
         }
         .encode();
-        for len in 0..Hello::LEN {
+        for len in 0..Hello::MIN_LEN {
             let e = Hello::decode(&good[..len]).unwrap_err();
             assert_eq!(e, WireError::HelloShort { len });
             assert!(e.to_string().contains("too short"), "{e}");
@@ -543,6 +575,7 @@ mod tests {
                     depth,
                     chunk,
                     max_message_size: 0,
+                    mtu: 0,
                 }
                 .encode(),
             )
@@ -645,20 +678,24 @@ mod tests {
             depth in Hello::MIN_DEPTH..=u32::MAX,
             chunk in Hello::MIN_CHUNK..=u32::MAX,
             max_message_size in any::<u64>(),
+            mtu in any::<u32>(),
         ) {
-            let h = Hello { depth, chunk, max_message_size };
+            let h = Hello { depth, chunk, max_message_size, mtu };
             prop_assert_eq!(Hello::decode(&h.encode()), Ok(h));
         }
 
         #[test]
         fn hello_decode_is_exact(b in prop::collection::vec(any::<u8>(), 0..40)) {
-            // Whatever decodes is the first 20 bytes; a hello built from those 20
-            // bytes' magic, with valid limits, always decodes.
+            // Whatever decodes is the first 24 bytes (20 and MTU 0 from a shorter
+            // payload); a hello built from those bytes' magic, with valid limits,
+            // always decodes.
             if let Ok(h) = Hello::decode(&b) {
-                prop_assert_eq!(&h.encode()[..], &b[..Hello::LEN]);
+                let n = if b.len() >= Hello::LEN { Hello::LEN } else { Hello::MIN_LEN };
+                prop_assert_eq!(&h.encode()[..n], &b[..n]);
+                prop_assert!(n == Hello::LEN || h.mtu == 0);
             }
             let mut fixed = b.clone();
-            fixed.resize(fixed.len().max(Hello::LEN), 0);
+            fixed.resize(fixed.len().max(Hello::MIN_LEN), 0);
             fixed[..4].copy_from_slice(&Hello::MAGIC.to_be_bytes());
             fixed[4..8].copy_from_slice(&Hello::MIN_DEPTH.to_be_bytes());
             fixed[8..12].copy_from_slice(&Hello::MIN_CHUNK.to_be_bytes());

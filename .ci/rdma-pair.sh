@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The RDMA transport across a real (virtual) wire: two Soft-RoCE VMs joined by
 # ../shared/softroce/softroce-pair.sh, examples/rdma_pair_check.rs in each (server in
-# VM 1, checks in VM 2). Three boots: equal MTUs (echo, a killed server, the link
-# down for good during traffic), then the server's link at RoCE MTU 1024 against the
-# client's 4096, then the other way round (echo up to the maximum message, killed).
+# VM 1, checks in VM 2). Three boots: equal MTUs (echo, a killed server, a 3 s outage
+# survived, the link down for good while idle), the server's link at RoCE MTU 1024
+# against the client's 4096 (echo up to the maximum message, killed, the link down for
+# good during traffic), then the other way round (echo, killed). Where the link goes
+# down for good, both sides must fail in bounded time (the server checks its own).
 # Every wait in the check is bounded; the measured times are in the log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +44,10 @@ run() { # MTU_1 MTU_2 SERVER_RUNS CASES...
   fi
   grep -h "pair " "$out/vm1/console.log" "$out/vm2/console.log" || true
 }
-run 1500 1500 2 echo killed linkdown
-run 1500 9000 1 echo killed
+# A link that was down for about 15 s with traffic in flight keeps refusing new
+# RDMA-CM connections afterwards in these VMs (rdma-core's ucmatose too; TCP works),
+# so each boot takes the link down for good at most once, as its last case.
+run 1500 1500 2 echo killed outage idle
+run 1500 9000 2 echo killed linkdown
 run 9000 1500 1 echo killed
 exit $rc

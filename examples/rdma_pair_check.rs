@@ -4,23 +4,31 @@
 //!
 //! ```text
 //! rdma_pair_check serve ADDR          # on host 1: echo every message back
-//! rdma_pair_check check ADDR CASE...  # on host 2, CASE in echo, killed, linkdown
+//! rdma_pair_check check ADDR CASE...  # on host 2: echo killed outage linkdown idle
 //! ```
 //! * `echo`: messages of 0 B to the maximum message size (8 MiB) come back intact
 //!   (the hosts may have different MTUs).
 //! * `killed`: the server process exits with a `recv` of ours pending: the `recv` fails
 //!   within 5 s and `is_closed()` turns true.
-//! * `linkdown`: during a stream of 64 KiB ping-pongs the server's link goes down for
-//!   good: the pending operation fails with `TimedOut` within the queue pair's retry
-//!   bound (`RdmaConfig::ack_timeout × (retry_count + 1)`, 7.5 s) plus 3 s; then
+//! * `outage`: during a stream of 64 KiB ping-pongs the server's link is down for 3 s,
+//!   then up: the stream goes on (no side fails: the retries and the keepalive both
+//!   outlast the outage).
+//! * `linkdown`: during such a stream the server's link goes down for good: the pending
+//!   operation fails with `TimedOut` within the queue pair's retry bound
+//!   (`RdmaConfig::ack_timeout × (retry_count + 1)`, 7.5 s) plus 3 s; then
 //!   `is_closed()` is true, a later `send` or `flush` fails at once and `close`
 //!   returns within `linger`.
+//! * `idle`: the server's link goes down for good while our `recv` waits with nothing
+//!   in flight: the keepalive fails it with `TimedOut` within
+//!   `keepalive_interval × keepalive_misses` (15 s) plus 1 s.
 //!
 //! Every wait is bounded: a hang is reported as a failure (exit code 1). The server
-//! obeys two commands sent as messages (`CMD:exit` ends the process at once, as a kill
+//! obeys commands sent as messages: `CMD:exit` ends the process at once, as a kill
 //! would; `CMD:down:MS` takes its `eth0` down MS milliseconds later while it goes on
-//! echoing, and the process ends by itself 40 s later, having logged what its side
-//! of the connection saw).
+//! echoing, for good: the process then ends once its side of the connection failed
+//! (exit code 1 if that took longer than the keepalive bound plus 1 s, or never came
+//! within 40 s); `CMD:outage:MS:HOLD` takes `eth0` down after MS milliseconds and up
+//! again HOLD milliseconds later.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -65,8 +73,16 @@ fn main() {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: rdma_pair_check serve ADDR | check ADDR (echo|killed|linkdown)...");
+    eprintln!(
+        "usage: rdma_pair_check serve ADDR | check ADDR (echo|killed|outage|linkdown|idle)..."
+    );
     std::process::exit(2)
+}
+
+/// The keepalive's bound on noticing a silent peer, plus 1 s.
+fn keepalive_bound() -> Duration {
+    let c = RdmaConfig::default();
+    c.keepalive_interval * c.keepalive_misses + Duration::from_secs(1)
 }
 
 /// Run `f` on a thread of its own; an error if it takes longer than `limit`.
@@ -83,8 +99,15 @@ fn within<T: Send + 'static>(
         .map_err(|_| format!("{what}: no answer within {limit:?} (hung)"))
 }
 
-/// When this server took its link down, if it did.
+/// When this server took its link down for good, if it did.
 static LINK_DOWN: OnceLock<Instant> = OnceLock::new();
+
+fn ip_link(state: &str) {
+    let st = std::process::Command::new("ip")
+        .args(["link", "set", "eth0", state])
+        .status();
+    println!("pair server: eth0 {state} ({st:?})");
+}
 
 fn serve(addr: SocketAddr) -> Res<()> {
     let listener = rdma::listen(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
@@ -98,11 +121,18 @@ fn serve(addr: SocketAddr) -> Res<()> {
                 let msg = match t.recv().await {
                     Ok(m) => m,
                     Err(e) => {
-                        let since = LINK_DOWN.get().map(|d| d.elapsed().as_secs_f64());
-                        println!(
-                            "pair server: connection ended after {n} messages \
-                             ({since:?} s after the link went down): {e}"
-                        );
+                        println!("pair server: connection ended after {n} messages: {e}");
+                        if let Some(down) = LINK_DOWN.get() {
+                            let took = down.elapsed();
+                            let bound = keepalive_bound();
+                            println!(
+                                "pair server: its side failed {:.1} s after the link went \
+                                 down (bound {:.1} s)",
+                                took.as_secs_f64(),
+                                bound.as_secs_f64()
+                            );
+                            std::process::exit(i32::from(took > bound));
+                        }
                         break;
                     }
                 };
@@ -111,10 +141,22 @@ fn serve(addr: SocketAddr) -> Res<()> {
                     println!("pair server: exiting as told");
                     std::process::exit(0);
                 }
-                if let Some(ms) = msg.strip_prefix(b"CMD:down:") {
-                    let ms = std::str::from_utf8(ms).ok().and_then(|s| s.parse().ok());
-                    let delay = Duration::from_millis(ms.unwrap_or(0));
+                let cmd = std::str::from_utf8(&msg).unwrap_or("");
+                let ms = |s: Option<&str>| {
+                    Duration::from_millis(s.and_then(|s| s.parse().ok()).unwrap_or(0))
+                };
+                if let Some(rest) = cmd.strip_prefix("CMD:down:") {
+                    let delay = ms(Some(rest));
                     std::thread::spawn(move || link_down_later(delay));
+                } else if let Some(rest) = cmd.strip_prefix("CMD:outage:") {
+                    let mut it = rest.split(':');
+                    let (delay, hold) = (ms(it.next()), ms(it.next()));
+                    std::thread::spawn(move || {
+                        std::thread::sleep(delay);
+                        ip_link("down");
+                        std::thread::sleep(hold);
+                        ip_link("up");
+                    });
                 }
                 if t.send(msg).await.is_err() {
                     continue;
@@ -124,29 +166,29 @@ fn serve(addr: SocketAddr) -> Res<()> {
     }
 }
 
-/// Take `eth0` down after `delay`, for good; end the process 40 s later (what the
-/// server's connection saw by then is in its log).
+/// Take `eth0` down after `delay`, for good; the connection's failure then ends the
+/// process (see `serve`), or this thread does after 40 s.
 fn link_down_later(delay: Duration) {
     std::thread::sleep(delay);
-    let st = std::process::Command::new("ip")
-        .args(["link", "set", "eth0", "down"])
-        .status();
+    ip_link("down");
     let _ = LINK_DOWN.set(Instant::now());
-    println!("pair server: eth0 down ({st:?})");
     std::thread::sleep(Duration::from_secs(40));
-    println!("pair server: ending 40 s after the link went down");
-    std::process::exit(0)
+    println!("pair server: its side of the connection never failed in 40 s");
+    std::process::exit(1)
 }
 
-/// Connect to `addr`, retrying for up to 90 s while the other VM boots.
+/// Connect to `addr`, retrying for up to 120 s while the other VM boots (or the
+/// server comes back).
 fn connect(addr: SocketAddr) -> Res<Arc<RdmaTransport>> {
     let start = Instant::now();
     loop {
         let cfg = RdmaConfig::default();
         match futures::executor::block_on(rdma::connect_with(addr, Duration::from_secs(5), cfg)) {
             Ok(t) => return Ok(Arc::new(t)),
-            Err(e) if start.elapsed() < Duration::from_secs(90) => {
-                let _ = e;
+            Err(e) if start.elapsed() < Duration::from_secs(120) => {
+                if std::env::var_os("PAIR_VERBOSE").is_some() {
+                    println!("pair check: connect: {e}");
+                }
                 std::thread::sleep(Duration::from_millis(500));
             }
             Err(e) => return Err(format!("connect to {addr}: {e}")),
@@ -170,7 +212,40 @@ fn round_trip(t: &Arc<RdmaTransport>, msg: Bytes, limit: Duration) -> Res<Bytes>
             t.recv().await
         })
     })?
-    .map_err(|e| format!("round trip: {e}"))
+    // Debug: the text starts with the error's kind (`Error(TimedOut): ...`).
+    .map_err(|e| format!("round trip: {e:?}"))
+}
+
+/// After a failure: `is_closed()`, later `send`/`flush` fail at once, `close` ends
+/// within `linger`.
+fn failed_for_good(t: &Arc<RdmaTransport>, case: &str) -> Res<()> {
+    if !t.is_closed() {
+        return Err("is_closed() is false after the failure".into());
+    }
+    let t2 = t.clone();
+    let later = within(
+        Duration::from_secs(2),
+        "send after the failure",
+        move || {
+            futures::executor::block_on(async {
+                (t2.send(Bytes::from_static(b"late")).await, t2.flush().await)
+            })
+        },
+    )?;
+    if later.0.is_ok() && later.1.is_ok() {
+        return Err("send and flush after the failure both succeeded".into());
+    }
+    let linger = RdmaConfig::default().linger + Duration::from_secs(2);
+    let t3 = t.clone();
+    let c = within(linger, "close after the failure", move || {
+        futures::executor::block_on(t3.close())
+    })?;
+    println!("pair check {case}: later send/flush {later:?}, close {c:?}");
+    Ok(())
+}
+
+fn is_timeout(e: &str) -> bool {
+    e.contains("TimedOut")
 }
 
 fn check(addr: SocketAddr, case: &str) -> Res<()> {
@@ -235,12 +310,40 @@ fn check(addr: SocketAddr, case: &str) -> Res<()> {
             }
             Ok(())
         }
+        "outage" => {
+            round_trip(
+                &t,
+                Bytes::from_static(b"CMD:outage:500:3000"),
+                Duration::from_secs(30),
+            )?;
+            let start = Instant::now();
+            let mut k = 0u8;
+            let mut slowest = Duration::ZERO;
+            while start.elapsed() < Duration::from_secs(8) {
+                let one = Instant::now();
+                let msg = pattern(65536, k);
+                let back = round_trip(&t, msg.clone(), Duration::from_secs(30))?;
+                if back != msg {
+                    return Err("a message came back changed across the outage".into());
+                }
+                slowest = slowest.max(one.elapsed());
+                k = k.wrapping_add(1);
+            }
+            println!(
+                "pair check outage: {k} round trips across a 3 s outage, the slowest {:.1} s",
+                slowest.as_secs_f64()
+            );
+            close(&t)
+        }
         "linkdown" => {
             for k in 0..20 {
                 round_trip(&t, pattern(65536, k), Duration::from_secs(30))?;
             }
-            let cmd = Bytes::from_static(b"CMD:down:500");
-            round_trip(&t, cmd, Duration::from_secs(30))?;
+            round_trip(
+                &t,
+                Bytes::from_static(b"CMD:down:500"),
+                Duration::from_secs(30),
+            )?;
             // Keep the ping-pong going: the send after the link went down is not
             // acknowledged, and fails after the retries.
             let bound = QpTiming::default().give_up_after() + Duration::from_secs(3);
@@ -264,35 +367,44 @@ fn check(addr: SocketAddr, case: &str) -> Res<()> {
                     "the failure took {took:?}, over the bound {bound:?}"
                 ));
             }
-            if !err.contains("TimedOut")
-                && !err.contains("timed out")
-                && !err.contains("acknowledged")
-            {
+            if !is_timeout(&err) {
                 return Err(format!("the failure is not a timeout: {err}"));
             }
-            if !t.is_closed() {
-                return Err("is_closed() is false after the link failed".into());
-            }
-            let t2 = t.clone();
-            let later = within(
-                Duration::from_secs(2),
-                "send after the failure",
-                move || {
-                    futures::executor::block_on(async {
-                        (t2.send(Bytes::from_static(b"late")).await, t2.flush().await)
-                    })
-                },
+            failed_for_good(&t, case)
+        }
+        "idle" => {
+            round_trip(&t, pattern(100, 2), Duration::from_secs(30))?;
+            round_trip(
+                &t,
+                Bytes::from_static(b"CMD:down:500"),
+                Duration::from_secs(30),
             )?;
-            if later.0.is_ok() && later.1.is_ok() {
-                return Err("send and flush after the failure both succeeded".into());
-            }
-            let linger = RdmaConfig::default().linger + Duration::from_secs(2);
-            let t3 = t.clone();
-            let c = within(linger, "close after the failure", move || {
-                futures::executor::block_on(t3.close())
+            // Nothing in flight: only the keepalive can notice.
+            let bound = keepalive_bound() + Duration::from_millis(500);
+            let t2 = t.clone();
+            let start = Instant::now();
+            let r = within(bound + Duration::from_secs(30), "idle recv", move || {
+                futures::executor::block_on(t2.recv()).map(|m| m.len())
             })?;
-            println!("pair check linkdown: later send/flush {later:?}, close {c:?}");
-            Ok(())
+            let took = start.elapsed();
+            println!(
+                "pair check idle: pending recv gave {r:?} after {:.1} s (bound {:.1} s)",
+                took.as_secs_f64(),
+                bound.as_secs_f64()
+            );
+            match r {
+                Ok(n) => return Err(format!("recv returned {n} bytes from a dead link")),
+                Err(e) if e.kind() != net_rs::error::ErrorKind::TimedOut => {
+                    return Err(format!("the failure is not a timeout: {e}"))
+                }
+                Err(_) if took > bound => {
+                    return Err(format!(
+                        "the failure took {took:?}, over the bound {bound:?}"
+                    ))
+                }
+                Err(_) => {}
+            }
+            failed_for_good(&t, case)
         }
         other => Err(format!("unknown case {other}")),
     }

@@ -1,6 +1,6 @@
-//! The RDMA hello: any payload decodes to a hello whose encoding is the payload's first
-//! 24 bytes (its first 20 and MTU 0, from a payload of 20 to 23 bytes), or is rejected
-//! with the error that names the first thing wrong.
+//! The RDMA hello: any payload decodes to a hello whose encoding starts with the
+//! payload's whole fields (20, 24 or 28 bytes), or is rejected with the error that
+//! names the first thing wrong.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -10,15 +10,17 @@ fuzz_target!(|b: &[u8]| {
     let word = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     match Hello::decode(b) {
         Ok(h) => {
-            let n = if b.len() >= Hello::LEN {
-                Hello::LEN
-            } else {
-                Hello::MIN_LEN
-            };
+            // Whole fields only: 20, 24 or 28 bytes; the missing ones 0 and None.
+            let n = [Hello::LEN, 24, Hello::MIN_LEN]
+                .into_iter()
+                .find(|&n| b.len() >= n)
+                .unwrap();
             assert_eq!(&h.encode()[..n], &b[..n]);
-            assert!(n == Hello::LEN || h.mtu == 0);
+            assert!(n >= 24 || h.mtu == 0);
+            assert_eq!(h.keepalive_ms.is_some(), n == Hello::LEN);
             assert!(h.depth >= Hello::MIN_DEPTH && h.chunk >= Hello::MIN_CHUNK);
-            assert_eq!(Hello::decode(&h.encode()), Ok(h));
+            let keepalive_ms = Some(h.keepalive_ms.unwrap_or(0));
+            assert_eq!(Hello::decode(&h.encode()), Ok(Hello { keepalive_ms, ..h }));
         }
         Err(e) => {
             assert!(e.to_string().contains("hello"), "{e}");

@@ -99,6 +99,17 @@ impl Credits {
         Some(self.take_piggyback())
     }
 
+    /// Take a credit for a control message that must go now whatever is waiting to be
+    /// returned (a keepalive probe or its answer): any credit, the reserved one too.
+    /// Returns the credits it carries, or `None` without a credit.
+    pub fn take_for_control(&mut self) -> Option<u32> {
+        if self.send == 0 {
+            return None;
+        }
+        self.send -= 1;
+        Some(self.take_piggyback())
+    }
+
     fn take_piggyback(&mut self) -> u32 {
         let n = self.to_return.min(MAX_PIGGYBACK);
         self.to_return -= n;

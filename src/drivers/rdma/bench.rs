@@ -176,6 +176,9 @@ fn limits() -> Limits {
         sq_depth: 512,
         cork_in_flight: 8,
         port_mtu: 4096,
+        initiator: false,
+        keepalive_ms: 0,
+        keepalive_misses: 3,
     }
 }
 

@@ -318,14 +318,14 @@ pub(crate) fn connect_qp_with(
     id.resolve_addr(None, addr, ms(timeout))
         .map_err(|e| cm_error(ErrorKind::ConnectionRefused, &what, e))?;
     drop(expect(
-        next_event(&ch, deadline, &what)?,
+        next_event(&ch, deadline, &format!("{what} (resolving the address)"))?,
         EventType::AddressResolved,
         &what,
     )?);
     id.resolve_route(ms(deadline.saturating_duration_since(Instant::now())))
         .map_err(|e| cm_error(ErrorKind::ConnectionRefused, &what, e))?;
     drop(expect(
-        next_event(&ch, deadline, &what)?,
+        next_event(&ch, deadline, &format!("{what} (resolving the route)"))?,
         EventType::RouteResolved,
         &what,
     )?);
@@ -334,7 +334,11 @@ pub(crate) fn connect_qp_with(
     id.connect(conn_param(&qp))
         .map_err(|e| cm_error(ErrorKind::ConnectionRefused, &what, e))?;
     drop(expect(
-        next_event(&ch, deadline, &what)?,
+        next_event(
+            &ch,
+            deadline,
+            &format!("{what} (waiting for the peer to accept)"),
+        )?,
         EventType::ConnectResponse,
         &what,
     )?);

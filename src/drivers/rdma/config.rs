@@ -81,6 +81,20 @@ pub struct RdmaConfig {
     /// network outage of a few seconds survives. (A connection with nothing in
     /// flight notices nothing: see the README on idle connections.)
     pub retry_count: u8,
+    /// Keepalive interval (default 5 s; zero: off). With keepalive on at both ends, one
+    /// side (the connecting one, or the accepting one if the other has it off) sends a
+    /// probe every interval, which the peer answers; either side fails the connection
+    /// with `TimedOut` after `keepalive_misses` intervals without a word from the peer.
+    /// So a peer whose host or link died while the connection was idle (nothing in
+    /// flight, so the retries above never start) is noticed within
+    /// `interval × misses` (15 s with the defaults), a pending `recv` ends and
+    /// `is_closed()` turns true. Cost: one empty SEND and its answer per interval per
+    /// connection. A peer *process* stopped (SIGSTOP) for that long also counts as
+    /// gone: its device thread answers the probes.
+    pub keepalive_interval: Duration,
+    /// Keepalive intervals without a word from the peer before the connection fails
+    /// (default 3; at least 1).
+    pub keepalive_misses: u32,
 }
 
 /// The retransmission settings of a queue pair, as the device takes them.
@@ -120,6 +134,26 @@ impl Default for QpTiming {
 }
 
 impl RdmaConfig {
+    /// Keepalive every `interval` (zero: off), failing the connection after `misses`
+    /// intervals without a word from the peer (see
+    /// [`keepalive_interval`](RdmaConfig::keepalive_interval)).
+    pub fn keepalive(mut self, interval: Duration, misses: u32) -> Self {
+        self.keepalive_interval = interval;
+        self.keepalive_misses = misses;
+        self
+    }
+
+    /// The keepalive interval in whole milliseconds (0: off; at least 1 when on).
+    pub(crate) fn keepalive_ms(&self) -> u32 {
+        if self.keepalive_interval.is_zero() {
+            0
+        } else {
+            self.keepalive_interval
+                .as_millis()
+                .clamp(1, u128::from(u32::MAX)) as u32
+        }
+    }
+
     /// The queue pair's retransmission settings from `ack_timeout` and `retry_count`.
     pub fn qp_timing(&self) -> QpTiming {
         QpTiming::new(self.ack_timeout, self.retry_count)
@@ -162,6 +196,8 @@ impl Default for RdmaConfig {
             handshake_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_nanos(4096 << 18),
             retry_count: 6,
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_misses: 3,
         }
     }
 }

@@ -30,6 +30,12 @@
 //!   (A message still being reassembled does not hold credits back: it cannot be read
 //!   before its last fragment arrives, so that would deadlock; the simulation found
 //!   this.)
+//! * **Keepalive** ([`Connection::on_keepalive_tick`]): one side probes twice per
+//!   interval, the other answers, both fail the connection with `TimedOut` after about
+//!   `interval × misses` without a word. A probe or an answer may take the last
+//!   credit, and the prober never spends its last credit on anything but a probe (so
+//!   the answer always gives it back); the buffers of control messages are posted
+//!   again even over the receive budget, so a stalled reader still answers.
 //! * **End.** `shutdown` queues an end-of-stream marker after the last message; the
 //!   peer's `recv` then returns `Closed`. A disconnect (RDMA-CM) makes the shell move
 //!   the QP to the error state; what had arrived is still delivered, then the flushed
@@ -55,6 +61,22 @@ use crate::reactor::{Completion, WrId};
 
 /// `IBV_WC_RETRY_EXC_ERR`: the transport's retransmissions ran out.
 const RETRY_EXC_ERR: u32 = 12;
+
+/// The error of a SEND that completed with `status`.
+fn send_failure(status: u32) -> Error {
+    if status == RETRY_EXC_ERR {
+        Error::new(
+            ErrorKind::TimedOut,
+            "the peer acknowledged nothing through every retransmission of a send \
+             (RdmaConfig::ack_timeout × (retry_count + 1)): its link or host is down",
+        )
+    } else {
+        Error::new(
+            ErrorKind::WorkCompletion { status },
+            format!("send failed with work completion status {status}"),
+        )
+    }
+}
 
 /// The smallest path MTU of RDMA (InfiniBand and RoCE), in bytes.
 const MIN_MTU: u32 = 256;
@@ -148,6 +170,14 @@ pub(crate) struct Limits {
     /// The active MTU of the local port in bytes, told to the peer in the hello (0:
     /// unknown).
     pub(crate) port_mtu: u32,
+    /// This side connected (RDMA-CM's active side): with keepalive on at both ends, it
+    /// is the one that probes.
+    pub(crate) initiator: bool,
+    /// Keepalive interval in milliseconds (0: off): the shell calls
+    /// [`Connection::on_keepalive_tick`] this often.
+    pub(crate) keepalive_ms: u32,
+    /// Intervals without a word from the peer after which the connection fails.
+    pub(crate) keepalive_misses: u32,
 }
 
 /// Where the local direction is.
@@ -207,6 +237,33 @@ struct InFlight<K> {
     _keep: Option<K>,
 }
 
+/// What the shell does after a keepalive tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tick {
+    /// Tick again after `after_ms` milliseconds.
+    Again { after_ms: u32 },
+    /// The peer was silent too long: the connection failed now (disconnect it).
+    Failed,
+    /// The connection is over: no more ticks.
+    Stop,
+}
+
+/// The keepalive's state (see [`Connection::on_keepalive_tick`]).
+#[derive(Debug, Default)]
+struct Keepalive {
+    /// A message from the peer arrived since the last tick.
+    heard: bool,
+    /// Ticks in a row with nothing heard.
+    silent: u32,
+    /// A probe goes out with the next transmit.
+    probe_due: bool,
+    /// A probe went out and nothing has come back since.
+    probe_out: bool,
+    /// The peer probed: an answer goes out as soon as a credit allows (any message
+    /// answers).
+    answer_due: bool,
+}
+
 /// Where each receive buffer is.
 enum Slot<B> {
     /// Posted: the device may write it.
@@ -238,6 +295,10 @@ pub(crate) struct Connection<B, K> {
     posted: u32,
     /// Indices of `Slot::Pending` buffers, in the order they came back.
     pending: Vec<u32>,
+    /// Indices of `Slot::Pending` buffers that held a control message (a credit
+    /// update, a probe): posted again even over the receive budget, so the credits
+    /// the peer spent on them come back (they let it send no more data than before).
+    pending_control: Vec<u32>,
     lent: u32,
     lend_max: u32,
     recvq: VecDeque<Incoming<B>>,
@@ -254,6 +315,7 @@ pub(crate) struct Connection<B, K> {
     /// peer's port MTU if the path MTU is larger (see [`Connection::set_path_mtu`]).
     frag: usize,
     life: Lifecycle,
+    alive: Keepalive,
     /// Something a waiting task may be interested in changed.
     changed: bool,
     zero_copy_sends: u64,
@@ -274,6 +336,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
             chunk: lim.chunk as u32,
             max_message_size: lim.max_message_size as u64,
             mtu: lim.port_mtu,
+            keepalive_ms: Some(lim.keepalive_ms),
         }
         .encode();
         let hello = Bytes::copy_from_slice(&hello);
@@ -302,6 +365,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
             posted: bufs.len() as u32,
             slots: bufs.into_iter().map(Slot::Posted).collect(),
             pending: Vec::new(),
+            pending_control: Vec::new(),
             lent: 0,
             lend_max: lim.depth / 2,
             recvq: VecDeque::new(),
@@ -316,6 +380,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
                 failed_before_close: None,
                 health: Health::Up,
             },
+            alive: Keepalive::default(),
             changed: false,
             zero_copy_sends: 0,
             lent_total: 0,
@@ -332,6 +397,53 @@ impl<B: RecvBuf, K> Connection<B, K> {
     pub(crate) fn set_path_mtu(&mut self, bytes: u32) {
         self.path_mtu = bytes;
         self.frag = self.fragment_size();
+    }
+
+    /// A keepalive tick: the shell calls this every [`Tick::Again`]'s `after_ms`, first
+    /// half the local keepalive interval after the connection is up, while keepalive
+    /// is on. With keepalive on at both ends one side probes: the connecting one, or
+    /// the accepting one if the other has keepalive off. Both tick twice per *prober's*
+    /// interval. At each tick the prober sends a probe unless one is unanswered; the
+    /// peer answers each (any message from the peer counts). Either side fails the
+    /// connection with `TimedOut` once it heard nothing for `2 × misses - 1` ticks in a
+    /// row, so a vanished peer, or a path that no longer carries anything, is noticed
+    /// within `interval × misses` of it going silent, even on a connection with
+    /// nothing in flight; a live peer would have to miss about `2 × misses` probes in
+    /// a row to be taken for gone. A peer without keepalive support (a release before
+    /// it) is neither probed nor judged.
+    pub(crate) fn on_keepalive_tick(&mut self) -> Tick {
+        let Some(after_ms) = self.keepalive_period() else {
+            return Tick::Stop;
+        };
+        let Some(limit) = self.silence_limit() else {
+            // The peer's hello has not come yet (the handshake timeout covers that).
+            return Tick::Again { after_ms };
+        };
+        let ka = &mut self.alive;
+        if std::mem::take(&mut ka.heard) {
+            ka.silent = 0;
+        } else {
+            ka.silent += 1;
+        }
+        if ka.silent >= limit {
+            let e = Error::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "no word from the peer in {} ms ({} keepalive ticks; \
+                     RdmaConfig::keepalive_interval and keepalive_misses): it, or the \
+                     path to it, is gone",
+                    u64::from(ka.silent) * u64::from(after_ms),
+                    ka.silent
+                ),
+            );
+            self.fail(e);
+            return Tick::Failed;
+        }
+        if !ka.probe_out && self.probes() {
+            self.alive.probe_due = true;
+            self.pump_due = true;
+        }
+        Tick::Again { after_ms }
     }
 
     /// Queue one whole message. `Ok(None)`: accepted. `Ok(Some(msg))`: not now (the
@@ -384,7 +496,12 @@ impl<B: RecvBuf, K> Connection<B, K> {
             Err(e) => return self.fail(e.into()),
         };
         match kind {
-            WrKind::Control => self.sq_free += 1,
+            WrKind::Control => {
+                self.sq_free += 1;
+                if !c.is_success() {
+                    self.fail(send_failure(c.status));
+                }
+            }
             WrKind::Recv(idx) => self.on_recv(idx, c),
             WrKind::Op(id) => self.on_send_done(id, c),
         }
@@ -545,6 +662,8 @@ impl<B: RecvBuf, K> Connection<B, K> {
             let gen = self.next_gen;
             self.next_gen = (self.next_gen + 1) & (u32::MAX >> 1);
             let key = self.inflight.insert(InFlight { gen, _keep: keep });
+            // Any message answers a probe.
+            self.alive.answer_due = false;
             out.push(SendWr {
                 wr_id: WrKind::Op(WrId::new(key as u32, gen)).to_u64(),
                 imm: Imm {
@@ -556,13 +675,32 @@ impl<B: RecvBuf, K> Connection<B, K> {
             });
         }
         if self.sq_free > 0 {
-            if let Some(credits) = self.credits.take_for_update() {
+            let now = self.alive.probe_due || self.alive.answer_due;
+            let credits = if now {
+                self.credits.take_for_control()
+            } else {
+                self.credits.take_for_update()
+            };
+            if let Some(credits) = credits {
+                // The prober never spends its last credit without asking for an
+                // answer: the answer brings it back, so the next probe has one.
+                let probe =
+                    self.alive.probe_due || (self.probes() && self.credits.available() == 0);
+                if probe {
+                    self.alive.probe_due = false;
+                    self.alive.probe_out = true;
+                }
+                self.alive.answer_due = false;
                 self.sq_free -= 1;
                 out.push(SendWr {
                     wr_id: WrKind::Control.to_u64(),
                     imm: Imm {
                         credits: credits as u16,
-                        flags: ImmFlags::CreditUpdate,
+                        flags: if probe {
+                            ImmFlags::Probe
+                        } else {
+                            ImmFlags::CreditUpdate
+                        },
                     }
                     .encode(),
                     sge: None,
@@ -572,13 +710,21 @@ impl<B: RecvBuf, K> Connection<B, K> {
     }
 
     /// The receives to post now (buffers that came back), in one batch. None while
-    /// the unread bytes are over the budget: that holds the peer's credits back.
+    /// the unread bytes are over the budget (that holds the peer's credits back),
+    /// except those of control messages.
     pub(crate) fn poll_recv_posts(&mut self, out: &mut Vec<RecvWr>) {
-        if self.pending.is_empty() || self.unread > self.lim.recv_budget || self.is_dead() {
+        if self.is_dead() {
+            return;
+        }
+        let mut ready = std::mem::take(&mut self.pending_control);
+        if self.unread <= self.lim.recv_budget {
+            ready.append(&mut self.pending);
+        }
+        if ready.is_empty() {
             return;
         }
         let mut n = 0;
-        for idx in self.pending.drain(..) {
+        for idx in ready {
             let slot = &mut self.slots[idx as usize];
             let Slot::Pending(buf) = std::mem::replace(slot, Slot::Out) else {
                 continue;
@@ -664,7 +810,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
     // ---- queries ------------------------------------------------------------------
 
     /// Whether the peer's hello has arrived (it speaks this protocol).
-    #[cfg(feature = "rdma")]
+    #[cfg(any(feature = "rdma", test))]
     pub(crate) fn greeted(&self) -> bool {
         self.peer.is_some()
     }
@@ -760,6 +906,54 @@ impl<B: RecvBuf, K> Connection<B, K> {
 
     // ---- internals ----------------------------------------------------------------
 
+    /// Silent ticks in a row after which this side fails the connection, if it
+    /// judges.
+    #[cfg(test)]
+    pub(crate) fn keepalive_limit(&self) -> Option<u32> {
+        self.silence_limit()
+    }
+
+    /// Milliseconds to the first keepalive tick (half the local interval), if on.
+    pub(crate) fn first_keepalive_tick(&self) -> Option<u32> {
+        self.keepalive_period()
+    }
+
+    /// Whether this side sends the keepalive probes (see `on_keepalive_tick`).
+    fn probes(&self) -> bool {
+        let Some(peer) = self.peer.as_ref().and_then(|h| h.keepalive_ms) else {
+            return false;
+        };
+        self.lim.keepalive_ms > 0 && (self.lim.initiator || peer == 0)
+    }
+
+    /// Milliseconds between keepalive ticks: half the prober's interval (before the
+    /// hello, half the local one). `None`: no more ticks (keepalive off, a peer that
+    /// does not know it, or the connection is over).
+    fn keepalive_period(&self) -> Option<u32> {
+        let own = self.lim.keepalive_ms;
+        if own == 0 || self.is_dead() {
+            return None;
+        }
+        let interval = match &self.peer {
+            None => own,
+            Some(h) => match h.keepalive_ms? {
+                _ if self.probes() => own,
+                0 => return None,
+                peer => peer,
+            },
+        };
+        Some((interval / 2).max(1))
+    }
+
+    /// Silent ticks in a row that fail the connection (`2 × misses - 1`, see
+    /// `on_keepalive_tick`), once the peer's hello has come and if this side judges.
+    fn silence_limit(&self) -> Option<u32> {
+        self.peer.as_ref()?;
+        self.keepalive_period()?;
+        let misses = self.lim.keepalive_misses.max(1);
+        Some(misses.saturating_mul(2) - 1)
+    }
+
     /// The smaller of both receive buffers; no larger than the peer's port MTU if this
     /// side's path MTU (or an unknown one) is larger. A peer's MTU under 256 bytes (the
     /// smallest there is) counts as 256.
@@ -799,20 +993,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
         self.sq_free += 1;
         self.data_in_flight -= 1;
         if !c.is_success() {
-            let e = if c.status == RETRY_EXC_ERR {
-                Error::new(
-                    ErrorKind::TimedOut,
-                    "the peer acknowledged nothing through every retransmission of a \
-                     send (RdmaConfig::ack_timeout × (retry_count + 1)): its link or \
-                     host is down",
-                )
-            } else {
-                Error::new(
-                    ErrorKind::WorkCompletion { status: c.status },
-                    format!("send failed with work completion status {}", c.status),
-                )
-            };
-            self.fail(e);
+            self.fail(send_failure(c.status));
             if let Health::Failed { lost, .. } = &mut self.life.health {
                 *lost = true;
             }
@@ -857,6 +1038,8 @@ impl<B: RecvBuf, K> Connection<B, K> {
             }
         };
         self.credits.on_receive(u32::from(imm.credits));
+        self.alive.heard = true;
+        self.alive.probe_out = false;
         let len = (c.byte_len as usize).min(buf.bytes().len());
         match imm.flags {
             ImmFlags::Hello => {
@@ -872,7 +1055,11 @@ impl<B: RecvBuf, K> Connection<B, K> {
                 }
                 self.hold(idx, buf);
             }
-            ImmFlags::CreditUpdate => self.hold(idx, buf),
+            ImmFlags::CreditUpdate => self.hold_control(idx, buf),
+            ImmFlags::Probe => {
+                self.alive.answer_due = true;
+                self.hold_control(idx, buf);
+            }
             ImmFlags::Fin => {
                 self.life.peer_ended = true;
                 self.hold(idx, buf);
@@ -907,6 +1094,13 @@ impl<B: RecvBuf, K> Connection<B, K> {
     fn hold(&mut self, idx: u32, buf: B) {
         self.slots[idx as usize] = Slot::Pending(buf);
         self.pending.push(idx);
+    }
+
+    /// Buffer `idx` held a control message: post it with the next batch, even over
+    /// the receive budget.
+    fn hold_control(&mut self, idx: u32, buf: B) {
+        self.slots[idx as usize] = Slot::Pending(buf);
+        self.pending_control.push(idx);
     }
 }
 
@@ -981,6 +1175,9 @@ mod tests {
             sq_depth: 64,
             cork_in_flight: 8,
             port_mtu: 0,
+            initiator: false,
+            keepalive_ms: 0,
+            keepalive_misses: 3,
         }
     }
 
@@ -1222,6 +1419,140 @@ mod tests {
             settle(&mut a, &mut b);
             assert_eq!(fragments(&mut a, &mut b, 4096), [4096]);
         }
+    }
+
+    /// `a` connects, both with keepalive every 1000 ms and 3 misses.
+    fn keepalive_pair() -> (End, End) {
+        let ka = |initiator| Limits {
+            initiator,
+            keepalive_ms: 1000,
+            keepalive_misses: 3,
+            ..lim(8, 128)
+        };
+        let (mut a, mut b) = (end(ka(true)), end(ka(false)));
+        settle(&mut a, &mut b);
+        (a, b)
+    }
+
+    #[test]
+    fn keepalive_probes_an_idle_connection_and_notices_a_vanished_peer_on_both_sides() {
+        let (mut a, mut b) = keepalive_pair();
+        assert_eq!(
+            a.conn.first_keepalive_tick(),
+            Some(500),
+            "half the interval"
+        );
+        // Alive and idle: `a` probes at every tick, `b` answers; nobody fails.
+        for _ in 0..20 {
+            assert_eq!(a.conn.on_keepalive_tick(), Tick::Again { after_ms: 500 });
+            let probes = pump(&mut a, &mut b);
+            assert_eq!(probes.len(), 1);
+            assert_eq!(Imm::decode(probes[0].imm).unwrap().flags, ImmFlags::Probe);
+            settle(&mut a, &mut b);
+            assert_eq!(b.conn.on_keepalive_tick(), Tick::Again { after_ms: 500 });
+            assert!(recv(&mut a).is_none() && recv(&mut b).is_none());
+        }
+        // `b` vanishes: nothing `a` sends arrives, nothing comes back. `a` fails at its
+        // fifth silent tick (2 × 3 - 1), 2.5 s after the last answer: within 3 s.
+        let mut ticks = 0;
+        while a.conn.on_keepalive_tick() != Tick::Failed {
+            ticks += 1;
+            assert!(ticks < 10, "never noticed");
+            let mut out = Vec::new();
+            a.conn.poll_transmit(&mut a.mem, &mut out);
+        }
+        assert_eq!(ticks, 5);
+        let e = recv(&mut a).unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("keepalive"), "{e}");
+        assert!(a.conn.is_closed());
+        assert_eq!(a.conn.on_keepalive_tick(), Tick::Stop);
+        // `b`, which judges by the probes it no longer gets, fails the same way (its
+        // last tick above came after the last probe: four more silent ticks, then the
+        // fifth fails it).
+        let mut ticks = 0;
+        while b.conn.on_keepalive_tick() != Tick::Failed {
+            ticks += 1;
+            assert!(ticks < 10, "never noticed");
+        }
+        assert_eq!(ticks, 4);
+        assert_eq!(
+            recv(&mut b).unwrap().unwrap_err().kind(),
+            ErrorKind::TimedOut
+        );
+    }
+
+    #[test]
+    fn keepalive_goes_on_while_the_receiver_withholds_every_credit() {
+        let (mut a, mut b) = keepalive_pair();
+        // `b`'s application stops reading: `a` runs out of data credits.
+        for k in 0..40u8 {
+            let _ = a.conn.queue_send(Bytes::from(vec![k; 100]));
+            settle(&mut a, &mut b);
+        }
+        assert!(a.conn.send_credits() <= 1, "{}", a.conn.send_credits());
+        for _ in 0..50 {
+            assert!(matches!(a.conn.on_keepalive_tick(), Tick::Again { .. }));
+            settle(&mut a, &mut b);
+            assert!(matches!(b.conn.on_keepalive_tick(), Tick::Again { .. }));
+            settle(&mut a, &mut b);
+        }
+        assert!(!a.conn.is_closed() && !b.conn.is_closed());
+        // And everything still arrives once `b` reads.
+        let mut got = 0;
+        for _ in 0..1000 {
+            settle(&mut a, &mut b);
+            match recv(&mut b) {
+                Some(Ok(_)) => got += 1,
+                _ if a.conn.queued() == 0 => break,
+                _ => {}
+            }
+        }
+        while let Some(Ok(_)) = recv(&mut b) {
+            got += 1;
+        }
+        assert_eq!(got, 40);
+    }
+
+    #[test]
+    fn a_peer_without_keepalive_is_neither_probed_nor_judged() {
+        // A hello of a release before keepalive (20 bytes) reaches `a`.
+        let mut a = end(Limits {
+            initiator: true,
+            keepalive_ms: 1000,
+            ..lim(8, 128)
+        });
+        let old = Hello {
+            depth: 8,
+            chunk: 128,
+            max_message_size: 10_000,
+            mtu: 0,
+            keepalive_ms: None,
+        }
+        .encode();
+        let r = a.rq.pop_front().unwrap();
+        a.bufs[r.sge.addr as usize].0.borrow_mut()[..20].copy_from_slice(&old[..20]);
+        a.conn.on_completion(&Completion {
+            wr_id: r.wr_id,
+            status: 0,
+            opcode: 128,
+            byte_len: 20,
+            imm: Some(
+                Imm {
+                    credits: 0,
+                    flags: ImmFlags::Hello,
+                }
+                .encode(),
+            ),
+        });
+        assert!(a.conn.greeted());
+        assert_eq!(a.conn.on_keepalive_tick(), Tick::Stop);
+        let mut out = Vec::new();
+        a.conn.poll_transmit(&mut a.mem, &mut out);
+        assert!(out
+            .iter()
+            .all(|wr| Imm::decode(wr.imm).unwrap().flags != ImmFlags::Probe));
+        assert!(!a.conn.is_closed());
     }
 
     #[test]

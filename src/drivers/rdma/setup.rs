@@ -14,7 +14,7 @@ use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair, QueuePairAttribute
 use super::buffer::RecvSlot;
 use super::cm::CmListener;
 use super::config::{RdmaConfig, APP_MAX, APP_REGION, CQ_ENTRIES, QUEUE_DEPTH};
-use super::conn::{Connection, Limits};
+use super::conn::{Connection, Limits, Tick};
 use super::context::RdmaContext;
 use super::device::{DeviceReactor, Member};
 use super::poller::CqSource;
@@ -50,6 +50,30 @@ impl Wake for HelloWatch {
     }
 }
 
+/// Woken by the device thread at each keepalive tick (twice per interval): ticks the
+/// core's keepalive (which may queue a probe or fail the connection), then sets itself
+/// again for when the core says.
+struct KeepaliveTick(Weak<Shared>);
+
+impl Wake for KeepaliveTick {
+    fn wake(self: Arc<Self>) {
+        let Some(s) = self.0.upgrade() else { return };
+        match s.drive(|c| c.on_keepalive_tick()) {
+            Tick::Again { after_ms } => {
+                let after = Duration::from_millis(u64::from(after_ms));
+                let at = crate::time::deadline(Instant::now(), after);
+                let reactor = s.reactor.clone();
+                drop(s);
+                reactor.wake_at(at, Waker::from(self));
+            }
+            Tick::Failed => {
+                let _ = s.cm.disconnect();
+            }
+            Tick::Stop => {}
+        }
+    }
+}
+
 /// What the setup hook made: the registered memory and the core with its receives
 /// posted.
 pub(super) struct Setup {
@@ -59,9 +83,12 @@ pub(super) struct Setup {
 }
 
 impl RdmaTransport {
-    pub(super) fn limits(cfg: &RdmaConfig, port_mtu: u32) -> Limits {
+    pub(super) fn limits(cfg: &RdmaConfig, port_mtu: u32, initiator: bool) -> Limits {
         Limits {
             port_mtu,
+            initiator,
+            keepalive_ms: cfg.keepalive_ms(),
+            keepalive_misses: cfg.keepalive_misses.max(1),
             depth: cfg.depth,
             chunk: cfg.chunk,
             max_message_size: cfg.max_message_size,
@@ -73,7 +100,12 @@ impl RdmaTransport {
     }
 
     /// Register the memory and post every receive, before the peer can send.
-    fn setup(ctx: &RdmaContext, qp: &mut BasicQueuePair, cfg: &RdmaConfig) -> Result<Setup> {
+    fn setup(
+        ctx: &RdmaContext,
+        qp: &mut BasicQueuePair,
+        cfg: &RdmaConfig,
+        initiator: bool,
+    ) -> Result<Setup> {
         let slab = ctx.slab(cfg.chunk, cfg.chunk, (cfg.chunk * 256).max(1 << 20));
         // Regions are registered lazily, on the first `alloc_buf` of a class.
         let app_slab = ctx.slab(cfg.chunk, APP_MAX, APP_REGION);
@@ -99,7 +131,7 @@ impl RdmaTransport {
             .ok()
             .and_then(|(attr, _)| ctx.device_context().query_port(attr.port()).ok())
             .map_or(0, |p| 128 << p.attr.active_mtu.clamp(1, 5));
-        let (core, first) = Connection::new(Self::limits(cfg, port_mtu), bufs);
+        let (core, first) = Connection::new(Self::limits(cfg, port_mtu, initiator), bufs);
         post(qp, &first, &[])?;
         Ok(Setup {
             slab,
@@ -175,6 +207,12 @@ impl RdmaTransport {
         let deadline = crate::time::deadline(Instant::now(), shared.cfg.handshake_timeout);
         let watch = Waker::from(Arc::new(HelloWatch(Arc::downgrade(&shared))));
         shared.reactor.wake_at(deadline, watch);
+        if let Some(ms) = lock(&shared.conn).first_keepalive_tick() {
+            let first = Duration::from_millis(u64::from(ms));
+            let first = crate::time::deadline(Instant::now(), first);
+            let tick = Waker::from(Arc::new(KeepaliveTick(Arc::downgrade(&shared))));
+            shared.reactor.wake_at(first, tick);
+        }
         Ok(RdmaTransport { shared, peer })
     }
 
@@ -220,7 +258,7 @@ impl RdmaTransport {
         let conn = dial(
             &mut |ctx| Self::make_cq(ctx, &cfg, &mut reactor),
             &mut |ctx, qp| {
-                setup = Some(Self::setup(ctx, qp, &cfg)?);
+                setup = Some(Self::setup(ctx, qp, &cfg, peer.is_some())?);
                 Ok(())
             },
         )?;

@@ -5,9 +5,13 @@
 //! the next SEND posted on one side is delivered into the next receive posted on the
 //! other (in order; its send completion follows), a batch of completions is polled
 //! (in CQ order), an application sends (a waiting send may also be given up: a dropped
-//! `send` future), receives, gives a lent buffer back, stalls, shuts down, closes, or
+//! `send` future), receives, gives a lent buffer back, stalls, shuts down, closes,
 //! RDMA-CM reports a disconnect (the QPs go to the error state and every posted request
-//! completes with a flush error). After every step the invariants are checked:
+//! completes with a flush error), a keepalive interval passes (time moves to the next
+//! tick of either side; the wire first carries everything in flight, as a network's
+//! delay is far below an interval), or one side *vanishes silently* (its host or link
+//! dies: nothing reaches it or comes from it any more, and the other side's sends are
+//! never acknowledged). After every step the invariants are checked:
 //!
 //! * no SEND reaches the peer without a posted receive (no RNR), no fragment is
 //!   larger than the receive buffer it lands in, and no packet larger than the
@@ -19,7 +23,11 @@
 //!   connection reports an error; the end of stream comes after the last message;
 //! * unread bytes stay below the receive budget plus one window of credits;
 //! * progress: once the applications stop, everything accepted is delivered (no credit
-//!   deadlock), every wait ends, and nothing stays in flight or allocated.
+//!   deadlock), every wait ends, and nothing stays in flight or allocated;
+//! * keepalive: a connection whose peer is alive never fails for silence (however long
+//!   either application stalls, so probes and their answers must find credits), and
+//!   after a peer vanished the survivor fails with `TimedOut` within its silence limit
+//!   plus one tick, after which every wait of it ends.
 //!
 //! A failure panics with the seed and step; `NET_RS_SIM_SEED=<seed> cargo test --lib
 //! sim::replay -- --nocapture` replays it exactly (and prints the trace with
@@ -31,7 +39,9 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
-use super::conn::{Connection, Incoming, Limits, RecvBuf, RecvWr, SendWr, Sge, Staged, Stager};
+use super::conn::{
+    Connection, Incoming, Limits, RecvBuf, RecvWr, SendWr, Sge, Staged, Stager, Tick,
+};
 use super::wire::{Imm, WrKind};
 use crate::error::{ErrorKind, Result};
 use crate::pool::Rng;
@@ -161,6 +171,13 @@ struct Sim {
     /// Each queue pair's path MTU: side 0 connects, so RDMA-CM gives both sides its
     /// port's MTU, and side 1 clamps it to its own port's (as `cm` does).
     path_mtu: [u32; 2],
+    /// Simulated time in ms, and each side's next keepalive tick (`u64::MAX`: off).
+    clock: u64,
+    next_tick: [u64; 2],
+    /// The side that vanished, and the survivor's ticks since.
+    vanished: Option<usize>,
+    vanish_limit: u32,
+    ticks_since_vanish: u32,
     trace: bool,
 }
 
@@ -213,6 +230,9 @@ impl Sim {
                 l.depth = 16;
             }
         }
+        // Side 0 connects.
+        lims[0].initiator = true;
+
         let path_mtu = [lims[0].port_mtu, lims[0].port_mtu.min(lims[1].port_mtu)];
         let sides = [0, 1].map(|i| {
             let lim = lims[i];
@@ -246,11 +266,19 @@ impl Sim {
             disconnected: false,
             lim: lims,
             path_mtu,
+            clock: 0,
+            next_tick: [u64::MAX; 2],
+            vanished: None,
+            vanish_limit: 0,
+            ticks_since_vanish: 0,
             trace: std::env::var_os("NET_RS_SIM_TRACE").is_some(),
         };
         sim.plan(scenario);
         for i in 0..2 {
             sim.outputs(i);
+            if let Some(ms) = sim.sides[i].conn.first_keepalive_tick() {
+                sim.next_tick[i] = u64::from(ms);
+            }
         }
         (sim, scenario)
     }
@@ -362,10 +390,17 @@ impl Sim {
 
     /// Deliver the next SEND of side `i` to the other side.
     fn deliver(&mut self, i: usize) {
+        let j = 1 - i;
+        if self.vanished.is_some() && self.vanished != Some(i) && self.vanished != Some(j) {
+            unreachable!("two sides");
+        }
+        if self.vanished.is_some() {
+            // Nothing reaches a vanished side or comes from it.
+            return;
+        }
         let Some(wr) = self.wire[i].pop_front() else {
             return;
         };
-        let j = 1 - i;
         let data = match wr.sge {
             None => Vec::new(),
             Some(sge) => match self.sides[i].mem.borrow().live.get(&sge.addr) {
@@ -422,6 +457,9 @@ impl Sim {
 
     /// Poll up to `max` completions of side `i`, in CQ order.
     fn poll(&mut self, i: usize, max: usize) {
+        if self.vanished == Some(i) {
+            return;
+        }
         let n = self.sides[i].cq.len().min(max);
         for _ in 0..n {
             let c = self.sides[i].cq.pop_front().expect("counted");
@@ -525,7 +563,10 @@ impl Sim {
                             self.sides[j].app.accepted.len()
                         ));
                     }
-                    if e.kind() != ErrorKind::Closed && !self.disconnected {
+                    if e.kind() != ErrorKind::Closed
+                        && !self.disconnected
+                        && self.vanished.is_none()
+                    {
                         self.fail(&format!("side {i}: recv failed without a disconnect: {e}"));
                     }
                 }
@@ -572,6 +613,69 @@ impl Sim {
         }
     }
 
+    /// Time moves to the next keepalive tick of either side. The wire first carries
+    /// everything in flight between live sides (a network's delay is far below an
+    /// interval), so a live peer's answers arrive in time.
+    fn tick(&mut self) {
+        let i = usize::from(self.next_tick[1] < self.next_tick[0]);
+        if self.next_tick[i] == u64::MAX {
+            return;
+        }
+        self.settle_wire();
+        self.clock = self.next_tick[i];
+        self.next_tick[i] = u64::MAX;
+        if self.vanished == Some(i) {
+            return;
+        }
+        if self.vanished.is_some() {
+            self.ticks_since_vanish += 1;
+        }
+        let r = self.sides[i].conn.on_keepalive_tick();
+        self.log(|| format!("side {i} keepalive tick at {} ms: {r:?}", self.clock));
+        if let Tick::Again { after_ms } = r {
+            self.next_tick[i] = self.clock + u64::from(after_ms);
+        }
+        if r == Tick::Failed {
+            if self.vanished.is_none() {
+                self.fail(&format!(
+                    "side {i}: keepalive failed a connection whose peer is alive"
+                ));
+            }
+            // The shell disconnects: the QP goes to the error state.
+            self.error_qp(i);
+        }
+        self.outputs(i);
+    }
+
+    /// Deliver and poll until nothing is in flight between live sides.
+    fn settle_wire(&mut self) {
+        for _ in 0..100_000 {
+            let mut moved = false;
+            for i in 0..2 {
+                if self.vanished.is_none() && !self.wire[i].is_empty() {
+                    self.deliver(i);
+                    moved = true;
+                }
+                if self.vanished != Some(i) && !self.sides[i].cq.is_empty() {
+                    self.poll(i, usize::MAX);
+                    moved = true;
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        self.fail("the wire never settles");
+    }
+
+    /// Side `v`'s host dies silently; the survivor fails after `limit` silent ticks.
+    fn vanish(&mut self, v: usize, limit: u32) {
+        self.log(|| format!("side {v} vanishes"));
+        self.vanished = Some(v);
+        self.vanish_limit = limit;
+        self.ticks_since_vanish = 0;
+    }
+
     fn check(&self) {
         for i in 0..2 {
             let lim = &self.lim[i];
@@ -602,8 +706,21 @@ impl Sim {
             None
         };
         let lockstep = scenario == Scenario::Lockstep;
+        // One side vanishes in some seeds, if the other would notice (keepalive on).
+        let vanish = self.rng.below(2) as usize;
+        let vanish_at = (teardown_at.is_none()
+            && self.lim[1 - vanish].keepalive_ms > 0
+            && self.rng.below(6) == 0)
+            .then(|| self.rng.below(steps));
         for step in 0..steps {
             self.step = step;
+            // (Once the survivor judges: before the hello, the handshake timeout of
+            // the shell is what ends a silent peer.)
+            if vanish_at.is_some_and(|at| step >= at) && self.vanished.is_none() {
+                if let Some(limit) = self.sides[1 - vanish].conn.keepalive_limit() {
+                    self.vanish(vanish, limit);
+                }
+            }
             if Some(step) == teardown_at && !self.disconnected {
                 if self.rng.below(2) == 0 {
                     self.disconnect();
@@ -627,6 +744,14 @@ impl Sim {
                 }
             }
             let i = self.rng.below(2) as usize;
+            if self.vanished == Some(i) {
+                continue;
+            }
+            if self.rng.below(40) == 0 {
+                self.tick();
+                self.check();
+                continue;
+            }
             match self.rng.below(100) {
                 0..=24 => self.deliver(i),
                 25..=44 => {
@@ -675,6 +800,26 @@ impl Sim {
         for s in &mut self.sides {
             s.app.reading = true;
         }
+        if let Some(v) = self.vanished {
+            // The survivor must notice within its silence limit plus one tick.
+            let u = 1 - v;
+            let limit = self.vanish_limit;
+            for _ in 0..100_000 {
+                if self.sides[u].conn.is_closed() && self.sides[u].errored {
+                    break;
+                }
+                self.tick();
+            }
+            if !self.sides[u].errored {
+                self.fail(&format!("side {u} never noticed that its peer vanished"));
+            }
+            if self.ticks_since_vanish > limit + 1 {
+                self.fail(&format!(
+                    "side {u} noticed the vanished peer after {} ticks, limit {limit}",
+                    self.ticks_since_vanish
+                ));
+            }
+        }
         let mut idle_rounds = 0;
         let mut rounds = 0;
         while idle_rounds < 3 {
@@ -684,7 +829,10 @@ impl Sim {
             }
             let before = self.fingerprint();
             for i in 0..2 {
-                while !self.wire[i].is_empty() {
+                if self.vanished == Some(i) {
+                    continue;
+                }
+                while self.vanished.is_none() && !self.wire[i].is_empty() {
                     self.deliver(i);
                 }
                 self.poll(i, usize::MAX);
@@ -708,7 +856,29 @@ impl Sim {
         for i in 0..2 {
             let j = 1 - i;
             let side = &self.sides[i];
-            if !self.disconnected {
+            if self.vanished == Some(i) {
+                continue;
+            }
+            if self.vanished.is_some() {
+                // The survivor: every wait ended, with the keepalive's `TimedOut` (or
+                // the peer's orderly end, if it came before).
+                let life = side.conn.lifecycle();
+                let orderly = life.peer_ended && side.app.ended == Some(ErrorKind::Closed);
+                if side.app.ended != Some(ErrorKind::TimedOut)
+                    && !orderly
+                    && life.local != super::conn::Local::Closed
+                {
+                    self.fail(&format!(
+                        "side {i}: recv gave {:?} after the peer vanished, not TimedOut",
+                        side.app.ended
+                    ));
+                }
+                if side.conn.poll_flush().is_none() {
+                    self.fail(&format!(
+                        "side {i}: flush still waits after the peer vanished"
+                    ));
+                }
+            } else if !self.disconnected {
                 let waiting = side.app.waiting.iter().filter(|w| w.is_some()).count();
                 let planned: usize = side.app.plan.iter().map(VecDeque::len).sum();
                 if waiting + planned > 0 {
@@ -786,6 +956,9 @@ fn limits(rng: &mut Rng, scenario: Scenario) -> Limits {
         sq_depth: 4 + rng.below(60) as u32,
         cork_in_flight: 1 + rng.below(8) as u32,
         port_mtu: [256, 512, 1024, 4096][rng.below(4) as usize],
+        initiator: false,
+        keepalive_ms: [0, 1000, 2000, 5000][rng.below(4) as usize],
+        keepalive_misses: 2 + rng.below(3) as u32,
     }
 }
 

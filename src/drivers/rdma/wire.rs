@@ -4,39 +4,44 @@
 //! net-rs never makes (with a [`WireError`] saying what is wrong, never a panic):
 //!
 //! * [`Imm`]: the 32-bit immediate data of every SEND_WITH_IMM. Bits 0..16 carry the
-//!   credits being returned, bits 16..20 the [`ImmFlags`], bits 20..32 must be zero.
+//!   credits being returned, bits 16..21 the [`ImmFlags`], bits 21..32 must be zero.
 //!
 //!   ```text
-//!    31            20  19    18   17      16  15                       0
-//!   +----------------+-----+----+-------+----+--------------------------+
-//!   | 0 (reserved)   |HELLO|FIN |CONTROL|LAST| credits returned (u16)   |
-//!   +----------------+-----+----+-------+----+--------------------------+
+//!    31          21   20    19    18   17      16  15                       0
+//!   +--------------+-----+-----+----+-------+----+--------------------------+
+//!   | 0 (reserved) |PROBE|HELLO|FIN |CONTROL|LAST| credits returned (u16)   |
+//!   +--------------+-----+-----+----+-------+----+--------------------------+
 //!   ```
+//!
+//!   `CONTROL | PROBE` is a keepalive probe: a credit update that asks for an answer
+//!   (sent only to a peer whose hello has the keepalive field, i.e. that knows it).
 //!
 //!   The value is handed to verbs as `imm_data` as it is (no byte swap): on the wire
 //!   its four bytes are the sender's in-memory representation of the `u32`, which is
 //!   how every release of net-rs has sent it. Peers of the same byte order agree; a
 //!   big-endian and a little-endian host would not (kept so the wire does not change).
 //! * [`Hello`]: the payload of the first message each side sends (sideway has no
-//!   RDMA-CM private data), 24 bytes, all big-endian:
+//!   RDMA-CM private data), 28 bytes, all big-endian:
 //!
 //!   ```text
-//!   0            4          8          12                     20          24
-//!   +------------+----------+----------+----------------------+-----------+
-//!   | magic: u32 | depth:   | chunk:   | max_message_size:    | mtu: u32  |
-//!   | 4E 52 00 01| u32      | u32      | u64                  | bytes per |
-//!   | "NR", v1   | receives | bytes in | bytes in the largest | packet the|
-//!   |            | posted   | a buffer | message accepted     | port takes|
-//!   +------------+----------+----------+----------------------+-----------+
+//!   0            4          8          12                     20          24          28
+//!   +------------+----------+----------+----------------------+-----------+-----------+
+//!   | magic: u32 | depth:   | chunk:   | max_message_size:    | mtu: u32  | keepalive:|
+//!   | 4E 52 00 01| u32      | u32      | u64                  | bytes per | u32, ms   |
+//!   | "NR", v1   | receives | bytes in | bytes in the largest | packet the| between   |
+//!   |            | posted   | a buffer | message accepted     | port takes| probes    |
+//!   +------------+----------+----------+----------------------+-----------+-----------+
 //!   ```
 //!
-//!   `mtu` (appended in a later release of protocol 1; 0 = not said) is the active MTU
-//!   of the sender's port: a peer whose queue pair's path MTU is larger sends it
-//!   fragments of at most that many bytes, so every packet fits (RDMA-CM takes the
-//!   path MTU from the connecting side, which may be more than the other side's link
-//!   allows). A hello of 20 to 23 bytes (a release before the field) decodes with
-//!   `mtu` 0; bytes past the 24th are ignored, as bytes past the last field always
-//!   were (a later version of protocol 1 may append fields that older peers skip).
+//!   The last two fields were appended in a later release of protocol 1. `mtu` is the
+//!   active MTU of the sender's port: a peer whose queue pair's path MTU is larger
+//!   sends it fragments of at most that many bytes, so every packet fits (RDMA-CM
+//!   takes the path MTU from the connecting side, which may be more than the other
+//!   side's link allows). `keepalive` is the sender's keepalive interval (0: off); its
+//!   presence says the sender answers probes. A hello of 20 to 27 bytes (an earlier
+//!   release) decodes with the fields it lacks as 0 and `None`; bytes past the last
+//!   field are ignored, as they always were (a later version of protocol 1 may append
+//!   fields that older peers skip).
 //! * [`WrKind`]: the local numbering of work requests in `wr_id` (never sent): bit 63
 //!   ([`WrId::DRIVER_TAG`]) clear is an op-slab id (sends of data, hello and FIN, whose
 //!   memory the op slab owns until the completion); bit 63 set with bits 32..63 clear
@@ -69,6 +74,7 @@ const LAST: u32 = 1 << 16;
 const CONTROL: u32 = 1 << 17;
 const FIN: u32 = 1 << 18;
 const HELLO: u32 = 1 << 19;
+const PROBE: u32 = 1 << 20;
 /// Bits of the immediate data that carry credits.
 const CREDIT_MASK: u32 = 0xFFFF;
 
@@ -130,14 +136,14 @@ impl fmt::Display for WireError {
         match *self {
             WireError::ImmReservedBits { imm } => write!(
                 f,
-                "immediate data {imm:#010x} has reserved bits 20..32 set ({:#x})",
-                imm & !(CREDIT_MASK | LAST | CONTROL | FIN | HELLO)
+                "immediate data {imm:#010x} has reserved bits 21..32 set ({:#x})",
+                imm & !(CREDIT_MASK | LAST | CONTROL | FIN | HELLO | PROBE)
             ),
             WireError::ImmFlags { imm } => write!(
                 f,
                 "immediate data {imm:#010x} has flags {:#x}, not a combination net-rs sends \
-                 (none, last, control, control|hello, fin)",
-                (imm >> 16) & 0xF
+                 (none, last, control, control|hello, fin, control|probe)",
+                (imm >> 16) & 0x1F
             ),
             WireError::HelloShort { len } => write!(
                 f,
@@ -172,8 +178,8 @@ impl From<WireError> for Error {
     }
 }
 
-/// What a SEND_WITH_IMM carries, as its immediate data's flag bits 16..20. The
-/// protocol sends exactly these five combinations; an enum makes the others
+/// What a SEND_WITH_IMM carries, as its immediate data's flag bits 16..21. The
+/// protocol sends exactly these six combinations; an enum makes the others
 /// unrepresentable, and [`Imm::decode`] rejects them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ImmFlags {
@@ -187,20 +193,24 @@ pub enum ImmFlags {
     Hello,
     /// End of stream: the peer sends nothing more; no payload (bit 18, `FIN`).
     Fin,
+    /// A keepalive probe: a credit update that the receiver answers with one of its own
+    /// (bits 17 and 20, `CONTROL | PROBE`).
+    Probe,
 }
 
 impl ImmFlags {
     /// Every value, for tests and fuzzing.
     #[cfg(any(test, fuzzing))]
-    pub const ALL: [ImmFlags; 5] = [
+    pub const ALL: [ImmFlags; 6] = [
         ImmFlags::Fragment,
         ImmFlags::LastFragment,
         ImmFlags::CreditUpdate,
         ImmFlags::Hello,
         ImmFlags::Fin,
+        ImmFlags::Probe,
     ];
 
-    /// The flag bits, in place (bits 16..20 of the immediate data).
+    /// The flag bits, in place (bits 16..21 of the immediate data).
     pub const fn bits(self) -> u32 {
         match self {
             ImmFlags::Fragment => 0,
@@ -208,18 +218,20 @@ impl ImmFlags {
             ImmFlags::CreditUpdate => CONTROL,
             ImmFlags::Hello => CONTROL | HELLO,
             ImmFlags::Fin => FIN,
+            ImmFlags::Probe => CONTROL | PROBE,
         }
     }
 
-    /// The flags of bits 16..20 of `imm` (other bits ignored), if they are a
+    /// The flags of bits 16..21 of `imm` (other bits ignored), if they are a
     /// combination the protocol sends.
     const fn from_bits(imm: u32) -> Option<ImmFlags> {
-        match imm & (LAST | CONTROL | FIN | HELLO) {
+        match imm & (LAST | CONTROL | FIN | HELLO | PROBE) {
             0 => Some(ImmFlags::Fragment),
             LAST => Some(ImmFlags::LastFragment),
             CONTROL => Some(ImmFlags::CreditUpdate),
             x if x == CONTROL | HELLO => Some(ImmFlags::Hello),
             FIN => Some(ImmFlags::Fin),
+            x if x == CONTROL | PROBE => Some(ImmFlags::Probe),
             _ => None,
         }
     }
@@ -253,10 +265,10 @@ impl Imm {
     /// Read the immediate data of a receive completion.
     ///
     /// # Errors
-    /// [`WireError::ImmReservedBits`] if any of bits 20..32 is set,
-    /// [`WireError::ImmFlags`] if bits 16..20 are not one of the [`ImmFlags`].
+    /// [`WireError::ImmReservedBits`] if any of bits 21..32 is set,
+    /// [`WireError::ImmFlags`] if bits 16..21 are not one of the [`ImmFlags`].
     pub const fn decode(imm: u32) -> Result<Imm, WireError> {
-        if imm >> 20 != 0 {
+        if imm >> 21 != 0 {
             return Err(WireError::ImmReservedBits { imm });
         }
         let Some(flags) = ImmFlags::from_bits(imm) else {
@@ -283,11 +295,15 @@ pub struct Hello {
     /// The active MTU of the sender's port in bytes (256 to 4096), the largest packet
     /// it can receive; 0 if the hello did not say (a release before the field).
     pub mtu: u32,
+    /// The sender's keepalive interval in milliseconds (0: it sends no probes), and
+    /// that it answers probes; `None` from a release before the field (which neither
+    /// sends nor answers them).
+    pub keepalive_ms: Option<u32>,
 }
 
 impl Hello {
     /// Bytes in an encoded hello.
-    pub const LEN: usize = 24;
+    pub const LEN: usize = 28;
     /// Bytes in the shortest hello accepted (a release before the `mtu` field).
     pub const MIN_LEN: usize = 20;
     /// The first four bytes of every hello: "NR" and protocol version 1.
@@ -299,7 +315,8 @@ impl Hello {
     /// one).
     pub const MIN_CHUNK: u32 = 64;
 
-    /// The hello's bytes: magic, depth, chunk, max message size, MTU, all big-endian.
+    /// The hello's bytes: magic, depth, chunk, max message size, MTU, keepalive (0 for
+    /// `None`), all big-endian.
     pub fn encode(&self) -> [u8; Hello::LEN] {
         let mut b = [0u8; Hello::LEN];
         b[0..4].copy_from_slice(&Hello::MAGIC.to_be_bytes());
@@ -307,22 +324,25 @@ impl Hello {
         b[8..12].copy_from_slice(&self.chunk.to_be_bytes());
         b[12..20].copy_from_slice(&self.max_message_size.to_be_bytes());
         b[20..24].copy_from_slice(&self.mtu.to_be_bytes());
+        b[24..28].copy_from_slice(&self.keepalive_ms.unwrap_or(0).to_be_bytes());
         b
     }
 
     /// Read a peer's hello from the payload of the message flagged [`ImmFlags::Hello`].
     /// Bytes past [`Hello::LEN`] are ignored; a payload of [`Hello::MIN_LEN`] up to
-    /// `LEN - 1` bytes (a release before the `mtu` field) gives `mtu` 0.
+    /// `LEN - 1` bytes (an earlier release) gives `mtu` 0 unless it has bytes 20..24,
+    /// and `keepalive_ms` `None`.
     ///
     /// # Errors
     /// [`WireError::HelloShort`] under [`Hello::MIN_LEN`] bytes, [`WireError::HelloMagic`]
     /// without [`Hello::MAGIC`], [`WireError::HelloLimits`] for a depth under
     /// [`Hello::MIN_DEPTH`] or a chunk under [`Hello::MIN_CHUNK`].
     pub fn decode(b: &[u8]) -> Result<Hello, WireError> {
-        let mtu = match b.get(20..24) {
-            Some(m) => u32::from_be_bytes([m[0], m[1], m[2], m[3]]),
-            None => 0,
+        let field = |at: usize| {
+            b.get(at..at + 4)
+                .map(|m| u32::from_be_bytes([m[0], m[1], m[2], m[3]]))
         };
+        let (mtu, keepalive_ms) = (field(20).unwrap_or(0), field(24));
         let Some(b) = b.first_chunk::<{ Hello::MIN_LEN }>() else {
             return Err(WireError::HelloShort { len: b.len() });
         };
@@ -338,6 +358,7 @@ impl Hello {
             chunk: word(8),
             max_message_size: u64::from_be_bytes(max),
             mtu,
+            keepalive_ms,
         };
         if hello.depth < Hello::MIN_DEPTH || hello.chunk < Hello::MIN_CHUNK {
             return Err(WireError::HelloLimits {
@@ -403,7 +424,7 @@ mod tests {
     /// them. A change here breaks interoperation: bump the hello's protocol version.
     #[test]
     fn encodings_are_pinned() {
-        // Immediate data: flag bits 16..20, credits in bits 0..16.
+        // Immediate data: flag bits 16..21, credits in bits 0..16.
         let imm = |credits, flags| Imm { credits, flags }.encode();
         assert_eq!(imm(0, ImmFlags::Fragment), 0);
         assert_eq!(imm(0, ImmFlags::LastFragment), 0x0001_0000);
@@ -413,14 +434,16 @@ mod tests {
         assert_eq!(imm(7, ImmFlags::LastFragment), 0x0001_0007);
         assert_eq!(imm(0xFFFF, ImmFlags::CreditUpdate), 0x0002_FFFF);
         assert_eq!(imm(1, ImmFlags::Hello), 0x000A_0001);
+        assert_eq!(imm(2, ImmFlags::Probe), 0x0012_0002);
 
         // The hello: "NR", version 1, then depth, chunk, max message size, MTU,
-        // big-endian.
+        // keepalive, big-endian.
         let hello = Hello {
             depth: 512,
             chunk: 4096,
             max_message_size: 8 << 20,
             mtu: 1024,
+            keepalive_ms: Some(5000),
         };
         assert_eq!(
             hello.encode(),
@@ -430,13 +453,19 @@ mod tests {
                 0x00, 0x00, 0x10, 0x00, // chunk 4096
                 0x00, 0x00, 0x00, 0x00, 0x00, 0x80, 0x00, 0x00, // 8 MiB
                 0x00, 0x00, 0x04, 0x00, // MTU 1024
+                0x00, 0x00, 0x13, 0x88, // keepalive 5000 ms
             ]
         );
-        assert_eq!(Hello::LEN, 24);
-        // A hello of a release before the MTU field: the first 20 bytes, MTU 0.
+        assert_eq!(Hello::LEN, 28);
+        // A hello of a release before the MTU field: the first 20 bytes, MTU 0, no
+        // keepalive (it neither sends nor answers probes).
         assert_eq!(
             Hello::decode(&hello.encode()[..20]),
-            Ok(Hello { mtu: 0, ..hello })
+            Ok(Hello {
+                mtu: 0,
+                keepalive_ms: None,
+                ..hello
+            })
         );
         assert_eq!(&Hello::MAGIC.to_be_bytes(), b"NR\x00\x01");
 
@@ -506,7 +535,7 @@ mod tests {
 
     #[test]
     fn imm_rejects_malformed_values() {
-        for imm in [1 << 20, 1 << 31, 0xFFFF_FFFF, 0x0010_0001] {
+        for imm in [1 << 21, 1 << 31, 0xFFFF_FFFF, 0x0020_0001] {
             let e = Imm::decode(imm).unwrap_err();
             assert_eq!(e, WireError::ImmReservedBits { imm });
             assert!(e.to_string().contains("reserved bits"), "{e}");
@@ -514,7 +543,7 @@ mod tests {
         // Every flag combination the protocol does not send.
         let sent: Vec<u32> = ImmFlags::ALL.iter().map(|f| f.bits()).collect();
         let mut rejected = 0;
-        for bits in 0..16u32 {
+        for bits in 0..32u32 {
             let imm = bits << 16 | 3;
             if sent.contains(&(bits << 16)) {
                 assert!(Imm::decode(imm).is_ok(), "{imm:#x}");
@@ -525,9 +554,11 @@ mod tests {
                 assert!(e.to_string().contains("not a combination"), "{e}");
             }
         }
-        assert_eq!(rejected, 11);
-        // HELLO without CONTROL, LAST with FIN: both malformed.
+        assert_eq!(rejected, 26);
+        // HELLO or PROBE without CONTROL, LAST with FIN: all malformed.
         assert!(Imm::decode(HELLO).is_err());
+        assert!(Imm::decode(PROBE).is_err());
+        assert!(Imm::decode(CONTROL | HELLO | PROBE).is_err());
         assert!(Imm::decode(LAST | FIN).is_err());
     }
 
@@ -538,11 +569,18 @@ mod tests {
             chunk: 64,
             max_message_size: u64::MAX,
             mtu: 4096,
+            keepalive_ms: Some(0),
         };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
-        // A partial MTU field is not an MTU.
+        // A partial field is not a field.
         for len in Hello::MIN_LEN..Hello::LEN {
-            assert_eq!(Hello::decode(&h.encode()[..len]), Ok(Hello { mtu: 0, ..h }));
+            let mtu = if len >= 24 { 4096 } else { 0 };
+            let want = Hello {
+                mtu,
+                keepalive_ms: None,
+                ..h
+            };
+            assert_eq!(Hello::decode(&h.encode()[..len]), Ok(want));
         }
         let mut longer = h.encode().to_vec();
         longer.extend_from_slice(b"future fields");
@@ -556,6 +594,7 @@ mod tests {
             chunk: 4096,
             max_message_size: 1 << 20,
             mtu: 1024,
+            keepalive_ms: Some(1000),
         }
         .encode();
         for len in 0..Hello::MIN_LEN {
@@ -576,6 +615,7 @@ mod tests {
                     chunk,
                     max_message_size: 0,
                     mtu: 0,
+                    keepalive_ms: None,
                 }
                 .encode(),
             )
@@ -663,7 +703,7 @@ mod tests {
                 Ok(imm) => prop_assert_eq!(imm.encode(), v),
                 Err(WireError::ImmReservedBits { imm }) => {
                     prop_assert_eq!(imm, v);
-                    prop_assert!(v >> 20 != 0);
+                    prop_assert!(v >> 21 != 0);
                 }
                 Err(WireError::ImmFlags { imm }) => {
                     prop_assert_eq!(imm, v);
@@ -679,20 +719,26 @@ mod tests {
             chunk in Hello::MIN_CHUNK..=u32::MAX,
             max_message_size in any::<u64>(),
             mtu in any::<u32>(),
+            keepalive_ms in any::<u32>(),
         ) {
-            let h = Hello { depth, chunk, max_message_size, mtu };
+            let keepalive_ms = Some(keepalive_ms);
+            let h = Hello { depth, chunk, max_message_size, mtu, keepalive_ms };
             prop_assert_eq!(Hello::decode(&h.encode()), Ok(h));
         }
 
         #[test]
         fn hello_decode_is_exact(b in prop::collection::vec(any::<u8>(), 0..40)) {
-            // Whatever decodes is the first 24 bytes (20 and MTU 0 from a shorter
-            // payload); a hello built from those bytes' magic, with valid limits,
-            // always decodes.
+            // Whatever decodes is the payload's whole fields (20, 24 or 28 bytes; the
+            // missing ones 0 and None); a hello built from those bytes' magic, with
+            // valid limits, always decodes.
             if let Ok(h) = Hello::decode(&b) {
-                let n = if b.len() >= Hello::LEN { Hello::LEN } else { Hello::MIN_LEN };
+                let n = [Hello::LEN, 24, Hello::MIN_LEN]
+                    .into_iter()
+                    .find(|&n| b.len() >= n)
+                    .unwrap();
                 prop_assert_eq!(&h.encode()[..n], &b[..n]);
-                prop_assert!(n == Hello::LEN || h.mtu == 0);
+                prop_assert!(n >= 24 || h.mtu == 0);
+                prop_assert_eq!(h.keepalive_ms.is_some(), n == Hello::LEN);
             }
             let mut fixed = b.clone();
             fixed.resize(fixed.len().max(Hello::MIN_LEN), 0);

@@ -3,7 +3,7 @@
 //! * [`TcpTransport`]: one connection ([`Transport`](crate::transport::Transport); its
 //!   `Stream`/`Sink` view is [`Messages`](crate::transport::Messages)).
 //! * [`TcpListener`]: accepts connections.
-//! * [`TcpConfig`]: maximum message size, send buffer, timeouts, runtime.
+//! * [`TcpConfig`]: maximum message size, send buffer, timeouts, keepalive, runtime.
 //!
 //! Wire format: see [`codec`](crate::codec). A `send` over the maximum fails before any
 //! byte is written and leaves the connection usable; a received length over the maximum
@@ -17,6 +17,7 @@ mod recv;
 mod send;
 mod transport;
 
+pub use crate::runtime::Keepalive;
 pub use config::{TcpConfig, DEFAULT_MAX_MESSAGE_SIZE};
 pub use listener::TcpListener;
 pub use transport::TcpTransport;

@@ -498,12 +498,12 @@ impl PythonPeer {
         peer
     }
 
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.0.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} the python peer");
+    fn stop(&self) {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.0),
+            rustix::process::Signal::STOP,
+        )
+        .expect("SIGSTOP the python peer");
     }
 }
 
@@ -586,7 +586,7 @@ fn a_stopped_peer_keeps_an_idle_connection_but_not_a_blocked_send(rt: Rt) {
         })
     });
     join(stopped_rx, Duration::from_secs(30), "client connected");
-    peer.signal("-STOP");
+    peer.stop();
     go_tx.send(()).unwrap();
     join(client, Duration::from_secs(60), "client");
     drop(peer);

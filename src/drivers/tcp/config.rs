@@ -124,6 +124,19 @@ impl TcpConfig {
     ///
     /// On Linux and Android all four settings apply; elsewhere `SO_KEEPALIVE` and the
     /// idle time, with the system's interval and count.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use net_rs::drivers::tcp::TcpConfig;
+    /// let secs = Duration::from_secs;
+    /// assert_eq!(TcpConfig::default().get_user_timeout(), Some(secs(16)));
+    /// let config = TcpConfig::default().keepalive(secs(5), Duration::from_millis(300), 4);
+    /// let k = config.get_keepalive().unwrap();
+    /// assert_eq!((k.idle(), k.interval(), k.count()), (secs(5), secs(1), 4));
+    /// assert_eq!(config.get_user_timeout(), Some(secs(9)));
+    /// let off = config.no_keepalive();
+    /// assert_eq!((off.get_keepalive(), off.get_user_timeout()), (None, None));
+    /// ```
     pub fn keepalive(mut self, idle: Duration, interval: Duration, count: u32) -> Self {
         self.keepalive = Some(Keepalive::new(idle, interval, count));
         self

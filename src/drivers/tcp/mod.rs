@@ -21,3 +21,19 @@ pub use crate::runtime::Keepalive;
 pub use config::{TcpConfig, DEFAULT_MAX_MESSAGE_SIZE};
 pub use listener::TcpListener;
 pub use transport::TcpTransport;
+
+/// A socket's error as an [`Error`](crate::Error) of the kind it maps to. A timeout
+/// (`ETIMEDOUT`) says where it comes from: the kernel gave up on the peer.
+pub(crate) fn socket_error(what: &str, e: std::io::Error) -> crate::Error {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        crate::Error::io_context(
+            format!(
+                "{what}: the peer stopped answering (no acknowledgement of our data, or \
+                 of keepalive probes, within TcpConfig::keepalive / user_timeout)"
+            ),
+            e,
+        )
+    } else {
+        e.into()
+    }
+}

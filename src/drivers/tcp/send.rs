@@ -333,7 +333,7 @@ impl SendSide {
                     }
                 }
                 Err(e) => {
-                    failed = Some(Err(e.into()));
+                    failed = Some(Err(super::socket_error("send", e)));
                     break;
                 }
             }
@@ -476,7 +476,7 @@ impl SendSide {
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Poll::Ready(Drained::Stop(Err(e.into()))),
+                Err(e) => return Poll::Ready(Drained::Stop(Err(super::socket_error("send", e)))),
             };
             let mut left = n;
             while left > 0 {

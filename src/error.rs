@@ -142,15 +142,32 @@ impl Error {
     /// Whether the connection this error came from can no longer be used.
     ///
     /// `false` only for errors that leave the connection intact, such as a `send` of a
-    /// message over the maximum size.
+    /// message over the maximum size, or a deadline of net-rs's own (a `timeout`, a
+    /// pool's checkout). A `TimedOut` that the operating system reported on the socket
+    /// (`ETIMEDOUT` from TCP keepalive or `TCP_USER_TIMEOUT`) is fatal: the kernel has
+    /// dropped the connection.
     pub fn is_fatal(&self) -> bool {
-        !matches!(
-            self.kind(),
+        match self.kind() {
             ErrorKind::MessageTooLarge {
-                received: false,
-                ..
-            } | ErrorKind::TimedOut
-        )
+                received: false, ..
+            } => false,
+            ErrorKind::TimedOut => self.reported_by_os(),
+            _ => true,
+        }
+    }
+
+    /// Whether an OS error (an [`io::Error`] with an OS error code) is among the causes.
+    fn reported_by_os(&self) -> bool {
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            if c.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.raw_os_error().is_some())
+            {
+                return true;
+            }
+            cause = c.source();
+        }
+        false
     }
 
     /// Recover a net-rs error from an [`io::Error`] made by `From<Error>`, or wrap an
@@ -308,6 +325,22 @@ mod tests {
             format!("{:?}", Error::closed("recv")),
             "Error(Closed): recv: connection closed"
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_timeout_is_fatal_only_when_the_os_reported_it() {
+        // ETIMEDOUT from a socket (keepalive, TCP_USER_TIMEOUT): the connection is gone.
+        let os: Error = io::Error::from_raw_os_error(libc::ETIMEDOUT).into();
+        assert_eq!(os.kind(), ErrorKind::TimedOut);
+        assert!(os.is_fatal());
+        // Wrapped once more (as `connect` does), still seen.
+        let wrapped = Error::with_source(os.kind(), "connect", io::Error::new(os.io_kind(), os));
+        assert!(wrapped.is_fatal());
+        // A deadline of our own leaves the connection as it was.
+        assert!(!Error::new(ErrorKind::TimedOut, "timed out after 1s").is_fatal());
+        let ours: Error = io::Error::from(io::ErrorKind::TimedOut).into();
+        assert!(!ours.is_fatal());
     }
 
     #[test]

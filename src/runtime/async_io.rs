@@ -110,7 +110,7 @@ impl Runtime for AsyncIoRuntime {
 }
 
 fn socket(stream: Async<TcpStream>, opts: SocketOptions) -> io::Result<TcpSocket> {
-    stream.get_ref().set_nodelay(opts.nodelay)?;
+    crate::runtime::apply_socket_options(socket2::SockRef::from(stream.get_ref()), &opts)?;
     let local_addr = stream.get_ref().local_addr()?;
     let peer_addr = stream.get_ref().peer_addr()?;
     let stream = Arc::new(stream);

@@ -97,22 +97,139 @@ pub struct SocketOptions {
     /// When a read finds no data, keep retrying it without blocking for this long
     /// before waiting for readiness (zero: never). Trades a busy core for latency.
     pub busy_poll: Duration,
+    /// Kernel TCP keepalive (`SO_KEEPALIVE`, `TCP_KEEPIDLE`, `TCP_KEEPINTVL`,
+    /// `TCP_KEEPCNT`); `None` leaves `SO_KEEPALIVE` off.
+    pub keepalive: Option<Keepalive>,
+    /// `TCP_USER_TIMEOUT` (Linux and Android only): how long sent data may stay
+    /// unacknowledged before the kernel fails the connection with `ETIMEDOUT`. `None`
+    /// leaves the kernel's default (its retransmission limit, about 15 minutes).
+    pub user_timeout: Option<Duration>,
 }
 
 impl Default for SocketOptions {
+    /// `TCP_NODELAY`, no busy-polling, and the keepalive and user timeout of
+    /// [`TcpConfig::default`](crate::drivers::tcp::TcpConfig).
     fn default() -> Self {
         SocketOptions {
             nodelay: true,
             busy_poll: Duration::ZERO,
+            keepalive: Some(Keepalive::DEFAULT),
+            user_timeout: Some(Keepalive::DEFAULT.detection_time()),
         }
     }
 }
 
 impl SocketOptions {
-    /// Options with `TCP_NODELAY` as given and the given busy-poll window.
+    /// Options with `TCP_NODELAY` as given and the given busy-poll window; keepalive
+    /// and user timeout as in [`SocketOptions::default`].
     pub fn new(nodelay: bool, busy_poll: Duration) -> Self {
-        SocketOptions { nodelay, busy_poll }
+        SocketOptions {
+            nodelay,
+            busy_poll,
+            ..SocketOptions::default()
+        }
     }
+
+    /// These options with `keepalive` (`None`: `SO_KEEPALIVE` off).
+    pub fn with_keepalive(mut self, keepalive: Option<Keepalive>) -> Self {
+        self.keepalive = keepalive;
+        self
+    }
+
+    /// These options with `TCP_USER_TIMEOUT` set to `timeout` (`None`: the kernel's).
+    pub fn with_user_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.user_timeout = timeout;
+        self
+    }
+}
+
+/// Kernel TCP keepalive settings: after `idle` without anything received, the kernel
+/// sends a probe every `interval`; when `count` probes in a row go unanswered it fails
+/// the connection with `ETIMEDOUT` (a pending `recv` then ends with
+/// [`ErrorKind::TimedOut`]). A peer whose host or network vanished is so detected
+/// within [`detection_time`](Keepalive::detection_time) of the last thing it sent.
+///
+/// The kernel counts these in whole seconds (Linux accepts 1 to 32767 s, and 1 to 127
+/// probes), so [`Keepalive::new`] rounds sub-second durations up and clamps to those
+/// ranges. Probes are answered by the peer's kernel, not its program: a peer process
+/// that hangs (or is stopped) on a live host keeps the connection alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    idle: Duration,
+    interval: Duration,
+    count: u32,
+}
+
+impl Keepalive {
+    /// The default of [`TcpConfig`](crate::drivers::tcp::TcpConfig): idle 10 s,
+    /// interval 2 s, 3 probes, so a vanished peer is detected within 16 s. The
+    /// kernel's own defaults (`net.ipv4.tcp_keepalive_time` 7200 s, `_intvl` 75 s,
+    /// `_probes` 9) take 2 h 11 min, and keepalive is off for a socket unless set.
+    pub const DEFAULT: Keepalive = Keepalive {
+        idle: Duration::from_secs(10),
+        interval: Duration::from_secs(2),
+        count: 3,
+    };
+
+    /// Probe after `idle` without input, then every `interval`; give up after `count`
+    /// unanswered probes. Durations are rounded up to whole seconds and clamped to
+    /// 1..=32767 s, `count` to 1..=127 (the ranges Linux accepts).
+    pub fn new(idle: Duration, interval: Duration, count: u32) -> Self {
+        Keepalive {
+            idle: whole_seconds(idle),
+            interval: whole_seconds(interval),
+            count: count.clamp(1, 127),
+        }
+    }
+
+    /// Idle time before the first probe (whole seconds).
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
+    /// Time between probes (whole seconds).
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Unanswered probes before the connection fails.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// `idle + interval * count`: the longest a vanished peer goes unnoticed on an
+    /// idle connection (counted from the last segment received from it).
+    pub fn detection_time(&self) -> Duration {
+        self.idle + self.interval * self.count
+    }
+}
+
+/// `d` rounded up to whole seconds, within 1..=32767 s.
+fn whole_seconds(d: Duration) -> Duration {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    Duration::from_secs(secs.clamp(1, 32767))
+}
+
+/// Apply `opts` to a connected socket (both adapters, connected and accepted sockets).
+#[cfg(any(feature = "tokio", feature = "async-std"))]
+pub(crate) fn apply_socket_options(
+    sock: socket2::SockRef<'_>,
+    opts: &SocketOptions,
+) -> io::Result<()> {
+    sock.set_tcp_nodelay(opts.nodelay)?;
+    match opts.keepalive {
+        None => sock.set_keepalive(false)?,
+        Some(k) => {
+            let params = socket2::TcpKeepalive::new().with_time(k.idle);
+            // TCP_KEEPINTVL and TCP_KEEPCNT: elsewhere the system's values stay.
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            let params = params.with_interval(k.interval).with_retries(k.count);
+            sock.set_tcp_keepalive(&params)?;
+        }
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_user_timeout(opts.user_timeout)?;
+    Ok(())
 }
 
 /// A bound, listening TCP socket of some runtime.

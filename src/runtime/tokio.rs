@@ -162,7 +162,7 @@ fn socket(
     opts: SocketOptions,
     alive: Arc<AtomicBool>,
 ) -> io::Result<TcpSocket> {
-    stream.set_nodelay(opts.nodelay)?;
+    crate::runtime::apply_socket_options(socket2::SockRef::from(&stream), &opts)?;
     let local_addr = stream.local_addr()?;
     let peer_addr = stream.peer_addr()?;
     let (r, w) = stream.into_split();

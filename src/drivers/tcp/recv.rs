@@ -341,7 +341,7 @@ impl RecvState {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(0)) => self.eof = true,
                     Poll::Ready(Ok(n)) => large.filled += n,
-                    Poll::Ready(Err(e)) => return self.fail(e.into()),
+                    Poll::Ready(Err(e)) => return self.fail(super::socket_error("recv", e)),
                 }
                 continue;
             }
@@ -406,7 +406,7 @@ impl RecvState {
                         (n * 2).clamp(MIN_READ, READ_CHUNK)
                     };
                 }
-                Poll::Ready(Err(e)) => return self.fail(e.into()),
+                Poll::Ready(Err(e)) => return self.fail(super::socket_error("recv", e)),
             }
         }
     }

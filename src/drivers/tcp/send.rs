@@ -333,7 +333,7 @@ impl SendSide {
                     }
                 }
                 Err(e) => {
-                    failed = Some(Err(e.into()));
+                    failed = Some(Err(super::socket_error("send", e)));
                     break;
                 }
             }
@@ -476,7 +476,7 @@ impl SendSide {
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Poll::Ready(Drained::Stop(Err(e.into()))),
+                Err(e) => return Poll::Ready(Drained::Stop(Err(super::socket_error("send", e)))),
             };
             let mut left = n;
             while left > 0 {
@@ -538,7 +538,9 @@ impl SendSide {
         lock(&self.state).accepted_total
     }
 
-    /// Ready once `target` bytes in total have been written (or writing ended).
+    /// Ready once `target` bytes in total have been written (or writing ended). A
+    /// connection that failed reports its error even when those bytes had reached the
+    /// socket: the kernel dropped the connection, so they may never arrive.
     pub(crate) fn poll_flushed(
         &self,
         cx: &mut Context<'_>,
@@ -546,10 +548,10 @@ impl SendSide {
         listener: &mut Option<EventListener>,
     ) -> Poll<Result<()>> {
         self.poll_until(cx, &self.progress, listener, |st| {
-            if st.written_total >= target {
-                Some(Ok(()))
-            } else if let Some(e) = &st.error {
+            if let Some(e) = &st.error {
                 Some(Err(e.clone()))
+            } else if st.written_total >= target {
+                Some(Ok(()))
             } else {
                 st.finished.then(|| Err(Error::closed("flush")))
             }
@@ -607,12 +609,13 @@ impl SendSide {
     }
 
     /// The error writing ended with, if the socket failed (not after an orderly end,
-    /// an abort or a linger timeout).
+    /// an abort or a linger timeout; a timeout the socket reported, such as
+    /// `TCP_USER_TIMEOUT`, is a failure).
     pub(crate) fn failure(&self) -> Option<Error> {
         let st = lock(&self.state);
         st.error
             .clone()
-            .filter(|e| !matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Closed))
+            .filter(|e| e.kind() != ErrorKind::Closed && e.is_fatal())
     }
 
     /// Whether writing has ended (FIN sent, or stopped).

@@ -94,6 +94,8 @@ struct Inner {
     kind: ErrorKind,
     message: String,
     source: Option<io::Error>,
+    /// The connection is gone whatever the kind says (see [`Error::connection_lost`]).
+    lost: bool,
 }
 
 impl Error {
@@ -104,6 +106,23 @@ impl Error {
                 kind,
                 message: message.into(),
                 source: None,
+                lost: false,
+            }),
+        }
+    }
+
+    /// An error that ended its connection, whatever its kind: [`is_fatal`] is `true`
+    /// (e.g. a `TimedOut` because the peer stopped answering, as opposed to a deadline
+    /// of the caller's own, which leaves the connection as it was).
+    ///
+    /// [`is_fatal`]: Error::is_fatal
+    pub fn connection_lost(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            inner: Arc::new(Inner {
+                kind,
+                message: message.into(),
+                source: None,
+                lost: true,
             }),
         }
     }
@@ -115,6 +134,7 @@ impl Error {
                 kind,
                 message: message.into(),
                 source: Some(source),
+                lost: false,
             }),
         }
     }
@@ -143,10 +163,14 @@ impl Error {
     ///
     /// `false` only for errors that leave the connection intact, such as a `send` of a
     /// message over the maximum size, or a deadline of net-rs's own (a `timeout`, a
-    /// pool's checkout). A `TimedOut` that the operating system reported on the socket
-    /// (`ETIMEDOUT` from TCP keepalive or `TCP_USER_TIMEOUT`) is fatal: the kernel has
-    /// dropped the connection.
+    /// pool's checkout). A `TimedOut` that ended the connection is fatal: one the
+    /// operating system reported on the socket (`ETIMEDOUT` from TCP keepalive or
+    /// `TCP_USER_TIMEOUT`), or an RDMA connection's (retries or keepalive exhausted, a
+    /// lingering close, no hello), made with [`Error::connection_lost`].
     pub fn is_fatal(&self) -> bool {
+        if self.inner.lost {
+            return true;
+        }
         match self.kind() {
             ErrorKind::MessageTooLarge {
                 received: false, ..
@@ -339,6 +363,8 @@ mod tests {
         assert!(wrapped.is_fatal());
         // A deadline of our own leaves the connection as it was.
         assert!(!Error::new(ErrorKind::TimedOut, "timed out after 1s").is_fatal());
+        // A peer that stopped answering (an RDMA keepalive) ended it.
+        assert!(Error::connection_lost(ErrorKind::TimedOut, "no word").is_fatal());
         let ours: Error = io::Error::from(io::ErrorKind::TimedOut).into();
         assert!(!ours.is_fatal());
     }

@@ -65,7 +65,7 @@ const RETRY_EXC_ERR: u32 = 12;
 /// The error of a SEND that completed with `status`.
 fn send_failure(status: u32) -> Error {
     if status == RETRY_EXC_ERR {
-        Error::new(
+        Error::connection_lost(
             ErrorKind::TimedOut,
             "the peer acknowledged nothing through every retransmission of a send \
              (RdmaConfig::ack_timeout × (retry_count + 1)): its link or host is down",
@@ -426,7 +426,7 @@ impl<B: RecvBuf, K> Connection<B, K> {
             ka.silent += 1;
         }
         if ka.silent >= limit {
-            let e = Error::new(
+            let e = Error::connection_lost(
                 ErrorKind::TimedOut,
                 format!(
                     "no word from the peer in {} ms ({} keepalive ticks; \
@@ -1372,6 +1372,7 @@ mod tests {
         let flush = a.conn.poll_flush().unwrap().unwrap_err();
         assert_eq!(flush.kind(), ErrorKind::TimedOut, "{flush}");
         assert!(flush.to_string().contains("retry_count"), "{flush}");
+        assert!(flush.is_fatal(), "a pool must not keep the connection");
         assert_eq!(
             recv(&mut a).unwrap().unwrap_err().kind(),
             ErrorKind::TimedOut
@@ -1465,6 +1466,7 @@ mod tests {
         let e = recv(&mut a).unwrap().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
         assert!(e.to_string().contains("keepalive"), "{e}");
+        assert!(e.is_fatal(), "a pool must not keep the connection");
         assert!(a.conn.is_closed());
         assert_eq!(a.conn.on_keepalive_tick(), Tick::Stop);
         // `b`, which judges by the probes it no longer gets, fails the same way (its

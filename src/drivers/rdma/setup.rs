@@ -34,7 +34,7 @@ impl Wake for HelloWatch {
         let failed = s.drive(|c| {
             let silent = !c.greeted() && !c.is_closed();
             if silent {
-                c.fail(Error::new(
+                c.fail(Error::connection_lost(
                     ErrorKind::TimedOut,
                     format!(
                         "the peer connected but sent no hello within {timeout:?}: it does \

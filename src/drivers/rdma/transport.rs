@@ -338,7 +338,7 @@ impl Shared {
     }
 
     fn linger_expired(&self) -> Error {
-        Error::new(
+        Error::connection_lost(
             ErrorKind::TimedOut,
             format!(
                 "the connection was dropped and what it still had to send was not \
@@ -470,7 +470,7 @@ impl Transport for RdmaTransport {
         let res = match s.wait_until(Some(deadline), |c| c.poll_flush()).await {
             Some(res) => res,
             None => {
-                let e = Error::new(
+                let e = Error::connection_lost(
                     ErrorKind::TimedOut,
                     format!(
                         "close: what was sent was not acknowledged within the linger time \

@@ -6,13 +6,46 @@
 # against the client's 4096 (echo up to the maximum message, killed, the link down for
 # good during traffic), then the other way round (echo, killed). Where the link goes
 # down for good, both sides must fail in bounded time (the server checks its own).
+# A fourth boot runs netperf across the wire (TCP and RDMA, perftest beside it).
 # Every wait in the check is bounded; the measured times are in the log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pair=../shared/softroce/softroce-pair.sh
 [ -x "$pair" ] || { echo "rdma-pair: $pair not found (the CI checkout has ../shared beside it)" >&2; exit 1; }
 cargo build --features rdma --example rdma_pair_check
+cargo build --release --features rdma --example netperf
 bin="$PWD/target/debug/examples/rdma_pair_check"
+netperf="$PWD/target/release/examples/netperf"
+
+# The GID index of rxe1's RoCE v2 IPv4 address (198.18.1.N), for perftest.
+cat > target/pair-gid.sh <<'GUEST'
+for g in /sys/class/infiniband/rxe1/ports/1/gids/*; do
+  i=${g##*/}
+  t=$(cat /sys/class/infiniband/rxe1/ports/1/gid_attrs/types/$i 2>/dev/null)
+  case "$(cat $g)" in *ffff:c612*) [ "$t" = "RoCE v2" ] && { echo $i; exit; } ;; esac
+done
+echo 1
+GUEST
+# netperf across the wire: both transports, perftest's ib_send_lat/bw on the same pair.
+cat > target/netperf-server.sh <<GUEST
+#!/bin/sh
+eval "\$PAIR_SETUP"
+gid=\$(sh target/pair-gid.sh)
+"$netperf" --transport tcp --serve "\$PAIR_IP:18800" &
+timeout 300 "$netperf" --transport rdma --serve "\$PAIR_IP:18700" --perftest "rxe1:\$gid" --sizes 64,4096,65536
+wait
+GUEST
+cat > target/netperf-client.sh <<GUEST
+#!/bin/sh
+eval "\$PAIR_SETUP"
+gid=\$(sh target/pair-gid.sh)
+rc=0
+sleep 5
+timeout 300 "$netperf" --transport tcp --addr "\$PAIR_PEER_IP:18800" --remote --sizes 64,4096,65536 --duration-ms 300 || rc=1
+timeout 300 "$netperf" --transport rdma --addr "\$PAIR_PEER_IP:18700" --remote --perftest "rxe1:\$gid" --sizes 64,4096,65536 || rc=1
+exit \$rc
+GUEST
+chmod +x target/netperf-server.sh target/netperf-client.sh
 
 cat > target/pair-server.sh <<GUEST
 #!/bin/sh
@@ -50,4 +83,8 @@ run() { # MTU_1 MTU_2 SERVER_RUNS CASES...
 run 1500 1500 2 echo killed outage idle
 run 1500 9000 2 echo killed linkdown
 run 9000 1500 1 echo killed
+echo "rdma-pair: netperf across the wire (TCP, RDMA and perftest; ratios, no targets)"
+out=$(mktemp -d -t net-rs-pair.XXXXXX)
+OUT_BASE=$out "$pair" -t 600 "$PWD" target/netperf-server.sh target/netperf-client.sh || rc=1
+sed -n '/^netperf:/,/^SOFTROCE_EXIT/p' "$out/vm2/console.log" | grep -v '^SOFTROCE_EXIT'
 exit $rc

@@ -20,10 +20,15 @@ pub trait Contender {
     /// Its name in the latency and receive-side tables (`--impl` selects it by a key).
     fn name(&self) -> &'static str;
 
-    /// Ping-pong: starts its own echo server on a thread of its own, connects, and sends
-    /// `msg` and waits for the echo, again and again for `dur` (see [`round_trips`]);
-    /// closes the connection and waits for the server to end. The measured round trips.
+    /// Ping-pong: starts its own echo server on a thread of its own, runs
+    /// [`ping_pong_to`](Contender::ping_pong_to) against it and waits for the server to
+    /// end. The measured round trips.
     fn ping_pong(&self, msg: &Bytes, dur: Duration) -> Vec<Duration>;
+
+    /// The client half of [`ping_pong`](Contender::ping_pong): connects to the echo
+    /// server at `addr`, sends `msg` and waits for the echo, again and again for `dur`
+    /// (see [`round_trips`]), then closes the connection. The measured round trips.
+    fn ping_pong_to(&self, addr: SocketAddr, msg: &Bytes, dur: Duration) -> Vec<Duration>;
 
     /// Its rows of the send-side table: each way it sends to the common receiver.
     fn senders(&self) -> Vec<Box<dyn Sender>>;

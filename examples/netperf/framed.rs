@@ -49,7 +49,13 @@ impl Contender for Framed {
                 }
             })
         });
-        let rtts = current_thread().block_on(async {
+        let rtts = self.ping_pong_to(addr, msg, dur);
+        h.join().unwrap();
+        rtts
+    }
+
+    fn ping_pong_to(&self, addr: SocketAddr, msg: &Bytes, dur: Duration) -> Vec<Duration> {
+        current_thread().block_on(async {
             let mut f = connect(addr).await;
             round_trips_async(dur, async || {
                 f.send(msg.clone()).await.unwrap();
@@ -57,9 +63,7 @@ impl Contender for Framed {
                 assert_eq!(r.len(), msg.len());
             })
             .await
-        });
-        h.join().unwrap();
-        rtts
+        })
     }
 
     fn senders(&self) -> Vec<Box<dyn Sender>> {

@@ -9,6 +9,22 @@
 //!     --addr <device IP>:18700 [--perftest rxe0:<gid index>]     # see rdma.rs
 //! ```
 //!
+//! Across two hosts: start the server side on one (`--serve IP:PORT`, with the same
+//! `--transport`, and for RDMA the same `--sizes` and its own `--perftest` device), and
+//! the client side on the other with `--addr SERVER_IP:PORT --remote`:
+//!
+//! ```text
+//! host A: netperf --transport tcp --serve 0.0.0.0:18700
+//! host B: netperf --transport tcp --addr <A>:18700 --remote
+//! host A: netperf --transport rdma --serve <A's RDMA IP>:18700 [--perftest rxe0:1]
+//! host B: netperf --transport rdma --addr <A's RDMA IP>:18700 --remote [--perftest rxe0:1]
+//! ```
+//!
+//! Remotely, TCP's latency rows all ping-pong with the server's one echo server (a
+//! blocking `std` one), its send-side rows stream to the server's common receiver
+//! (port + 1), and there is no receive-side table. The server side exits after a
+//! minute without a new connection.
+//!
 //! Latency: ping-pong round trips of one message (median and p99), each implementation
 //! against itself. Throughput, send side: each sender (net-rs, `Framed` with `send`,
 //! `Framed` with `feed` + one `flush`, a blocking `std` `BufWriter`) streams messages
@@ -63,9 +79,12 @@ pub struct Args {
     /// RDMA: `DEVICE:GID_INDEX` to run perftest on as the baseline.
     #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
     perftest: Option<String>,
-    /// RDMA: be the server process of a run (started by the client side).
-    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    /// Be the server side of a run (RDMA: started by the client side unless
+    /// `--remote`; TCP: for a client on another host).
     serve: bool,
+    /// The server side runs elsewhere (started there with `--serve`).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    remote: bool,
 }
 
 /// The implementation an `--impl` key selects.
@@ -83,7 +102,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: netperf [--sizes 64,1024,...] [--duration-ms N] [--only latency|throughput|send|recv]\n\
          \x20              [--impl netrs,netrs-lat,framed,raw] [--transport tcp|rdma]\n\
-         \x20              [--addr IP:PORT] [--perftest DEVICE:GID_INDEX]   (rdma)"
+         \x20              [--addr IP:PORT] [--perftest DEVICE:GID_INDEX]   (rdma)\n\
+         \x20              [--serve IP:PORT | --addr SERVER_IP:PORT --remote]  (two hosts)"
     );
     std::process::exit(2)
 }
@@ -103,6 +123,7 @@ fn parse_args() -> Args {
         addr: None,
         perftest: None,
         serve: false,
+        remote: false,
     };
     let mut sizes_given = false;
     let mut it = std::env::args().skip(1);
@@ -148,9 +169,14 @@ fn parse_args() -> Args {
                 a.serve = true;
                 a.addr = Some(val().parse().unwrap_or_else(|_| usage()));
             }
+            "--remote" => a.remote = true,
             "-h" | "--help" => usage(),
             _ => usage(),
         }
+    }
+    if a.remote && a.addr.is_none() {
+        eprintln!("--remote needs --addr SERVER_IP:PORT");
+        std::process::exit(2);
     }
     if a.transport == "rdma" && !sizes_given {
         a.sizes = vec![64, 4 << 10, 64 << 10];
@@ -165,6 +191,7 @@ fn parse_args() -> Args {
 fn main() {
     let args = parse_args();
     match args.transport.as_str() {
+        "tcp" if args.serve => raw::serve_remote(args.addr.expect("--serve sets it")),
         "tcp" => run_tcp(&args),
         "rdma" => {
             #[cfg(feature = "rdma")]
@@ -219,10 +246,17 @@ struct Thr {
 }
 
 fn run_tcp(args: &Args) {
-    println!(
-        "netperf: TCP over loopback, {} per cell",
-        humantime(args.duration)
-    );
+    let remote = args.addr.filter(|_| args.remote);
+    match remote {
+        Some(a) => println!(
+            "netperf: TCP to the server side at {a} (another host), {} per cell",
+            humantime(args.duration)
+        ),
+        None => println!(
+            "netperf: TCP over loopback, {} per cell",
+            humantime(args.duration)
+        ),
+    }
     println!("machine: {}", machine());
     println!(
         "client and server on separate threads; net-rs and Framed on current-thread tokio runtimes"
@@ -243,7 +277,10 @@ fn run_tcp(args: &Args) {
         );
         for &size in &args.sizes {
             for imp in &impls {
-                let r = stats(imp.ping_pong(&payload(size), args.duration));
+                let r = stats(match remote {
+                    Some(a) => imp.ping_pong_to(a, &payload(size), args.duration),
+                    None => imp.ping_pong(&payload(size), args.duration),
+                });
                 println!(
                     "{:>8} | {:>14} | {:>8.1} | {:>8.1} | {:>8}",
                     fmt_size(size),
@@ -265,7 +302,14 @@ fn run_tcp(args: &Args) {
         );
         for &size in &args.sizes {
             for sender in impls.iter().flat_map(|imp| imp.senders()) {
-                let r = send_rate(&*sender, size, args.duration);
+                let r = match remote {
+                    Some(a) => {
+                        let at = SocketAddr::new(a.ip(), a.port() + 1);
+                        let (count, elapsed) = sender.stream_to(at, &payload(size), args.duration);
+                        rate(count, size, elapsed)
+                    }
+                    None => send_rate(&*sender, size, args.duration),
+                };
                 println!(
                     "{:>8} | {:>14} | {:>12.0} | {:>10.1}",
                     fmt_size(size),
@@ -277,7 +321,7 @@ fn run_tcp(args: &Args) {
             }
         }
     }
-    if args.throughput && args.recv_side {
+    if args.throughput && args.recv_side && remote.is_none() {
         println!("\none-way streaming, receive side: the same sender streams to every receiver");
         println!("(a blocking std writer with a 64 KiB BufWriter on its own thread)");
         println!(
@@ -296,6 +340,11 @@ fn run_tcp(args: &Args) {
                 );
             }
         }
+    }
+    if remote.is_some() {
+        // The targets are for loopback, each implementation against itself.
+        println!("\n(no targets across hosts: they are set for loopback runs)");
+        return;
     }
     println!("\ntargets (ratios from this run)");
     let send = |size: usize, sender: &str| {

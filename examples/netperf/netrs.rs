@@ -70,7 +70,13 @@ impl Contender for NetRs {
                 c.send(m).await.unwrap();
             }
         });
-        let rtts = current_thread().block_on(async {
+        let rtts = self.ping_pong_to(addr, msg, dur);
+        h.join().unwrap();
+        rtts
+    }
+
+    fn ping_pong_to(&self, addr: SocketAddr, msg: &Bytes, dur: Duration) -> Vec<Duration> {
+        current_thread().block_on(async {
             let t = TcpTransport::connect_with(addr, &self.config())
                 .await
                 .unwrap();
@@ -82,9 +88,7 @@ impl Contender for NetRs {
             .await;
             t.close().await.unwrap();
             rtts
-        });
-        h.join().unwrap();
-        rtts
+        })
     }
 
     fn senders(&self) -> Vec<Box<dyn Sender>> {

@@ -31,26 +31,25 @@ impl Contender for Raw {
             s.set_nodelay(true).unwrap();
             let mut r = BufReader::new(s.try_clone().unwrap());
             let mut w = BufWriter::new(s);
-            let mut buf = Vec::new();
-            while read_frame(&mut r, &mut buf).is_ok() {
-                write_frame(&mut w, &buf).unwrap();
-                w.flush().unwrap();
-            }
+            echo(&mut r, &mut w);
         });
+        let rtts = self.ping_pong_to(addr, msg, dur);
+        h.join().unwrap();
+        rtts
+    }
+
+    fn ping_pong_to(&self, addr: SocketAddr, msg: &Bytes, dur: Duration) -> Vec<Duration> {
         let s = TcpStream::connect(addr).unwrap();
         s.set_nodelay(true).unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
         let mut w = BufWriter::new(s);
         let mut buf = Vec::new();
-        let rtts = round_trips(dur, || {
+        round_trips(dur, || {
             write_frame(&mut w, msg).unwrap();
             w.flush().unwrap();
             read_frame(&mut r, &mut buf).unwrap();
             assert_eq!(buf.len(), msg.len());
-        });
-        drop((r, w));
-        h.join().unwrap();
-        rtts
+        })
     }
 
     fn senders(&self) -> Vec<Box<dyn Sender>> {
@@ -155,6 +154,34 @@ fn receive_stream(s: TcpStream, size: usize) {
     w.flush().unwrap();
 }
 
+/// Echo every frame until the peer closes.
+pub fn echo(r: &mut impl Read, w: &mut impl Write) {
+    let mut buf = Vec::new();
+    while read_frame(r, &mut buf).is_ok() {
+        if write_frame(w, &buf).and_then(|()| w.flush()).is_err() {
+            return;
+        }
+    }
+}
+
+/// The receiving end of a streaming cell whose size is not known beforehand (the
+/// remote server of `--serve`): every message must be the size of the first (else no
+/// count goes back, and the sender fails).
+pub fn receive_any_stream(s: TcpStream) {
+    s.set_nodelay(true).unwrap();
+    let mut r = BufReader::with_capacity(64 << 10, s.try_clone().unwrap());
+    let mut w = BufWriter::new(s);
+    let mut buf = Vec::new();
+    let (mut size, mut n) = (None, 0u64);
+    while read_frame(&mut r, &mut buf).is_ok() && !buf.is_empty() {
+        if *size.get_or_insert(buf.len()) != buf.len() {
+            return;
+        }
+        n += 1;
+    }
+    let _ = write_frame(&mut w, &n.to_be_bytes()).and_then(|()| w.flush());
+}
+
 fn write_frame(w: &mut impl Write, payload: &[u8]) -> std::io::Result<()> {
     w.write_all(&(payload.len() as u32).to_be_bytes())?;
     w.write_all(payload)
@@ -165,4 +192,48 @@ fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
     r.read_exact(&mut h)?;
     buf.resize(u32::from_be_bytes(h) as usize, 0);
     r.read_exact(buf)
+}
+
+/// `--transport tcp --serve ADDR`: the server side for a client on another host. An
+/// echo server on `addr` (the latency rows) and the common receiver on port + 1 (the
+/// send-side rows), a thread per connection; exits after a minute without a new
+/// connection.
+pub fn serve_remote(addr: SocketAddr) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let listen = |port: u16| {
+        let l = std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port))
+            .unwrap_or_else(|e| panic!("bind {}:{port}: {e}", addr.ip()));
+        l.set_nonblocking(true).expect("nonblocking listener");
+        l
+    };
+    let (echo_l, count_l) = (listen(addr.port()), listen(addr.port() + 1));
+    println!("serving");
+    let accept = |l: std::net::TcpListener, echoes: bool| {
+        let last = last.clone();
+        std::thread::spawn(move || loop {
+            match l.accept() {
+                Ok((s, _)) => {
+                    last.store(start.elapsed().as_secs(), Ordering::Relaxed);
+                    s.set_nonblocking(false).expect("blocking stream");
+                    std::thread::spawn(move || {
+                        if echoes {
+                            s.set_nodelay(true).unwrap();
+                            let mut r = BufReader::new(s.try_clone().unwrap());
+                            echo(&mut r, &mut BufWriter::new(s));
+                        } else {
+                            receive_any_stream(s);
+                        }
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        })
+    };
+    let _threads = (accept(echo_l, true), accept(count_l, false));
+    while start.elapsed().as_secs() < last.load(Ordering::Relaxed) + 60 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

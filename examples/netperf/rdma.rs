@@ -39,7 +39,7 @@
 //!   not panics.
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -96,9 +96,17 @@ pub fn run(args: &Args) -> Result<(), String> {
         .addr
         .ok_or("--transport rdma needs --addr <IP of the RDMA device>:<port>")?;
     if args.serve {
-        return serve(addr);
+        return serve(addr, args);
     }
     println!("machine: {}", super::machine());
+    if args.remote {
+        println!(
+            "netperf: RDMA (RC send/recv) to {addr}, server on another host (`--serve`); \
+             both sides on futures::executor::block_on"
+        );
+        wait_for_server(addr)?;
+        return measure(args, addr);
+    }
     println!(
         "netperf: RDMA (RC send/recv) to {addr}, server in a second process (as perftest); \
          both sides on futures::executor::block_on"
@@ -108,6 +116,22 @@ pub fn run(args: &Args) -> Result<(), String> {
     let _ = server.kill();
     let _ = server.wait();
     res
+}
+
+/// Wait up to two minutes for a remote server side to accept (the other host may still
+/// be starting).
+fn wait_for_server(addr: SocketAddr) -> Result<(), String> {
+    let start = std::time::Instant::now();
+    loop {
+        match block_on(connect(addr, RdmaConfig::default(), b"L")) {
+            Ok(t) => {
+                let _ = block_on(t.close());
+                return Ok(());
+            }
+            Err(e) if start.elapsed() > Duration::from_secs(120) => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
 }
 
 fn measure(args: &Args, addr: SocketAddr) -> Result<(), String> {
@@ -137,7 +161,7 @@ fn measure(args: &Args, addr: SocketAddr) -> Result<(), String> {
         if let Some(pt) = &args.perftest {
             // The baseline's own failures (perftest missing, its handshake failing) are
             // reported, not fatal: net-rs was measured either way.
-            let (lat, bw) = match perftest(pt, addr, size) {
+            let (lat, bw) = match perftest(pt, addr, size, args.remote) {
                 Ok(v) => v,
                 Err(e) => {
                     println!("{:>8} | perftest     | not measured: {e}", fmt_size(size));
@@ -173,9 +197,23 @@ fn payload(size: usize) -> Bytes {
 /// The server process (`--serve`): for each compared setting `i`, a thread accepts on
 /// port `addr.port() + i` with that setting and serves one connection after another:
 /// echo (`L`) or count (`T`). It exits when no connection came for a minute (the
-/// client also kills it when done).
-pub fn serve(addr: SocketAddr) -> Result<(), String> {
+/// client also kills it when done). With `--perftest` (a server for a client on another
+/// host), a thread also runs perftest's server side for each of `--sizes` in the
+/// client's order (`ib_send_lat`, then `ib_send_bw`).
+pub fn serve(addr: SocketAddr, args: &Args) -> Result<(), String> {
     let mut threads = Vec::new();
+    if let Some(pt) = args.perftest.clone() {
+        let sizes = args.sizes.clone();
+        threads.push(std::thread::spawn(move || {
+            for size in sizes {
+                for (tool, n) in [("ib_send_lat", TRIPS), ("ib_send_bw", iters_for(size))] {
+                    if let Err(e) = perftest_server(tool, &perftest_args(&pt, size, n)) {
+                        eprintln!("netperf: {tool} server for {size} B: {e}");
+                    }
+                }
+            }
+        }));
+    }
     for (i, setting) in settings().into_iter().enumerate() {
         let at = SocketAddr::new(addr.ip(), addr.port() + i as u16);
         let listener = cm::listen(at)
@@ -306,22 +344,37 @@ fn one_way_us(mut rtts: Vec<Duration>) -> (f64, f64) {
     (us(rtts[rtts.len() / 2]), us(rtts[rtts.len() * 99 / 100]))
 }
 
-/// `ib_send_lat` t_typical (µs) and `ib_send_bw` rate (10^6 B/s) for `size`.
-fn perftest(spec: &str, addr: SocketAddr, size: usize) -> Result<(f64, f64), String> {
-    let (dev, gid) = spec
-        .split_once(':')
-        .ok_or("--perftest wants DEVICE:GID_INDEX")?;
+/// perftest's arguments for `size`-byte messages, `n` of them, on `spec`
+/// (`DEVICE:GID_INDEX`).
+fn perftest_args(spec: &str, size: usize, n: usize) -> Vec<String> {
+    let (dev, gid) = spec.split_once(':').unwrap_or((spec, "0"));
+    let n = n.to_string();
+    ["-d", dev, "-x", gid, "-s", &size.to_string(), "-n", &n]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// `ib_send_lat` t_typical (µs) and `ib_send_bw` rate (10^6 B/s) for `size`; with
+/// `remote`, against the perftest servers of a `--serve --perftest` on the other host.
+fn perftest(spec: &str, addr: SocketAddr, size: usize, remote: bool) -> Result<(f64, f64), String> {
+    if !spec.contains(':') {
+        return Err("--perftest wants DEVICE:GID_INDEX".into());
+    }
     let ip = addr.ip().to_string();
-    let lat_n = TRIPS.to_string();
-    let bw_n = iters_for(size).to_string();
-    let common = |n: &str| -> Vec<String> {
-        ["-d", dev, "-x", gid, "-s", &size.to_string(), "-n", n]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+    let lat_args = perftest_args(spec, size, TRIPS);
+    let bw_args = perftest_args(spec, size, iters_for(size));
+    let (lat_out, bw_out) = if remote {
+        (
+            perftest_client("ib_send_lat", &lat_args, &ip, None)?,
+            perftest_client("ib_send_bw", &bw_args, &ip, None)?,
+        )
+    } else {
+        (
+            perftest_pair("ib_send_lat", &lat_args, &ip)?,
+            perftest_pair("ib_send_bw", &bw_args, &ip)?,
+        )
     };
-    let lat_out = perftest_pair("ib_send_lat", &common(&lat_n), &ip)?;
-    let bw_out = perftest_pair("ib_send_bw", &common(&bw_n), &ip)?;
     let row = |out: &str, min_fields: usize| -> Option<Vec<f64>> {
         out.lines().find_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
@@ -340,8 +393,72 @@ fn perftest(spec: &str, addr: SocketAddr, size: usize) -> Result<(f64, f64), Str
     Ok((lat, mpps * size as f64))
 }
 
-/// Run `tool` as server and client (retrying while the server starts); the client's
-/// output.
+/// Run perftest's `tool` as a server until a client has run against it (at most two
+/// minutes).
+fn perftest_server(tool: &str, args: &[String]) -> Result<(), String> {
+    let mut srv = Command::new(tool)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{tool}: {e} (is perftest installed?)"))?;
+    for _ in 0..1200 {
+        if let Some(st) = srv.try_wait().map_err(|e| e.to_string())? {
+            return st
+                .success()
+                .then_some(())
+                .ok_or(format!("{tool} server: {st}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = srv.kill();
+    let _ = srv.wait();
+    Err(format!("{tool} server: no client in two minutes"))
+}
+
+/// Starts a local perftest server again.
+type Restart<'a> = dyn Fn() -> Result<Child, String> + 'a;
+
+/// Run `tool`'s client against `ip` until it succeeds (the server may be starting; a
+/// local one, `srv`, is started again if it gave up); its output.
+fn perftest_client(
+    tool: &str,
+    args: &[String],
+    ip: &str,
+    mut srv: Option<(&Restart, Child)>,
+) -> Result<String, String> {
+    let mut last = String::new();
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(300));
+        if let Some((start, child)) = &mut srv {
+            // A server that gave up (it exits on a failed handshake) is started again.
+            if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+                *child = start()?;
+                continue;
+            }
+        }
+        let out = Command::new(tool)
+            .args(args)
+            .arg(ip)
+            .output()
+            .map_err(|e| format!("{tool}: {e}"))?;
+        if out.status.success() {
+            if let Some((_, mut child)) = srv {
+                let _ = child.wait();
+            }
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+    }
+    if let Some((_, mut child)) = srv {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Err(format!("{tool} client kept failing: {last}"))
+}
+
+/// Run `tool` as server and client on this host (retrying while the server starts);
+/// the client's output.
 fn perftest_pair(tool: &str, args: &[String], ip: &str) -> Result<String, String> {
     let start = || {
         Command::new(tool)
@@ -351,27 +468,6 @@ fn perftest_pair(tool: &str, args: &[String], ip: &str) -> Result<String, String
             .spawn()
             .map_err(|e| format!("{tool}: {e} (is perftest installed?)"))
     };
-    let mut srv = start()?;
-    let mut last = String::new();
-    for _ in 0..40 {
-        std::thread::sleep(Duration::from_millis(300));
-        // A server that gave up (it exits on a failed handshake) is started again.
-        if srv.try_wait().map_err(|e| e.to_string())?.is_some() {
-            srv = start()?;
-            continue;
-        }
-        let out = Command::new(tool)
-            .args(args)
-            .arg(ip)
-            .output()
-            .map_err(|e| format!("{tool}: {e}"))?;
-        if out.status.success() {
-            let _ = srv.wait();
-            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-        }
-        last = String::from_utf8_lossy(&out.stderr).into_owned();
-    }
-    let _ = srv.kill();
-    let _ = srv.wait();
-    Err(format!("{tool} client kept failing: {last}"))
+    let srv = start()?;
+    perftest_client(tool, args, ip, Some((&start, srv)))
 }

@@ -4,7 +4,8 @@
 # VM 1, checks in VM 2). Three boots: equal MTUs (echo, a killed server, a 3 s outage
 # survived, the link down for good while idle), the server's link at RoCE MTU 1024
 # against the client's 4096 (echo up to the maximum message, killed, the link down for
-# good during traffic), then the other way round (echo, killed). Where the link goes
+# good during traffic), then the other way round (echo, killed, the server process
+# stopped with SIGSTOP while idle: the keepalive notices). Where the link goes
 # down for good, both sides must fail in bounded time (the server checks its own).
 # A fourth boot runs netperf across the wire (TCP and RDMA, perftest beside it).
 # Every wait in the check is bounded; the measured times are in the log.
@@ -82,7 +83,7 @@ run() { # MTU_1 MTU_2 SERVER_RUNS CASES...
 # so each boot takes the link down for good at most once, as its last case.
 run 1500 1500 2 echo killed outage idle
 run 1500 9000 2 echo killed linkdown
-run 9000 1500 1 echo killed
+run 9000 1500 2 echo killed stopped
 echo "rdma-pair: netperf across the wire (TCP, RDMA and perftest; ratios, no targets)"
 out=$(mktemp -d -t net-rs-pair.XXXXXX)
 OUT_BASE=$out "$pair" -t 600 "$PWD" target/netperf-server.sh target/netperf-client.sh || rc=1

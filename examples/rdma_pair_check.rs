@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! rdma_pair_check serve ADDR          # on host 1: echo every message back
-//! rdma_pair_check check ADDR CASE...  # on host 2: echo killed outage linkdown idle
+//! rdma_pair_check check ADDR CASE...  # host 2: echo killed outage linkdown idle stopped
 //! ```
 //! * `echo`: messages of 0 B to the maximum message size (8 MiB) come back intact
 //!   (the hosts may have different MTUs).
@@ -21,6 +21,10 @@
 //! * `idle`: the server's link goes down for good while our `recv` waits with nothing
 //!   in flight: the keepalive fails it with `TimedOut` within
 //!   `keepalive_interval × keepalive_misses` (15 s) plus 1 s.
+//! * `stopped`: the server process is stopped (SIGSTOP; its host and link stay up, so
+//!   the transport still acknowledges our packets) while our `recv` waits: the
+//!   keepalive's probes go unanswered and fail it with `TimedOut` within the same
+//!   bound.
 //!
 //! Every wait is bounded: a hang is reported as a failure (exit code 1). The server
 //! obeys commands sent as messages: `CMD:exit` ends the process at once, as a kill
@@ -28,7 +32,8 @@
 //! echoing, for good: the process then ends once its side of the connection failed
 //! (exit code 1 if that took longer than the keepalive bound plus 1 s, or never came
 //! within 40 s); `CMD:outage:MS:HOLD` takes `eth0` down after MS milliseconds and up
-//! again HOLD milliseconds later.
+//! again HOLD milliseconds later; `CMD:stop` has the process stopped (SIGSTOP) for 25 s
+//! and end once it runs again.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -74,7 +79,8 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: rdma_pair_check serve ADDR | check ADDR (echo|killed|outage|linkdown|idle)..."
+        "usage: rdma_pair_check serve ADDR | check ADDR \
+         (echo|killed|outage|linkdown|idle|stopped)..."
     );
     std::process::exit(2)
 }
@@ -148,6 +154,8 @@ fn serve(addr: SocketAddr) -> Res<()> {
                 if let Some(rest) = cmd.strip_prefix("CMD:down:") {
                     let delay = ms(Some(rest));
                     std::thread::spawn(move || link_down_later(delay));
+                } else if cmd == "CMD:stop" {
+                    std::thread::spawn(stop_for_a_while);
                 } else if let Some(rest) = cmd.strip_prefix("CMD:outage:") {
                     let mut it = rest.split(':');
                     let (delay, hold) = (ms(it.next()), ms(it.next()));
@@ -175,6 +183,21 @@ fn link_down_later(delay: Duration) {
     std::thread::sleep(Duration::from_secs(40));
     println!("pair server: its side of the connection never failed in 40 s");
     std::process::exit(1)
+}
+
+/// Have this process stopped (SIGSTOP) half a second from now and continued 25 s
+/// later; then end it.
+fn stop_for_a_while() {
+    let me = std::process::id();
+    let script = format!("sleep 0.5; kill -STOP {me}; sleep 25; kill -CONT {me}");
+    let st = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .spawn();
+    println!("pair server: stopping for 25 s ({:?})", st.map(|_| ()));
+    // Runs on after the stop: the time asleep has passed by then.
+    std::thread::sleep(Duration::from_secs(2));
+    println!("pair server: running again, ending");
+    std::process::exit(0)
 }
 
 /// Connect to `addr`, retrying for up to 120 s while the other VM boots (or the
@@ -372,28 +395,29 @@ fn check(addr: SocketAddr, case: &str) -> Res<()> {
             }
             failed_for_good(&t, case)
         }
-        "idle" => {
+        "idle" | "stopped" => {
             round_trip(&t, pattern(100, 2), Duration::from_secs(30))?;
-            round_trip(
-                &t,
-                Bytes::from_static(b"CMD:down:500"),
-                Duration::from_secs(30),
-            )?;
+            let cmd: &'static [u8] = if case == "idle" {
+                b"CMD:down:500"
+            } else {
+                b"CMD:stop"
+            };
+            round_trip(&t, Bytes::from_static(cmd), Duration::from_secs(30))?;
             // Nothing in flight: only the keepalive can notice.
             let bound = keepalive_bound() + Duration::from_millis(500);
             let t2 = t.clone();
             let start = Instant::now();
-            let r = within(bound + Duration::from_secs(30), "idle recv", move || {
+            let r = within(bound + Duration::from_secs(30), "pending recv", move || {
                 futures::executor::block_on(t2.recv()).map(|m| m.len())
             })?;
             let took = start.elapsed();
             println!(
-                "pair check idle: pending recv gave {r:?} after {:.1} s (bound {:.1} s)",
+                "pair check {case}: pending recv gave {r:?} after {:.1} s (bound {:.1} s)",
                 took.as_secs_f64(),
                 bound.as_secs_f64()
             );
             match r {
-                Ok(n) => return Err(format!("recv returned {n} bytes from a dead link")),
+                Ok(n) => return Err(format!("recv returned {n} bytes from a silent peer")),
                 Err(e) if e.kind() != net_rs::error::ErrorKind::TimedOut => {
                     return Err(format!("the failure is not a timeout: {e}"))
                 }

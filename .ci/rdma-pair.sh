@@ -7,15 +7,17 @@
 # good during traffic), then the other way round (echo, killed, the server process
 # stopped with SIGSTOP while idle: the keepalive notices). Where the link goes
 # down for good, both sides must fail in bounded time (the server checks its own).
+# Each boot also runs the seed example (connect, send, recv, return) across the wire.
 # A fourth boot runs netperf across the wire (TCP and RDMA, perftest beside it).
 # Every wait in the check is bounded; the measured times are in the log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pair=../shared/softroce/softroce-pair.sh
 [ -x "$pair" ] || { echo "rdma-pair: $pair not found (the CI checkout has ../shared beside it)" >&2; exit 1; }
-cargo build --features rdma --example rdma_pair_check
+cargo build --features rdma --example rdma_pair_check --example rdma_seed
 cargo build --release --features rdma --example netperf
 bin="$PWD/target/debug/examples/rdma_pair_check"
+seed="$PWD/target/debug/examples/rdma_seed"
 netperf="$PWD/target/release/examples/netperf"
 
 # The GID index of rxe1's RoCE v2 IPv4 address (198.18.1.N), for perftest.
@@ -61,7 +63,15 @@ cat > target/pair-client.sh <<GUEST
 #!/bin/sh
 eval "\$PAIR_SETUP"
 shift
-timeout 400 "$bin" check "\$PAIR_PEER_IP:18515" "\$@"
+rc=0
+first=\$1; shift
+timeout 400 "$bin" check "\$PAIR_PEER_IP:18515" "\$first" || rc=1
+# The seed example (connect, send, recv, return) across the wire.
+out=\$(timeout 60 "$seed" "\$PAIR_PEER_IP:18515") || rc=1
+echo "pair seed example said: \$out"
+[ "\$out" = "got 4 bytes" ] || rc=1
+timeout 400 "$bin" check "\$PAIR_PEER_IP:18515" "\$@" || rc=1
+exit \$rc
 GUEST
 chmod +x target/pair-server.sh target/pair-client.sh
 
@@ -83,7 +93,7 @@ run() { # MTU_1 MTU_2 SERVER_RUNS CASES...
 # so each boot takes the link down for good at most once, as its last case.
 run 1500 1500 2 echo killed outage idle
 run 1500 9000 2 echo killed linkdown
-run 9000 1500 2 echo killed stopped
+run 9000 1500 3 echo killed stopped stopped-nokeepalive
 echo "rdma-pair: netperf across the wire (TCP, RDMA and perftest; ratios, no targets)"
 out=$(mktemp -d -t net-rs-pair.XXXXXX)
 OUT_BASE=$out "$pair" -t 600 "$PWD" target/netperf-server.sh target/netperf-client.sh || rc=1

@@ -25,6 +25,9 @@
 //!   the transport still acknowledges our packets) while our `recv` waits: the
 //!   keepalive's probes go unanswered and fail it with `TimedOut` within the same
 //!   bound.
+//! * `stopped-nokeepalive`: the same with keepalive off on our side (so the server
+//!   probes, and nobody judges on ours): our `recv` is still waiting 20 s later. With
+//!   `stopped`, this shows that the keepalive is what ends the wait.
 //!
 //! Every wait is bounded: a hang is reported as a failure (exit code 1). The server
 //! obeys commands sent as messages: `CMD:exit` ends the process at once, as a kill
@@ -80,7 +83,7 @@ fn main() {
 fn usage() -> ! {
     eprintln!(
         "usage: rdma_pair_check serve ADDR | check ADDR \
-         (echo|killed|outage|linkdown|idle|stopped)..."
+         (echo|killed|outage|linkdown|idle|stopped|stopped-nokeepalive)..."
     );
     std::process::exit(2)
 }
@@ -202,10 +205,10 @@ fn stop_for_a_while() {
 
 /// Connect to `addr`, retrying for up to 120 s while the other VM boots (or the
 /// server comes back).
-fn connect(addr: SocketAddr) -> Res<Arc<RdmaTransport>> {
+fn connect(addr: SocketAddr, cfg: RdmaConfig) -> Res<Arc<RdmaTransport>> {
     let start = Instant::now();
     loop {
-        let cfg = RdmaConfig::default();
+        let cfg = cfg.clone();
         match futures::executor::block_on(rdma::connect_with(addr, Duration::from_secs(5), cfg)) {
             Ok(t) => return Ok(Arc::new(t)),
             Err(e) if start.elapsed() < Duration::from_secs(120) => {
@@ -272,7 +275,11 @@ fn is_timeout(e: &str) -> bool {
 }
 
 fn check(addr: SocketAddr, case: &str) -> Res<()> {
-    let t = connect(addr)?;
+    let cfg = match case {
+        "stopped-nokeepalive" => RdmaConfig::default().keepalive(Duration::ZERO, 0),
+        _ => RdmaConfig::default(),
+    };
+    let t = connect(addr, cfg)?;
     match case {
         "echo" => {
             let max = RdmaConfig::default().max_message_size;
@@ -429,6 +436,22 @@ fn check(addr: SocketAddr, case: &str) -> Res<()> {
                 Err(_) => {}
             }
             failed_for_good(&t, case)
+        }
+        "stopped-nokeepalive" => {
+            round_trip(&t, pattern(100, 3), Duration::from_secs(30))?;
+            round_trip(&t, Bytes::from_static(b"CMD:stop"), Duration::from_secs(30))?;
+            let t2 = t.clone();
+            let r = within(Duration::from_secs(20), "pending recv", move || {
+                futures::executor::block_on(t2.recv()).map(|m| m.len())
+            });
+            println!("pair check {case}: pending recv after 20 s: {r:?}");
+            match r {
+                Err(e) if e.contains("hung") => Ok(()),
+                other => Err(format!(
+                    "without keepalive the recv ended by itself ({other:?}): the test \
+                     would not show what the keepalive does"
+                )),
+            }
         }
         other => Err(format!("unknown case {other}")),
     }

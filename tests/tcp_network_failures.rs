@@ -354,6 +354,43 @@ fn idle_link_down_fails_recv_within_the_keepalive_bound(rt: Rt) {
     assert!(took <= DETECTION + MARGIN, "peer detected after {took:?}");
 }
 
+/// (e) The link goes down while nobody waits in `recv`, and the application watches
+/// `is_closed()` (as a pool's checkout does). Once it turns true, `recv` reports the
+/// keepalive's `TimedOut`, not an orderly end: the look at the socket that noticed the
+/// failure took the socket's error with it, and must keep it for `recv` (a breaker
+/// found `recv` saying "the peer closed the connection" here, so a `Messages` stream
+/// would have ended as if the peer had finished).
+fn is_closed_then_recv_reports_the_timeout_not_an_orderly_end(rt: Rt) {
+    let Some(net) = Netns::new("e") else { return };
+    let (_peer, _stop) = start_peer(&net, rt, keepalive_config);
+    let client = in_netns(&net.client, {
+        let net_ns = net.peer.clone();
+        move || {
+            block_on(rt, |r| async move {
+                let c = connect(&r, &keepalive_config(&r)).await;
+                cut(&net_ns);
+                let cut = Instant::now();
+                while !c.is_closed() {
+                    let took = cut.elapsed();
+                    assert!(
+                        took <= DETECTION + MARGIN,
+                        "is_closed still false after {took:?}"
+                    );
+                    r.sleep(Duration::from_millis(50)).await;
+                }
+                eprintln!("{rt:?}: is_closed after {:?}", cut.elapsed());
+                let e = bounded(&r, PROMPT, "recv after is_closed", c.recv())
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::TimedOut, "{e:?}");
+                assert!(e.is_fatal(), "{e:?}");
+                assert_failed_promptly(&r, &c, ErrorKind::TimedOut).await;
+            })
+        }
+    });
+    join(client, Duration::from_secs(30), "client");
+}
+
 /// (b) The link goes down while the client streams to a reading peer: the send side
 /// fails with `TimedOut` (`TCP_USER_TIMEOUT`, data unacknowledged) within the bound,
 /// and everything after that, `close` included, returns at once.
@@ -605,6 +642,10 @@ macro_rules! cases {
         #[test]
         fn a_stopped_peer_keeps_an_idle_connection_but_not_a_blocked_send() {
             super::a_stopped_peer_keeps_an_idle_connection_but_not_a_blocked_send($rt)
+        }
+        #[test]
+        fn is_closed_then_recv_reports_the_timeout_not_an_orderly_end() {
+            super::is_closed_then_recv_reports_the_timeout_not_an_orderly_end($rt)
         }
         #[test]
         fn without_keepalive_an_idle_link_down_goes_unnoticed() {

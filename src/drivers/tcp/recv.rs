@@ -256,11 +256,27 @@ impl RecvSide {
         match reader.peek_now() {
             Ok(0) => true,
             Ok(_) => false,
-            Err(e) => !matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-            ),
+            Err(e) => Self::peeked_error(st, e),
         }
+    }
+
+    /// A peek at the socket failed with `e`: unless it only says "nothing now", the
+    /// connection broke, and the peek took the socket's pending error (`ETIMEDOUT`
+    /// from keepalive, a reset), which a later read would no longer see (it would read
+    /// an orderly end). So it becomes the sticky error every `recv` reports, and
+    /// waiting `recv`s are woken to report it. Whether it was such a failure.
+    fn peeked_error(mut st: std::sync::MutexGuard<'_, RecvState>, e: std::io::Error) -> bool {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ) {
+            return false;
+        }
+        st.error.get_or_insert(super::socket_error("recv", e));
+        let wake: Vec<_> = st.waiters.iter().map(|(_, w)| w.clone()).collect();
+        drop(st);
+        wake.into_iter().for_each(|w| w.wake());
+        true
     }
 
     /// Whether bytes have arrived that no `recv` has returned yet.
@@ -292,9 +308,16 @@ impl RecvSide {
         if st.has_buffered() {
             return true;
         }
-        match st.reader.as_ref() {
-            Some(reader) => matches!(reader.peek_now(), Ok(n) if n > 0),
-            None => false,
+        let peeked = match st.reader.as_ref() {
+            Some(reader) => reader.peek_now(),
+            None => return false,
+        };
+        match peeked {
+            Ok(n) => n > 0,
+            Err(e) => {
+                Self::peeked_error(st, e);
+                false
+            }
         }
     }
 }

@@ -391,6 +391,67 @@ fn is_closed_then_recv_reports_the_timeout_not_an_orderly_end(rt: Rt) {
     join(client, Duration::from_secs(30), "client");
 }
 
+/// (f) Both directions busy with 1 MiB messages when the link goes down: the sending
+/// and the receiving task both end with `TimedOut`, whichever of them the socket told.
+/// A breaker found the receivers ending with "peer closed the connection after N of
+/// 1048576 bytes" (`UnexpectedEof`) while the senders got `TimedOut`: a partition
+/// reported as the peer's own end.
+fn link_down_mid_message_both_ways_is_a_timeout_for_send_and_recv(rt: Rt) {
+    let Some(net) = Netns::new("f") else { return };
+    let (ready_tx, ready_rx) = mpsc::channel();
+    // The peer streams 1 MiB messages at the client and reads what comes.
+    let _peer = in_netns(&net.peer, move || {
+        block_on(rt, |r| async move {
+            let cfg = keepalive_config(&r);
+            let addr: SocketAddr = format!("{PEER_IP}:{PORT}").parse().unwrap();
+            let l = TcpListener::bind_with(addr, &cfg).await.unwrap();
+            ready_tx.send(()).unwrap();
+            let s = l.accept().await.unwrap();
+            assert_eq!(&s.recv().await.unwrap()[..], b"ping");
+            s.send(Bytes::from_static(b"pong")).await.unwrap();
+            let big = Bytes::from(vec![1u8; 1 << 20]);
+            let reading = async { while s.recv().await.is_ok() {} };
+            let sending = async { while s.send(big.clone()).await.is_ok() {} };
+            futures::future::join(reading, sending).await;
+        })
+    });
+    join(ready_rx, Duration::from_secs(10), "peer listening");
+    let client = in_netns(&net.client, {
+        let net_ns = net.peer.clone();
+        move || {
+            block_on(rt, |r| async move {
+                let c = connect(&r, &keepalive_config(&r)).await;
+                let big = Bytes::from(vec![2u8; 1 << 20]);
+                let bound = Duration::from_millis(300) + DETECTION + RTO_SLACK + MARGIN;
+                let receiving = async {
+                    loop {
+                        if let Err(e) = c.recv().await {
+                            return e;
+                        }
+                    }
+                };
+                let sending = async {
+                    loop {
+                        if let Err(e) = c.send(big.clone()).await {
+                            return e;
+                        }
+                    }
+                };
+                let cutting = async {
+                    r.sleep(Duration::from_millis(300)).await;
+                    cut(&net_ns);
+                };
+                let both = futures::future::join3(receiving, sending, cutting);
+                let (recv_e, send_e, ()) = bounded(&r, bound, "both directions", both).await;
+                eprintln!("{rt:?}: recv ended with {recv_e:?}, send with {send_e:?}");
+                assert_eq!(recv_e.kind(), ErrorKind::TimedOut, "recv: {recv_e:?}");
+                assert_eq!(send_e.kind(), ErrorKind::TimedOut, "send: {send_e:?}");
+            })
+        }
+    });
+    join(client, Duration::from_secs(30), "client");
+}
+
 /// (b) The link goes down while the client streams to a reading peer: the send side
 /// fails with `TimedOut` (`TCP_USER_TIMEOUT`, data unacknowledged) within the bound,
 /// and everything after that, `close` included, returns at once.
@@ -646,6 +707,10 @@ macro_rules! cases {
         #[test]
         fn is_closed_then_recv_reports_the_timeout_not_an_orderly_end() {
             super::is_closed_then_recv_reports_the_timeout_not_an_orderly_end($rt)
+        }
+        #[test]
+        fn link_down_mid_message_both_ways_is_a_timeout_for_send_and_recv() {
+            super::link_down_mid_message_both_ways_is_a_timeout_for_send_and_recv($rt)
         }
         #[test]
         fn without_keepalive_an_idle_link_down_goes_unnoticed() {

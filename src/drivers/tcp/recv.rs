@@ -21,13 +21,14 @@
 //! which then polls the socket itself. No caller is left registered nowhere.
 
 use std::pin::Pin;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use futures::io::AsyncRead;
 use slab::Slab;
 
+use super::Broken;
 use crate::buffer::{HeapPool, PooledVec};
 use crate::codec::Decoder;
 use crate::error::{Error, ErrorKind, Result};
@@ -61,6 +62,8 @@ struct RecvState {
     eof: bool,
     /// Sticky failure: every later `recv` returns it.
     error: Option<Error>,
+    /// The connection's failure as either direction was told it (see [`Broken`]).
+    broken: Arc<Broken>,
     waiters: Slab<std::task::Waker>,
 }
 
@@ -135,7 +138,7 @@ fn lock(m: &Mutex<RecvState>) -> MutexGuard<'_, RecvState> {
 }
 
 impl RecvSide {
-    pub(crate) fn new(reader: TcpReader, max: usize, pool: HeapPool) -> Self {
+    pub(crate) fn new(reader: TcpReader, max: usize, pool: HeapPool, broken: Arc<Broken>) -> Self {
         RecvSide {
             state: Mutex::new(RecvState {
                 reader: Some(reader),
@@ -146,6 +149,7 @@ impl RecvSide {
                 scratch: Vec::new(),
                 eof: false,
                 error: None,
+                broken,
                 waiters: Slab::new(),
             }),
             pool,
@@ -272,11 +276,25 @@ impl RecvSide {
         ) {
             return false;
         }
-        st.error.get_or_insert(super::socket_error("recv", e));
+        let e = st.broken.record("recv", e);
+        st.error.get_or_insert(e);
         let wake: Vec<_> = st.waiters.iter().map(|(_, w)| w.clone()).collect();
         drop(st);
         wake.into_iter().for_each(|w| w.wake());
         true
+    }
+
+    /// The end `recv` reported (`Closed` or `UnexpectedEof`) was the connection's
+    /// failure `e`: every later `recv` reports that.
+    pub(crate) fn end_was(&self, e: Error) {
+        let mut st = lock(&self.state);
+        if st
+            .error
+            .as_ref()
+            .is_none_or(|old| matches!(old.kind(), ErrorKind::Closed | ErrorKind::UnexpectedEof))
+        {
+            st.error = Some(e);
+        }
     }
 
     /// Whether bytes have arrived that no `recv` has returned yet.
@@ -348,6 +366,9 @@ impl RecvState {
                     return Poll::Ready(Ok(Bytes::from_owner(large.buf)));
                 }
                 if self.eof {
+                    if let Some(e) = self.broken.get() {
+                        return self.fail(e);
+                    }
                     let msg = format!(
                         "peer closed the connection after {} of {} bytes of a message",
                         large.filled, large.len
@@ -364,7 +385,7 @@ impl RecvState {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(0)) => self.eof = true,
                     Poll::Ready(Ok(n)) => large.filled += n,
-                    Poll::Ready(Err(e)) => return self.fail(super::socket_error("recv", e)),
+                    Poll::Ready(Err(e)) => return self.fail(self.broken.record("recv", e)),
                 }
                 continue;
             }
@@ -385,6 +406,11 @@ impl RecvState {
                 Ok(_) => {}
             }
             if self.eof {
+                // An end after the connection failed (the failure went to the other
+                // direction) is that failure, not the peer's end.
+                if let Some(e) = self.broken.get() {
+                    return self.fail(e);
+                }
                 let e = if self.decoder.at_boundary(&self.buf) {
                     Error::new(ErrorKind::Closed, "recv: the peer closed the connection")
                 } else {
@@ -429,7 +455,7 @@ impl RecvState {
                         (n * 2).clamp(MIN_READ, READ_CHUNK)
                     };
                 }
-                Poll::Ready(Err(e)) => return self.fail(super::socket_error("recv", e)),
+                Poll::Ready(Err(e)) => return self.fail(self.broken.record("recv", e)),
             }
         }
     }
@@ -483,7 +509,12 @@ mod tests {
     }
 
     fn side(steps: Vec<Step>, max: usize, pool: &HeapPool) -> RecvSide {
-        RecvSide::new(Box::new(Script(steps.into())), max, pool.clone())
+        RecvSide::new(
+            Box::new(Script(steps.into())),
+            max,
+            pool.clone(),
+            Arc::default(),
+        )
     }
 
     fn poll(side: &RecvSide) -> Poll<Result<Bytes>> {

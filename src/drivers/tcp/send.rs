@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf as _, Bytes, BytesMut};
 use futures::io::AsyncWrite;
 
+use super::Broken;
 use crate::codec::HEADER_LEN;
 use crate::error::{Error, ErrorKind, Result};
 use crate::linger::{self, Deliver, Delivery, Registration};
@@ -83,6 +84,8 @@ pub(crate) struct SendSide {
     me: Weak<SendSide>,
     /// Its place on the exit hook's list (see [`SendSide::register`]).
     registration: Mutex<Option<Registration>>,
+    /// The connection's failure as either direction was told it (see [`Broken`]).
+    broken: Arc<Broken>,
 }
 
 /// Who may write to the socket now.
@@ -175,6 +178,7 @@ impl SendSide {
         linger: Duration,
         busy_poll: Duration,
         sock: TcpWriter,
+        broken: Arc<Broken>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me: &Weak<SendSide>| SendSide {
             state: Mutex::new(SendState {
@@ -205,6 +209,7 @@ impl SendSide {
             linger,
             me: me.clone(),
             registration: Mutex::new(None),
+            broken,
         })
     }
 
@@ -333,7 +338,7 @@ impl SendSide {
                     }
                 }
                 Err(e) => {
-                    failed = Some(Err(super::socket_error("send", e)));
+                    failed = Some(Err(self.broken.record("send", e)));
                     break;
                 }
             }
@@ -476,7 +481,7 @@ impl SendSide {
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Poll::Ready(Drained::Stop(Err(super::socket_error("send", e)))),
+                Err(e) => return Poll::Ready(Drained::Stop(Err(self.broken.record("send", e)))),
             };
             let mut left = n;
             while left > 0 {
@@ -531,6 +536,12 @@ impl SendSide {
             msg: Some(msg),
             listener: None,
         }
+    }
+
+    /// Wait for a write in progress (it records a failure the socket reports before
+    /// it lets go of the socket).
+    pub(crate) fn settle(&self) {
+        drop(lock_pen(&self.pen));
     }
 
     /// The total accepted so far: `poll_flushed` on it waits for those bytes.
@@ -1092,6 +1103,7 @@ mod loom_model {
             Duration::from_secs(1),
             Duration::ZERO,
             Box::new(sock),
+            Arc::default(),
         );
         let w = {
             let side = side.clone();

@@ -47,6 +47,8 @@ pub struct TcpTransport {
 struct Shared {
     send: Arc<SendSide>,
     recv: RecvSide,
+    /// The connection's failure as either direction was told it.
+    broken: Arc<super::Broken>,
     /// For the exit hook: when the peer's bytes were last read and dropped.
     exit_input: Mutex<Option<std::time::Instant>>,
     _registration: Mutex<Option<Registration>>,
@@ -152,17 +154,25 @@ impl TcpTransport {
     /// Wrap an already connected socket (from [`Runtime::tcp_connect`] or an
     /// [`AsyncListener`](crate::runtime::AsyncListener)) and start its writer task on `rt`.
     pub fn from_socket(sock: TcpSocket, config: &TcpConfig, rt: Arc<dyn Runtime>) -> TcpTransport {
+        let broken = Arc::new(super::Broken::default());
         let send = SendSide::new(
             config.send_buffer,
             config.linger,
             config.busy_poll,
             sock.writer,
+            broken.clone(),
         );
         send.register();
         rt.spawn(Box::pin(writer(send.clone(), rt.clone())));
         let shared = Arc::new(Shared {
             send,
-            recv: RecvSide::new(sock.reader, config.max_message_size, config.pool.clone()),
+            recv: RecvSide::new(
+                sock.reader,
+                config.max_message_size,
+                config.pool.clone(),
+                broken.clone(),
+            ),
+            broken,
             exit_input: Mutex::new(None),
             _registration: Mutex::new(None),
             pool: config.pool.clone(),
@@ -193,11 +203,21 @@ impl TcpTransport {
             (_, Fatal::CloseConnection) => self.shared.send.abort(),
             // The socket is broken both ways: a later `send` must not say `Ok`.
             (_, Fatal::Broken(e)) => self.shared.send.fail(e),
-            (Poll::Ready(Err(e)), Fatal::No) if e.kind() == ErrorKind::Closed => {
-                // An end of stream after our own writes failed is not an orderly
-                // close: the reset was reported to the write (the socket reports its
-                // error once), and reads then only see the end.
-                if let Some(e) = self.shared.send.failure() {
+            (Poll::Ready(Err(e)), Fatal::No)
+                if matches!(e.kind(), ErrorKind::Closed | ErrorKind::UnexpectedEof) =>
+            {
+                // An end of stream after the connection failed is not the peer's end:
+                // the socket reports its error once, to whichever call comes first,
+                // and reads then only see an end. A write that got it records it
+                // while it holds the socket's write half: wait for one in progress.
+                self.shared.send.settle();
+                if let Some(e) = self
+                    .shared
+                    .broken
+                    .get()
+                    .or_else(|| self.shared.send.failure())
+                {
+                    self.shared.recv.end_was(e.clone());
                     return Poll::Ready(Err(e));
                 }
             }

@@ -2,7 +2,8 @@
 # The RDMA transport across a real (virtual) wire: two Soft-RoCE VMs joined by
 # ../shared/softroce/softroce-pair.sh, examples/rdma_pair_check.rs in each (server in
 # VM 1, checks in VM 2). Three boots: equal MTUs (echo, a killed server, a 3 s outage
-# survived, the link down for good while idle), the server's link at RoCE MTU 1024
+# survived, connects during an 8 s outage leave the server's accept going, the link
+# down for good while idle), the server's link at RoCE MTU 1024
 # against the client's 4096 (echo up to the maximum message, killed, the link down for
 # good during traffic), then the other way round (echo, killed, the server process
 # stopped with SIGSTOP while idle: the keepalive notices). Where the link goes
@@ -91,7 +92,7 @@ run() { # MTU_1 MTU_2 SERVER_RUNS CASES...
 # A link that was down for about 15 s with traffic in flight keeps refusing new
 # RDMA-CM connections afterwards in these VMs (rdma-core's ucmatose too; TCP works),
 # so each boot takes the link down for good at most once, as its last case.
-run 1500 1500 2 echo killed outage idle
+run 1500 1500 2 echo killed outage stale idle
 run 1500 9000 2 echo killed linkdown
 run 9000 1500 3 echo killed stopped stopped-nokeepalive
 echo "rdma-pair: netperf across the wire (TCP, RDMA and perftest; ratios, no targets)"

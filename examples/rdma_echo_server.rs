@@ -19,7 +19,12 @@ fn main() -> std::io::Result<()> {
         let conn = match futures::executor::block_on(listener.accept(Duration::from_secs(3600))) {
             Ok(c) => c,
             Err(e) if e.is_timeout() => continue,
-            Err(e) => return Err(e.into()),
+            // One incoming connection failed to set up (its peer went away meanwhile):
+            // the listener goes on.
+            Err(e) => {
+                eprintln!("rdma echo server: a connection failed to set up: {e}");
+                continue;
+            }
         };
         std::thread::spawn(move || {
             futures::executor::block_on(async move {

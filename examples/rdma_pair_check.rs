@@ -13,6 +13,10 @@
 //! * `outage`: during a stream of 64 KiB ping-pongs the server's link is down for 3 s,
 //!   then up: the stream goes on (no side fails: the retries and the keepalive both
 //!   outlast the outage).
+//! * `stale`: the server's link is down for 8 s while we try to connect twice (each
+//!   attempt gives up after 2 s): once the link is back, the server's `accept` goes on
+//!   past those stale requests (it used to fail with "rdma_init_qp_attr") and a new
+//!   connection works.
 //! * `linkdown`: during such a stream the server's link goes down for good: the pending
 //!   operation fails with `TimedOut` within the queue pair's retry bound
 //!   (`RdmaConfig::ack_timeout × (retry_count + 1)`, 7.5 s) plus 3 s; then
@@ -83,7 +87,7 @@ fn main() {
 fn usage() -> ! {
     eprintln!(
         "usage: rdma_pair_check serve ADDR | check ADDR \
-         (echo|killed|outage|linkdown|idle|stopped|stopped-nokeepalive)..."
+         (echo|killed|outage|stale|linkdown|idle|stopped|stopped-nokeepalive)..."
     );
     std::process::exit(2)
 }
@@ -339,6 +343,31 @@ fn check(addr: SocketAddr, case: &str) -> Res<()> {
                 return Err("is_closed() is false after the peer died".into());
             }
             Ok(())
+        }
+        "stale" => {
+            round_trip(
+                &t,
+                Bytes::from_static(b"CMD:outage:300:8000"),
+                Duration::from_secs(30),
+            )?;
+            close(&t)?;
+            std::thread::sleep(Duration::from_millis(600));
+            for _ in 0..2 {
+                let cfg = RdmaConfig::default();
+                match futures::executor::block_on(rdma::connect_with(
+                    addr,
+                    Duration::from_secs(2),
+                    cfg,
+                )) {
+                    Ok(_) => return Err("connected while the server's link was down".into()),
+                    Err(e) => println!("pair check stale: connect during the outage: {e}"),
+                }
+            }
+            // The link comes back: the server accepts again.
+            let t2 = connect(addr, RdmaConfig::default())?;
+            round_trip(&t2, pattern(100, 4), Duration::from_secs(30))?;
+            println!("pair check stale: a new connection works after the outage");
+            close(&t2)
         }
         "outage" => {
             round_trip(

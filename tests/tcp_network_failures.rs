@@ -26,6 +26,7 @@ use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::{select, Either};
 use net_rs::drivers::tcp::{TcpConfig, TcpListener, TcpTransport};
+use net_rs::pool::{ConnectionPool, PoolConfig, PooledConnection, TcpConnector};
 use net_rs::runtime::{timeout, Runtime};
 use net_rs::transport::Transport;
 use net_rs::{Error, ErrorKind};
@@ -452,6 +453,67 @@ fn link_down_mid_message_both_ways_is_a_timeout_for_send_and_recv(rt: Rt) {
     join(client, Duration::from_secs(30), "client");
 }
 
+/// (g) A pooled connection whose peer vanished while it sat idle in the pool is not
+/// handed out again: once keepalive has failed it, `get` (after the link is back)
+/// gives a new connection that works.
+fn the_pool_replaces_a_connection_keepalive_failed(rt: Rt) {
+    let Some(net) = Netns::new("g") else { return };
+    let (ready_tx, ready_rx) = mpsc::channel();
+    // The peer: one connection after another, each answering ping with pong.
+    let _peer = in_netns(&net.peer, move || {
+        block_on(rt, |r| async move {
+            let cfg = keepalive_config(&r);
+            let addr: SocketAddr = format!("{PEER_IP}:{PORT}").parse().unwrap();
+            let l = TcpListener::bind_with(addr, &cfg).await.unwrap();
+            ready_tx.send(()).unwrap();
+            for _ in 0..2 {
+                let s = l.accept().await.unwrap();
+                while let Ok(m) = s.recv().await {
+                    if &m[..] == b"ping" && s.send(Bytes::from_static(b"pong")).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        })
+    });
+    join(ready_rx, Duration::from_secs(10), "peer listening");
+    let client = in_netns(&net.client, {
+        let net_ns = net.peer.clone();
+        move || {
+            block_on(rt, |r| async move {
+                let addr: SocketAddr = format!("{PEER_IP}:{PORT}").parse().unwrap();
+                let pool = ConnectionPool::new(
+                    TcpConnector::with_config(addr, keepalive_config(&r)),
+                    PoolConfig::default().max_size(1).runtime(r.clone()),
+                )
+                .unwrap();
+                let ping = async |c: &PooledConnection<TcpConnector>| {
+                    c.send(Bytes::from_static(b"ping")).await?;
+                    c.recv().await
+                };
+                let c = bounded(&r, Duration::from_secs(10), "first get", pool.get())
+                    .await
+                    .unwrap();
+                let pong = bounded(&r, PROMPT, "first ping", ping(&c)).await.unwrap();
+                assert_eq!(&pong[..], b"pong");
+                drop(c);
+                cut(&net_ns);
+                // Idle in the pool while keepalive notices (and the peer's side too).
+                r.sleep(DETECTION + MARGIN).await;
+                ip(&["-n", &net_ns, "link", "set", "nrs1", "up"]);
+                let c = bounded(&r, Duration::from_secs(10), "get after", pool.get())
+                    .await
+                    .expect("a new connection once the link is back");
+                let pong = bounded(&r, Duration::from_secs(5), "ping after", ping(&c))
+                    .await
+                    .expect("the connection handed out works (not the dead one)");
+                assert_eq!(&pong[..], b"pong");
+            })
+        }
+    });
+    join(client, Duration::from_secs(40), "client");
+}
+
 /// (b) The link goes down while the client streams to a reading peer: the send side
 /// fails with `TimedOut` (`TCP_USER_TIMEOUT`, data unacknowledged) within the bound,
 /// and everything after that, `close` included, returns at once.
@@ -711,6 +773,10 @@ macro_rules! cases {
         #[test]
         fn link_down_mid_message_both_ways_is_a_timeout_for_send_and_recv() {
             super::link_down_mid_message_both_ways_is_a_timeout_for_send_and_recv($rt)
+        }
+        #[test]
+        fn the_pool_replaces_a_connection_keepalive_failed() {
+            super::the_pool_replaces_a_connection_keepalive_failed($rt)
         }
         #[test]
         fn without_keepalive_an_idle_link_down_goes_unnoticed() {

@@ -471,16 +471,26 @@ impl CmListener {
     ) -> Result<CmConnection> {
         let deadline = crate::time::deadline(Instant::now(), timeout);
         let what = "RDMA accept";
-        let id = self.requests.recv_timeout(timeout).map_err(|e| match e {
-            crossbeam_channel::RecvTimeoutError::Timeout => Error::new(
-                ErrorKind::TimedOut,
-                format!("{what}: no connection within {timeout:?}"),
-            ),
-            crossbeam_channel::RecvTimeoutError::Disconnected => Error::new(
-                ErrorKind::Io(std::io::ErrorKind::Other),
-                format!("{what}: the listener thread ended"),
-            ),
-        })?;
+        let id = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let id = self.requests.recv_timeout(left).map_err(|e| match e {
+                crossbeam_channel::RecvTimeoutError::Timeout => Error::new(
+                    ErrorKind::TimedOut,
+                    format!("{what}: no connection within {timeout:?}"),
+                ),
+                crossbeam_channel::RecvTimeoutError::Disconnected => Error::new(
+                    ErrorKind::Io(std::io::ErrorKind::Other),
+                    format!("{what}: the listener thread ended"),
+                ),
+            })?;
+            // A request that went stale while it waited (its peer gave up, the link
+            // went down meanwhile) cannot even say how to set up a queue pair: drop it
+            // (the peer, if it is still there, sees a rejection) and wait for the next,
+            // rather than fail this accept for a connection nobody waits for any more.
+            if id.get_qp_attr(QueuePairState::Init).is_ok() {
+                break id;
+            }
+        };
         let watch = Watch::attach(&id);
         let (context, source, mut qp) = make_qp(&id, make_cq)?;
         before_accept(&context, &mut qp)?;

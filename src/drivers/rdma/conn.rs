@@ -73,8 +73,28 @@ fn send_failure(status: u32) -> Error {
     } else {
         Error::new(
             ErrorKind::WorkCompletion { status },
-            format!("send failed with work completion status {status}"),
+            format!(
+                "the connection failed: a send completed with {} (work completion status \
+                 {status})",
+                wc_status_name(status)
+            ),
         )
+    }
+}
+
+/// What a work completion's status means (`ibv_wc_status`), for error messages.
+fn wc_status_name(status: u32) -> &'static str {
+    match status {
+        1 => "a local length error",
+        2 => "a local queue pair error (the local link may be down, or the QP failed)",
+        4 => "a local protection error",
+        5 => "a flush (the queue pair was in the error state)",
+        9 => "the peer refusing the request as invalid",
+        10 => "a remote access error",
+        11 => "a remote operation error (the peer's queue pair failed)",
+        12 => "no acknowledgement after every retransmission",
+        13 => "the peer not ready to receive after every retry",
+        _ => "an error",
     }
 }
 
@@ -1025,7 +1045,12 @@ impl<B: RecvBuf, K> Connection<B, K> {
             // nothing), so what it holds can still be looked at.
             let e = Error::new(
                 ErrorKind::WorkCompletion { status: c.status },
-                format!("receive failed with work completion status {}", c.status),
+                format!(
+                    "the connection failed: a receive completed with {} (work completion \
+                     status {})",
+                    wc_status_name(c.status),
+                    c.status
+                ),
             );
             self.hold(idx, buf);
             return self.fail(e);

@@ -80,10 +80,14 @@ impl RdmaListener {
         self
     }
 
-    /// Wait up to `timeout` for the next connection.
+    /// Wait up to `timeout` for the next connection. A request that went stale while it
+    /// waited (its peer gave up, or the link went down meanwhile) is dropped and the
+    /// wait goes on.
     ///
     /// # Errors
-    /// `TimedOut`, or the error of setting the connection up.
+    /// `TimedOut`, or the error of setting up the one connection being accepted (its
+    /// peer vanished during the handshake, registered memory ran out): the listener
+    /// keeps working, so a server logs it and accepts again.
     pub async fn accept(&self, timeout: Duration) -> Result<RdmaTransport> {
         let (l, cfg) = (self.inner.clone(), self.config.clone());
         off_thread("net-rs-rdma-accept", move || {

@@ -36,7 +36,7 @@ cat > target/netperf-server.sh <<GUEST
 eval "\$PAIR_SETUP"
 gid=\$(sh target/pair-gid.sh)
 "$netperf" --transport tcp --serve "\$PAIR_IP:18800" &
-timeout 300 "$netperf" --transport rdma --serve "\$PAIR_IP:18700" --perftest "rxe1:\$gid" --sizes 64,4096,65536
+timeout 600 "$netperf" --transport rdma --serve "\$PAIR_IP:18700" --perftest "rxe1:\$gid" --sizes 64,4096
 wait
 GUEST
 cat > target/netperf-client.sh <<GUEST
@@ -46,7 +46,7 @@ gid=\$(sh target/pair-gid.sh)
 rc=0
 sleep 5
 timeout 300 "$netperf" --transport tcp --addr "\$PAIR_PEER_IP:18800" --remote --sizes 64,4096,65536 --duration-ms 300 || rc=1
-timeout 300 "$netperf" --transport rdma --addr "\$PAIR_PEER_IP:18700" --remote --perftest "rxe1:\$gid" --sizes 64,4096,65536 || rc=1
+timeout 420 "$netperf" --transport rdma --addr "\$PAIR_PEER_IP:18700" --remote --perftest "rxe1:\$gid" --sizes 64,4096 || rc=1
 exit \$rc
 GUEST
 chmod +x target/netperf-server.sh target/netperf-client.sh
@@ -97,6 +97,6 @@ run 1500 9000 2 echo killed linkdown
 run 9000 1500 3 echo killed stopped stopped-nokeepalive
 echo "rdma-pair: netperf across the wire (TCP, RDMA and perftest; ratios, no targets)"
 out=$(mktemp -d -t net-rs-pair.XXXXXX)
-OUT_BASE=$out "$pair" -t 600 "$PWD" target/netperf-server.sh target/netperf-client.sh || rc=1
+OUT_BASE=$out "$pair" -t 900 "$PWD" target/netperf-server.sh target/netperf-client.sh || rc=1
 sed -n '/^netperf:/,/^SOFTROCE_EXIT/p' "$out/vm2/console.log" | grep -v '^SOFTROCE_EXIT'
 exit $rc

@@ -428,7 +428,10 @@ fn perftest_client(
     mut srv: Option<(&Restart, Child)>,
 ) -> Result<String, String> {
     let mut last = String::new();
-    for _ in 0..100 {
+    // At most 90 s in all: a perftest client that hangs (its handshake with a server
+    // that went away) is killed after a minute; the baseline is then "not measured".
+    let end = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < end {
         std::thread::sleep(Duration::from_millis(300));
         if let Some((start, child)) = &mut srv {
             // A server that gave up (it exits on a failed handshake) is started again.
@@ -437,11 +440,10 @@ fn perftest_client(
                 continue;
             }
         }
-        let out = Command::new(tool)
-            .args(args)
-            .arg(ip)
-            .output()
-            .map_err(|e| format!("{tool}: {e}"))?;
+        let Some(out) = output_within(Command::new(tool).args(args).arg(ip), 60)? else {
+            last = "a client run took over a minute".into();
+            continue;
+        };
         if out.status.success() {
             if let Some((_, mut child)) = srv {
                 let _ = child.wait();
@@ -455,6 +457,28 @@ fn perftest_client(
         let _ = child.wait();
     }
     Err(format!("{tool} client kept failing: {last}"))
+}
+
+/// `cmd`'s output, or `None` if it ran longer than `secs` seconds (it is killed).
+fn output_within(cmd: &mut Command, secs: u64) -> Result<Option<std::process::Output>, String> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+            return child
+                .wait_with_output()
+                .map(Some)
+                .map_err(|e| e.to_string());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(None)
 }
 
 /// Run `tool` as server and client on this host (retrying while the server starts);

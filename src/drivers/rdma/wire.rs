@@ -707,7 +707,7 @@ mod tests {
                 }
                 Err(WireError::ImmFlags { imm }) => {
                     prop_assert_eq!(imm, v);
-                    prop_assert!(ImmFlags::ALL.iter().all(|f| f.bits() != v & 0xF_0000));
+                    prop_assert!(ImmFlags::ALL.iter().all(|f| f.bits() != v & 0x1F_0000));
                 }
                 Err(e) => prop_assert!(false, "unexpected {e:?}"),
             }

@@ -11,8 +11,13 @@
 //! * `killed`: the server process exits with a `recv` of ours pending: the `recv` fails
 //!   within 5 s and `is_closed()` turns true.
 //! * `outage`: during a stream of 64 KiB ping-pongs the server's link is down for 3 s,
-//!   then up: the stream goes on (no side fails: the retries and the keepalive both
-//!   outlast the outage).
+//!   then up. Either the stream goes on (the retries and the keepalive outlast the
+//!   outage), or both sides learn the connection is gone: Soft-RoCE fails a QP that
+//!   has to send while its own link is down (a local QP error, no retransmission), and
+//!   then our pending operation must fail within the retry bound plus 3 s, and the
+//!   server's side must have ended too. Never one side failed and the other waiting.
+//!   The server tells how its side ended over TCP (port + 1), since in these VMs a new
+//!   RDMA-CM connection to a host whose QP failed during an outage is not answered.
 //! * `stale`: the server's link is down for 8 s while we try to connect twice (each
 //!   attempt gives up after 2 s): once the link is back, the server's `accept` goes on
 //!   past those stale requests (it used to fail with "rdma_init_qp_attr") and a new
@@ -39,10 +44,13 @@
 //! echoing, for good: the process then ends once its side of the connection failed
 //! (exit code 1 if that took longer than the keepalive bound plus 1 s, or never came
 //! within 40 s); `CMD:outage:MS:HOLD` takes `eth0` down after MS milliseconds and up
-//! again HOLD milliseconds later; `CMD:stop` has the process stopped (SIGSTOP) for 25 s
-//! and end once it runs again.
+//! again HOLD milliseconds later, and once that connection ends answers one TCP
+//! connection on port + 1 with how it ended, then exits; `CMD:stop` has the process
+//! stopped (SIGSTOP) for 25 s and end once it runs again.
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -115,6 +123,34 @@ fn within<T: Send + 'static>(
 /// When this server took its link down for good, if it did.
 static LINK_DOWN: OnceLock<Instant> = OnceLock::new();
 
+/// Whether the current connection had an outage (`CMD:outage`): its end is reported
+/// over TCP, then the process exits.
+static OUTAGE: AtomicBool = AtomicBool::new(false);
+
+/// The port, next to the RDMA one, on which the server tells how its connection ended.
+fn status_addr(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip(), addr.port() + 1)
+}
+
+/// Answer one TCP connection on `status_addr(addr)` with `report` (within 60 s), then
+/// exit.
+fn report_and_exit(addr: SocketAddr, report: &str) -> ! {
+    let listener = std::net::TcpListener::bind(status_addr(addr));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let report = report.to_string();
+    std::thread::spawn(move || {
+        if let Ok(l) = listener {
+            if let Ok((mut s, _)) = l.accept() {
+                let _ = s.write_all(report.as_bytes());
+            }
+        }
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(Duration::from_secs(60));
+    println!("pair server: exiting after the outage's connection ended");
+    std::process::exit(0)
+}
+
 fn ip_link(state: &str) {
     let st = std::process::Command::new("ip")
         .args(["link", "set", "eth0", state])
@@ -146,6 +182,9 @@ fn serve(addr: SocketAddr) -> Res<()> {
                             );
                             std::process::exit(i32::from(took > bound));
                         }
+                        if OUTAGE.load(Ordering::Relaxed) {
+                            report_and_exit(addr, &format!("ended: {e}"));
+                        }
                         break;
                     }
                 };
@@ -166,6 +205,7 @@ fn serve(addr: SocketAddr) -> Res<()> {
                 } else if let Some(rest) = cmd.strip_prefix("CMD:outage:") {
                     let mut it = rest.split(':');
                     let (delay, hold) = (ms(it.next()), ms(it.next()));
+                    OUTAGE.store(true, Ordering::Relaxed);
                     std::thread::spawn(move || {
                         std::thread::sleep(delay);
                         ip_link("down");
@@ -378,10 +418,18 @@ fn check(addr: SocketAddr, case: &str) -> Res<()> {
             let start = Instant::now();
             let mut k = 0u8;
             let mut slowest = Duration::ZERO;
+            // The outage starts 0.5 s after `start`; a failure must come within the
+            // QP's retry bound (or the keepalive's, if nothing was in flight) after it.
+            let bound = (QpTiming::default().give_up_after() + Duration::from_secs(3))
+                .max(keepalive_bound())
+                + Duration::from_millis(500);
             while start.elapsed() < Duration::from_secs(8) {
                 let one = Instant::now();
                 let msg = pattern(65536, k);
-                let back = round_trip(&t, msg.clone(), Duration::from_secs(30))?;
+                let back = match round_trip(&t, msg.clone(), bound + Duration::from_secs(30)) {
+                    Ok(back) => back,
+                    Err(e) => return outage_failed(addr, &t, start.elapsed(), bound, &e),
+                };
                 if back != msg {
                     return Err("a message came back changed across the outage".into());
                 }
@@ -392,7 +440,10 @@ fn check(addr: SocketAddr, case: &str) -> Res<()> {
                 "pair check outage: {k} round trips across a 3 s outage, the slowest {:.1} s",
                 slowest.as_secs_f64()
             );
-            close(&t)
+            close(&t)?;
+            let end = server_end(addr, Duration::from_secs(10))?;
+            println!("pair check outage: the server's side {end}");
+            Ok(())
         }
         "linkdown" => {
             for k in 0..20 {
@@ -483,6 +534,66 @@ fn check(addr: SocketAddr, case: &str) -> Res<()> {
             }
         }
         other => Err(format!("unknown case {other}")),
+    }
+}
+
+/// The connection failed across a short outage, `took` after the stream began: that
+/// is allowed if it came within `bound`, for good, and the server's side ended too,
+/// within the keepalive's bound of ours.
+fn outage_failed(
+    addr: SocketAddr,
+    t: &Arc<RdmaTransport>,
+    took: Duration,
+    bound: Duration,
+    err: &str,
+) -> Res<()> {
+    println!(
+        "pair check outage: the connection failed {:.1} s into the stream (bound {:.1} s): \
+         {err}",
+        took.as_secs_f64(),
+        bound.as_secs_f64()
+    );
+    if took > bound {
+        return Err(format!(
+            "the failure took {took:?}, over the bound {bound:?}"
+        ));
+    }
+    failed_for_good(t, "outage")?;
+    let end = server_end(addr, keepalive_bound())?;
+    println!("pair check outage: the server's side {end}");
+    if end.contains("peer closed") {
+        return Err(format!("the server's side did not fail: it {end}"));
+    }
+    Ok(())
+}
+
+/// How the server's side of the outage's connection ended, asked over TCP for up to
+/// `limit` (it answers once that side ended: an error means it was still waiting).
+fn server_end(addr: SocketAddr, limit: Duration) -> Res<String> {
+    let start = Instant::now();
+    loop {
+        let got = std::net::TcpStream::connect_timeout(&status_addr(addr), Duration::from_secs(2))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            });
+        match got {
+            Ok(text) if !text.is_empty() => {
+                return Ok(format!(
+                    "{text} ({:.1} s after we asked)",
+                    start.elapsed().as_secs_f64()
+                ))
+            }
+            _ if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(200)),
+            other => {
+                return Err(format!(
+                    "the server's side had not ended {limit:?} after ours ({other:?}): one \
+                     side failed, the other waited"
+                ))
+            }
+        }
     }
 }
 

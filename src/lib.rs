@@ -44,6 +44,7 @@ pub mod mem;
 pub mod pool;
 pub mod prelude;
 pub mod reactor;
+pub mod rpc;
 pub mod runtime;
 mod sync;
 mod time;

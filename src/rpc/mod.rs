@@ -9,6 +9,11 @@
 //! * [`Client`]: calls on one connection, pipelined and answered in any order, each
 //!   with its own timeout; dropping a call cancels it (its late reply is discarded,
 //!   the server is told).
+//! * [`Channel`]: calls to one peer over a few such connections from a
+//!   [`ConnectionPool`](crate::pool::ConnectionPool), replaced through the pool (its
+//!   reconnect policy and back-off) when they fail.
+//! * With feature `tower`: `Client` and `Channel` are `tower::Service<Call>`, so
+//!   tower's timeout, retry, rate-limit and load-balance layers apply.
 //! * [`Server`]: runs a [`Handler`] (an async function) on each connection's requests
 //!   concurrently, within a per-connection and a server-wide limit; a request whose
 //!   budget ran out is not started; graceful shutdown finishes what runs.
@@ -64,12 +69,18 @@
 //! ```
 
 mod calls;
+mod channel;
 mod client;
 mod server;
+#[cfg(feature = "tower")]
+mod service;
 mod status;
 pub mod wire;
 
+pub use channel::Channel;
 pub use client::{Client, ClientConfig, RequestBuf};
 pub use server::{Handler, Request, Server, ServerConfig};
+#[cfg(feature = "tower")]
+pub use service::Call;
 pub use status::Status;
 pub use wire::Code;

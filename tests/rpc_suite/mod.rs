@@ -620,6 +620,154 @@ pub async fn a_killed_server_every_call_ends_and_the_client_recovers(rt: Arc<dyn
     .await;
 }
 
+/// Retry a call that failed `Unavailable` (the connection broke or none could be had),
+/// up to 40 times, 25 ms apart: the shape of the README's tower example.
+#[cfg(feature = "tower")]
+#[derive(Clone)]
+struct RetryUnavailable {
+    left: u32,
+    rt: Arc<dyn Runtime>,
+    retried: Arc<AtomicU64>,
+}
+
+#[cfg(feature = "tower")]
+impl tower::retry::Policy<net_rs::rpc::Call, Bytes, Status> for RetryUnavailable {
+    type Future = net_rs::transport::BoxFuture<'static, ()>;
+
+    fn retry(
+        &mut self,
+        _req: &mut net_rs::rpc::Call,
+        result: &mut Result<Bytes, Status>,
+    ) -> Option<Self::Future> {
+        match result {
+            Err(e) if e.code() == Code::Unavailable && self.left > 0 => {
+                self.left -= 1;
+                self.retried.fetch_add(1, Ordering::SeqCst);
+                Some(self.rt.sleep(Duration::from_millis(25)))
+            }
+            _ => None,
+        }
+    }
+
+    fn clone_request(&mut self, req: &net_rs::rpc::Call) -> Option<net_rs::rpc::Call> {
+        Some(req.clone())
+    }
+}
+
+/// Through a `Channel` (2 connections from a pool) behind tower's retry layer, 8 tasks
+/// call in a loop while the server is killed and started again on the same port: no
+/// call fails or hangs, the channel reconnects by itself.
+#[cfg(feature = "tower")]
+pub async fn a_channel_with_retries_rides_out_a_server_restart(rt: Arc<dyn Runtime>) {
+    use net_rs::pool::{ConnectionPool, PoolConfig, ReconnectPolicy, TcpConnector};
+    use net_rs::rpc::{Call, Channel};
+    use tower::{Service, ServiceExt};
+
+    let s = start_server(&rt, ServerConfig::default()).await;
+    let addr = s.addr;
+    let pool = ConnectionPool::new(
+        TcpConnector::with_config(addr, config(&rt)),
+        PoolConfig::default()
+            .max_size(2)
+            .checkout_timeout(Duration::from_secs(2))
+            .reconnect(ReconnectPolicy::fixed(Duration::from_millis(20)))
+            .runtime(rt.clone()),
+    )
+    .unwrap();
+    let channel = Channel::new(pool, 2, ClientConfig::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let restarted = Arc::new(AtomicBool::new(false));
+    let after = Arc::new(AtomicU64::new(0));
+    let retried = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for task in 0..8u64 {
+        let mut svc = tower::retry::Retry::new(
+            RetryUnavailable {
+                left: 40,
+                rt: rt.clone(),
+                retried: retried.clone(),
+            },
+            channel.clone(),
+        );
+        let (stop, restarted, after) = (stop.clone(), restarted.clone(), after.clone());
+        tasks.push(spawn(&rt, async move {
+            let mut seq = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                seq += 1;
+                let mut p = task.to_be_bytes().to_vec();
+                p.extend_from_slice(&seq.to_be_bytes());
+                let t = Instant::now();
+                let r = svc
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(Call::new(ECHO, p.clone()))
+                    .await;
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "a call took {:?}",
+                    t.elapsed()
+                );
+                let reply = r.unwrap_or_else(|e| panic!("task {task} call {seq}: {e}"));
+                assert_eq!(&reply[..], &p[..]);
+                if restarted.load(Ordering::SeqCst) {
+                    after.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    rt.sleep(Duration::from_millis(300)).await;
+    s.stop.store(true, Ordering::SeqCst);
+    rt.sleep(Duration::from_millis(200)).await;
+    let l = deadline(&rt, async {
+        loop {
+            match TcpListener::bind_with(addr, &config(&rt)).await {
+                Ok(l) => break l,
+                Err(_) => rt.sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    let _s2 = serve_on(&rt, l, ServerConfig::default());
+    restarted.store(true, Ordering::SeqCst);
+    deadline(&rt, async {
+        while after.load(Ordering::SeqCst) < 100 {
+            rt.sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    deadline(&rt, async {
+        for t in tasks {
+            t.await.expect("a task panicked (see above)");
+        }
+    })
+    .await;
+    assert!(
+        retried.load(Ordering::SeqCst) > 0,
+        "no call was retried: the restart was not seen"
+    );
+}
+
+#[cfg(feature = "tower")]
+#[macro_export]
+macro_rules! rpc_tower_cases {
+    ($run:path) => {
+        #[test]
+        fn a_channel_with_retries_rides_out_a_server_restart() {
+            $run(|rt| {
+                Box::pin($crate::rpc_suite::a_channel_with_retries_rides_out_a_server_restart(rt))
+            });
+        }
+    };
+}
+
+#[cfg(not(feature = "tower"))]
+#[macro_export]
+macro_rules! rpc_tower_cases {
+    ($run:path) => {};
+}
+
 #[macro_export]
 macro_rules! rpc_suite {
     ($run:path) => {
@@ -630,6 +778,7 @@ macro_rules! rpc_suite {
             calls_beyond_the_window_wait_for_a_slot a_lost_connection_fails_every_pending_call
             a_lying_server_is_a_protocol_error graceful_shutdown_finishes_running_calls
             a_killed_server_every_call_ends_and_the_client_recovers);
+        $crate::rpc_tower_cases!($run);
     };
     (@each $run:path; $($name:ident)*) => {
         $(

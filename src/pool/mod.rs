@@ -43,6 +43,11 @@
 //!   cancelled;
 //! * it expired, or the pool was closed or its runtime shut down.
 //!
+//! For request/response, [`rpc::Channel`](crate::rpc::Channel) over a pool is the
+//! safe way: each request carries an id and each reply reaches its own call, many calls
+//! share a connection, and a call given up never leaves its reply to anyone else. The
+//! rest of this section is about exchanging raw messages on pooled connections.
+//!
 //! ## The trap: an abandoned exchange
 //! A request whose reply you stop waiting for (a timeout around `recv`) is still
 //! answered: the reply arrives later and sits on the connection as the next message.

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 vm=../shared/softroce/softroce-vm.sh
 [ -x "$vm" ] || { echo "rdma-vm: $vm not found (the CI checkout has ../shared beside it)" >&2; exit 1; }
 
-cargo test --features rdma --tests --no-run --message-format=json \
+cargo test --features rdma,async-std --tests --no-run --message-format=json \
   | python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -232,9 +232,9 @@ fn join_bounded<T>(
 pub struct Stop(tokio::sync::oneshot::Receiver<()>);
 
 impl Stop {
-    /// Waits for the client side to be done.
-    pub async fn wait(self) {
-        let _ = self.0.await;
+    /// Waits for the client side to be done (at once if it already is).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.0).await;
     }
 }
 
@@ -282,7 +282,7 @@ where
                 let t1 = Instant::now();
                 if reply != msg {
                     return Err(format!(
-                        "a reply of {} bytes is not the {} bytes sent",
+                        "a reply ({} bytes) differs from the {} bytes sent",
                         reply.len(),
                         msg.len()
                     ));
@@ -427,14 +427,14 @@ mod tonic_echo {
 
     /// Serves the echo service on `l` (TCP_NODELAY on accepted connections) until
     /// `stop`.
-    pub async fn serve(l: tokio::net::TcpListener, stop: Stop) -> Result<(), String> {
+    pub async fn serve(l: tokio::net::TcpListener, mut stop: Stop) -> Result<(), String> {
         let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
         Server::builder()
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONN_WINDOW)
             .max_concurrent_streams(H2_MAX_STREAMS)
             .add_service(EchoServer)
-            .serve_with_incoming_shutdown(incoming, stop.wait())
+            .serve_with_incoming_shutdown(incoming, async move { stop.wait().await })
             .await
             .map_err(|e| format!("tonic server: {e}"))
     }
@@ -508,8 +508,13 @@ mod tarpc_echo {
 
     /// Accepts one connection on `l` (TCP_NODELAY) and serves it, every request in a
     /// task of its own, until the client closes it or `stop`.
-    pub async fn serve(l: tokio::net::TcpListener, stop: Stop) -> Result<(), String> {
-        let (s, _) = match tokio::time::timeout(CALL_TIMEOUT, l.accept()).await {
+    pub async fn serve(l: tokio::net::TcpListener, mut stop: Stop) -> Result<(), String> {
+        let accepted = tokio::select! {
+            r = tokio::time::timeout(CALL_TIMEOUT, l.accept()) => r,
+            // The client side gave up before connecting.
+            () = stop.wait() => return Ok(()),
+        };
+        let (s, _) = match accepted {
             Ok(r) => r.map_err(|e| format!("accept: {e}"))?,
             Err(_) => return Err(format!("no connection in {CALL_TIMEOUT:?}")),
         };

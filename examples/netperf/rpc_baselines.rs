@@ -35,9 +35,9 @@
 //! windows are fixed, not hyper's adaptive window: that one starts from the 65,535-byte
 //! defaults (it overrides the sizes set), adds its BDP pings to the traffic, and in a
 //! trial (tonic 0.14.9, hyper 1.12, h2 0.4.20) the 64 B cell with 256 in flight failed
-//! with it every time, the connection closed under the calls ("broken pipe", as in
-//! hyper's issue 2526 where the pings draw ENHANCE_YOUR_CALM); the other cells ran
-//! about as fast as with the fixed windows.
+//! with it in both runs, the connection closed under the calls ("broken pipe"; the
+//! cause was not traced); the other cells ran about as fast as with the fixed
+//! windows.
 //! tarpc's client keeps its default 1000 in-flight requests and gets a pending-request
 //! buffer of 1024 (default 100), its server a pending-response buffer of 1024 (default
 //! 100); its frames may be up to twice [`crate::MAX`] (default 8 MiB).

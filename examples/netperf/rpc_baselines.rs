@@ -29,7 +29,9 @@
 //!   fails the cell with a message (the table shows it) instead of hanging.
 //!
 //! Limits raised so that no baseline is held back at 256 in flight: tonic's server
-//! advertises 1024 concurrent streams (hyper's own default is 200), both ends set an
+//! advertises 1024 concurrent streams (tonic leaves it unset, no limit, by default;
+//! hyper's own default is 200), no concurrency limit on either end (tonic's default;
+//! the channel's request buffer keeps its default of 1024), both ends set an
 //! HTTP/2 stream window of 4 MiB and a connection window of 16 MiB, and the largest
 //! message either end accepts is [`crate::MAX`] (tonic's default limit is 4 MiB). The
 //! windows are fixed, not hyper's adaptive window: that one starts from the 65,535-byte
@@ -37,8 +39,7 @@
 //! trial (tonic 0.14.9, hyper 1.12, h2 0.4.20) the 64 B cell with 256 in flight failed
 //! with it in both runs, the connection closed under the calls ("broken pipe"; the
 //! cause was not traced); the other cells ran about as fast as with the fixed
-//! windows.
-//! tarpc's client keeps its default 1000 in-flight requests and gets a pending-request
+//! windows. tarpc's client keeps its default 1000 in-flight requests and gets a pending-request
 //! buffer of 1024 (default 100), its server a pending-response buffer of 1024 (default
 //! 100); its frames may be up to twice [`crate::MAX`] (default 8 MiB).
 //!

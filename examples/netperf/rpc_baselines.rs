@@ -6,8 +6,8 @@
 //! - `tonic`: gRPC over HTTP/2 over tonic's own TCP (`tonic::transport`). No protoc and
 //!   no build script: the service is written by hand (what tonic-build would generate:
 //!   a `Service<http::Request<Body>>` routing one path to `tonic::server::Grpc::unary`,
-//!   behind `tonic::transport::Server`'s router), with a [`tonic::codec::Codec`] that passes
-//!   `bytes::Bytes` through unchanged (no protobuf). The client is
+//!   behind `tonic::transport::Server`'s router), with a [`tonic::codec::Codec`]
+//!   that passes `bytes::Bytes` through unchanged (no protobuf). The client is
 //!   `tonic::client::Grpc::unary` over one `tonic::transport::Channel`, cloned per
 //!   call (clones share its one HTTP/2 connection).
 //! - `tarpc`: `#[tarpc::service] trait Echo`, the bincode serde transport over a tokio

@@ -5,6 +5,7 @@
 //! cargo run --release --example netperf                       # everything, ~1 minute
 //! cargo run --release --example netperf -- --sizes 64,1048576 --duration-ms 1000
 //! cargo run --release --example netperf -- --only latency --impl netrs,raw
+//! cargo run --release --example netperf -- --only rpc              # RPC baselines
 //! cargo run --release --example netperf --features rdma -- --transport rdma \
 //!     --addr <device IP>:18700 [--perftest rxe0:<gid index>]     # see rdma.rs
 //! ```
@@ -42,6 +43,10 @@
 //! common receiver and sender of the streaming tables. Adding an implementation: a
 //! module with a `Contender` (and its `Sender`s), and a key in [`contender`]. RDMA
 //! (`rdma.rs`) has its own run and table: see there.
+//!
+//! RPC (`--only rpc`, loopback only): unary echo calls with 1, 16 and 256 in flight on
+//! one connection, for sizes 64 B and 4 KiB unless `--sizes`; tonic (gRPC) and tarpc
+//! as the baselines, and the harness a net-rs row will share: see `rpc_baselines.rs`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -54,6 +59,7 @@ mod netrs;
 mod raw;
 #[cfg(feature = "rdma")]
 mod rdma;
+mod rpc_baselines;
 
 use contender::{Contender, Sender};
 
@@ -67,6 +73,8 @@ pub struct Args {
     duration: Duration,
     latency: bool,
     throughput: bool,
+    /// The RPC table (`--only rpc`).
+    rpc: bool,
     /// Which throughput tables: the send side, the receive side.
     send_side: bool,
     recv_side: bool,
@@ -100,7 +108,7 @@ fn contender(key: &str) -> Option<Box<dyn Contender>> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: netperf [--sizes 64,1024,...] [--duration-ms N] [--only latency|throughput|send|recv]\n\
+        "usage: netperf [--sizes 64,1024,...] [--duration-ms N] [--only latency|throughput|send|recv|rpc]\n\
          \x20              [--impl netrs,netrs-lat,framed,raw] [--transport tcp|rdma]\n\
          \x20              [--addr IP:PORT] [--perftest DEVICE:GID_INDEX]   (rdma)\n\
          \x20              [--serve IP:PORT | --addr SERVER_IP:PORT --remote]  (two hosts)"
@@ -114,6 +122,7 @@ fn parse_args() -> Args {
         duration: Duration::from_millis(500),
         latency: true,
         throughput: true,
+        rpc: false,
         send_side: true,
         recv_side: true,
         impls: ["netrs", "netrs-lat", "framed", "raw"]
@@ -151,6 +160,11 @@ fn parse_args() -> Args {
                     a.latency = false;
                     a.send_side = false;
                 }
+                "rpc" => {
+                    a.latency = false;
+                    a.throughput = false;
+                    a.rpc = true;
+                }
                 _ => usage(),
             },
             "--impl" => {
@@ -176,6 +190,13 @@ fn parse_args() -> Args {
     }
     if a.remote && a.addr.is_none() {
         eprintln!("--remote needs --addr SERVER_IP:PORT");
+        std::process::exit(2);
+    }
+    if a.rpc && !sizes_given {
+        a.sizes = vec![64, 4 << 10];
+    }
+    if a.rpc && (a.transport != "tcp" || a.remote || a.serve) {
+        eprintln!("--only rpc runs on loopback only (--transport tcp, no --remote or --serve)");
         std::process::exit(2);
     }
     if a.transport == "rdma" && !sizes_given {
@@ -340,6 +361,12 @@ fn run_tcp(args: &Args) {
                 );
             }
         }
+    }
+    if args.rpc {
+        rpc_baselines::run(args);
+    }
+    if !args.latency && !args.throughput {
+        return;
     }
     if remote.is_some() {
         // The targets are for loopback, each implementation against itself.

@@ -60,6 +60,7 @@ mod raw;
 #[cfg(feature = "rdma")]
 mod rdma;
 mod rpc_baselines;
+mod rpc_netrs;
 
 use contender::{Contender, Sender};
 

@@ -89,7 +89,12 @@ pub struct RpcResult {
 type Cell = fn(usize, usize, Duration) -> Result<RpcResult, String>;
 
 /// The rows of the table, in order: a name and its cell.
-pub const IMPLS: [(&str, Cell); 2] = [("tonic", tonic_unary), ("tarpc", tarpc_unary)];
+pub const IMPLS: [(&str, Cell); 4] = [
+    ("net-rs", crate::rpc_netrs::netrs_unary),
+    ("bare", crate::rpc_netrs::bare_round_trip),
+    ("tonic", tonic_unary),
+    ("tarpc", tarpc_unary),
+];
 
 /// The RPC table: for each size (64 B and 4 KiB unless `--sizes`) and each in-flight
 /// count (1, 16, 256), every implementation's requests/s, p50 and p99.
@@ -103,10 +108,19 @@ pub fn run(args: &Args) {
         "{:>8} | {:>9} | {:>8} | {:>10} | {:>9} | {:>9} | {:>9}",
         "size", "in flight", "impl", "req/s", "p50 µs", "p99 µs", "calls"
     );
+    // (size, in flight, impl) -> (requests/s, p50), for the targets.
+    let mut seen: Vec<(usize, usize, &str, f64, f64)> = Vec::new();
     for &size in &args.sizes {
         for in_flight in IN_FLIGHT {
             for (name, cell) in IMPLS {
-                match cell(size, in_flight, args.duration) {
+                if name == "bare" && in_flight != 1 {
+                    continue;
+                }
+                let r = cell(size, in_flight, args.duration);
+                if let Ok(r) = &r {
+                    seen.push((size, in_flight, name, r.requests_per_sec, r.p50_us));
+                }
+                match r {
                     Ok(r) => println!(
                         "{:>8} | {:>9} | {:>8} | {:>10.0} | {:>9.1} | {:>9.1} | {:>9}",
                         fmt_size(size),
@@ -125,6 +139,36 @@ pub fn run(args: &Args) {
                     ),
                 }
             }
+        }
+    }
+    let find = |size: usize, n: usize, name: &str| {
+        seen.iter()
+            .find(|c| c.0 == size && c.1 == n && c.2 == name)
+            .map(|c| (c.3, c.4))
+    };
+    println!("\nRPC targets (ratios within this run):");
+    for &size in &args.sizes {
+        let s = fmt_size(size);
+        match (
+            find(size, 256, "net-rs"),
+            find(size, 256, "tonic"),
+            find(size, 256, "tarpc"),
+        ) {
+            (Some(n), Some(t), tarpc) => {
+                let tarpc = tarpc.map_or(String::new(), |x| format!(", {:.2}x tarpc", n.0 / x.0));
+                println!(
+                    "{s:>8}: 256 in flight, net-rs {:.2}x tonic's requests/s (target >= 3){tarpc}",
+                    n.0 / t.0
+                );
+            }
+            _ => println!("{s:>8}: 256 in flight: not measured"),
+        }
+        match (find(size, 1, "net-rs"), find(size, 1, "bare")) {
+            (Some(n), Some(b)) => println!(
+                "{s:>8}: 1 in flight, net-rs median round trip {:.2}x the bare send/recv's (target <= 1.1)",
+                n.1 / b.1
+            ),
+            _ => println!("{s:>8}: 1 in flight: not measured"),
         }
     }
 }

@@ -163,12 +163,28 @@ pub fn run(args: &Args) {
             }
             _ => println!("{s:>8}: 256 in flight: not measured"),
         }
-        match (find(size, 1, "net-rs"), find(size, 1, "bare")) {
-            (Some(n), Some(b)) => println!(
-                "{s:>8}: 1 in flight, net-rs median round trip {:.2}x the bare send/recv's (target <= 1.1)",
-                n.1 / b.1
+        // One round trip is at the mercy of how fast an idle core wakes up (on these
+        // shared machines the median jumps between about 18 and 55 µs from one second
+        // to the next): the ratio is the median of 7 pairs of short cells run back to
+        // back, bare then net-rs, so both of a pair see the same machine.
+        let short = (args.duration / 4).max(Duration::from_millis(100));
+        let mut ratios: Vec<f64> = (0..7)
+            .filter_map(|_| {
+                let b = crate::rpc_netrs::bare_round_trip(size, 1, short).ok()?;
+                let n = crate::rpc_netrs::netrs_unary(size, 1, short).ok()?;
+                Some(n.p50_us / b.p50_us)
+            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        match ratios.get(ratios.len() / 2) {
+            Some(r) => println!(
+                "{s:>8}: 1 in flight, net-rs median round trip {r:.2}x the bare send/recv's \
+                 (target <= 1.1; median of {} back-to-back pairs, from {:.2} to {:.2})",
+                ratios.len(),
+                ratios[0],
+                ratios[ratios.len() - 1]
             ),
-            _ => println!("{s:>8}: 1 in flight: not measured"),
+            None => println!("{s:>8}: 1 in flight: not measured"),
         }
     }
 }

@@ -20,32 +20,37 @@ use crate::rpc_baselines::{run_cell, RpcResult, Stop};
 
 const ECHO: u16 = 1;
 
+/// Says when net-rs's listener is bound: the client connects only then, so no
+/// connection lands in the harness's tokio listener, which is dropped (a connection
+/// queued there would be reset).
+type Ready = futures::channel::oneshot::Sender<()>;
+type WaitReady = futures::channel::oneshot::Receiver<()>;
+
 /// Bind net-rs's listener where the harness's was (it hands over a tokio listener:
-/// its port is taken over).
-async fn listen(l: tokio::net::TcpListener) -> Result<TcpListener, String> {
+/// its port is taken over), then say so.
+async fn listen(l: tokio::net::TcpListener, ready: Ready) -> Result<TcpListener, String> {
     let addr = l.local_addr().map_err(|e| e.to_string())?;
     drop(l);
-    TcpListener::bind(addr)
+    let l = TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("bind {addr}: {e}"))
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    let _ = ready.send(());
+    Ok(l)
 }
 
-/// Connect, retrying briefly while the server side takes the port over.
-async fn connect(addr: SocketAddr) -> Result<TcpTransport, String> {
-    let mut last = String::new();
-    for _ in 0..200 {
-        match TcpTransport::connect(addr).await {
-            Ok(t) => return Ok(t),
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Err(format!("connect {addr}: {last}"))
+/// Connect once the server is listening.
+async fn connect(addr: SocketAddr, ready: WaitReady) -> Result<TcpTransport, String> {
+    ready
+        .await
+        .map_err(|_| "the server side ended before it listened".to_string())?;
+    TcpTransport::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))
 }
 
 /// Serve one connection until the client side is done.
-async fn serve_rpc(l: tokio::net::TcpListener, mut stop: Stop) -> Result<(), String> {
-    let l = listen(l).await?;
+async fn serve_rpc(l: tokio::net::TcpListener, mut stop: Stop, ready: Ready) -> Result<(), String> {
+    let l = listen(l, ready).await?;
     let conn = tokio::select! {
         c = l.accept() => c.map_err(|e| format!("accept: {e}"))?,
         _ = stop.wait() => return Ok(()),
@@ -60,8 +65,10 @@ async fn serve_rpc(l: tokio::net::TcpListener, mut stop: Stop) -> Result<(), Str
 
 /// Unary echo through `net_rs::rpc`: as `tonic_unary`.
 pub fn netrs_unary(size: usize, in_flight: usize, duration: Duration) -> Result<RpcResult, String> {
-    run_cell(size, in_flight, duration, serve_rpc, |addr| async move {
-        let client = Client::new(connect(addr).await?);
+    let (ready, wait) = futures::channel::oneshot::channel();
+    let serve = move |l, stop| serve_rpc(l, stop, ready);
+    run_cell(size, in_flight, duration, serve, |addr| async move {
+        let client = Client::new(connect(addr, wait).await?);
         Ok(move |p: Bytes| {
             let c = client.clone();
             async move { c.call(ECHO, &p).await.map_err(|e| e.to_string()) }
@@ -70,8 +77,12 @@ pub fn netrs_unary(size: usize, in_flight: usize, duration: Duration) -> Result<
 }
 
 /// The echo loop of the bare round trip: `recv` then `send`, until the client is done.
-async fn serve_bare(l: tokio::net::TcpListener, mut stop: Stop) -> Result<(), String> {
-    let l = listen(l).await?;
+async fn serve_bare(
+    l: tokio::net::TcpListener,
+    mut stop: Stop,
+    ready: Ready,
+) -> Result<(), String> {
+    let l = listen(l, ready).await?;
     let conn = tokio::select! {
         c = l.accept() => c.map_err(|e| format!("accept: {e}"))?,
         _ = stop.wait() => return Ok(()),
@@ -103,8 +114,10 @@ pub fn bare_round_trip(
     if in_flight != 1 {
         return Err("the bare round trip runs with 1 in flight only".into());
     }
-    run_cell(size, in_flight, duration, serve_bare, |addr| async move {
-        let t = Arc::new(connect(addr).await?);
+    let (ready, wait) = futures::channel::oneshot::channel();
+    let serve = move |l, stop| serve_bare(l, stop, ready);
+    run_cell(size, in_flight, duration, serve, |addr| async move {
+        let t = Arc::new(connect(addr, wait).await?);
         Ok(move |p: Bytes| {
             let t = t.clone();
             async move {

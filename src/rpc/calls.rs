@@ -21,6 +21,13 @@
 //! caller. When the reader has its own answer, or gives up, it hands the role to another
 //! waiting call ([`wait`](Calls::wait) returns [`Wait::Read`] to the one that takes it).
 //! With one call in flight, the caller reads its own reply: no task switch.
+//!
+//! A caller waiting for a slot reads too when nobody else does
+//! ([`begin`](Calls::begin) returns [`Begin::Read`], the reader is then
+//! [`WINDOW`]): when every slot is a given-up call's, only their late answers can free
+//! one, and no call of theirs is left to read them. A reader that stops with no call
+//! to hand the role to says so ([`Release::Released`]): the shell then wakes a caller
+//! waiting for a slot, which takes the role if it still needs it.
 
 use std::collections::HashMap;
 
@@ -43,13 +50,37 @@ enum Slot<W> {
     Abandoned,
 }
 
+/// The reader id of a caller waiting for a slot (request ids start at 1).
+pub(crate) const WINDOW: u64 = 0;
+
 /// Why [`Calls::begin`] gave no slot.
 #[derive(Debug)]
 pub(crate) enum Begin {
     /// Every slot is taken: wait until one is freed.
     Full,
+    /// Every slot is taken and nobody reads: the caller is the reader now ([`WINDOW`]),
+    /// to read answers until a slot is freed, then [`stop_reading`](Calls::stop_reading).
+    Read,
     /// The connection failed: every call fails with this.
     Failed(Status),
+}
+
+/// What [`Calls::stop_reading`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Release<W> {
+    /// The caller was not the reader.
+    NotReader,
+    /// The role goes to the call with this waker (it takes it when polled).
+    HandedTo(W),
+    /// No call waits to take it: wake a caller waiting for a slot.
+    Released,
+}
+
+impl<W> Release<W> {
+    /// Whether nobody reads now.
+    pub(crate) fn released(&self) -> bool {
+        matches!(self, Release::Released)
+    }
 }
 
 /// What a waiting call does next ([`Calls::wait`]).
@@ -124,6 +155,10 @@ impl<W> Calls<W> {
             return Err(Begin::Failed(s.clone()));
         }
         if self.slots.len() >= self.limit {
+            if self.reader.is_none() {
+                self.reader = Some(WINDOW);
+                return Err(Begin::Read);
+            }
             return Err(Begin::Full);
         }
         let id = self.next_id;
@@ -179,24 +214,28 @@ impl<W> Calls<W> {
         }
     }
 
-    /// The reader `id` stops reading (it has its answer, or it gave up): the waker of a
-    /// call to hand the role to, if one waits.
-    pub(crate) fn stop_reading(&mut self, id: u64) -> Option<W> {
+    /// The reader `id` (a call's, or [`WINDOW`]) stops reading: it has its answer or
+    /// its slot, or it gave up. The role goes to a waiting call if there is one.
+    pub(crate) fn stop_reading(&mut self, id: u64) -> Release<W> {
         if self.reader != Some(id) {
-            return None;
+            return Release::NotReader;
         }
         self.reader = None;
         // Wake one waiting call: it takes the role when polled.
-        self.slots.values_mut().find_map(|s| match s {
+        let next = self.slots.values_mut().find_map(|s| match s {
             Slot::Waiting { waker, .. } => waker.take(),
             _ => None,
-        })
+        });
+        match next {
+            Some(w) => Release::HandedTo(w),
+            None => Release::Released,
+        }
     }
 
     /// The caller of `id` is gone (its future dropped, or its timeout passed), before
-    /// or after taking its answer. Returns whether a slot was freed, and a waker to hand
-    /// the reader's role to if `id` was reading.
-    pub(crate) fn abandon(&mut self, id: u64) -> (bool, Option<W>) {
+    /// or after taking its answer. Returns whether a slot was freed, and what became of
+    /// the reader's role if `id` was reading.
+    pub(crate) fn abandon(&mut self, id: u64) -> (bool, Release<W>) {
         let handoff = self.stop_reading(id);
         let freed = match self.slots.get(&id) {
             None => false,
@@ -358,7 +397,7 @@ mod tests {
             Incoming::Answer(None)
         ));
         assert!(matches!(c.wait(a, 11), Wait::Done(Ok(ref r)) if &r[..] == b"A"));
-        assert_eq!(c.stop_reading(a), None);
+        assert_eq!(c.stop_reading(a), Release::Released);
         assert_eq!(c.open(), 0);
     }
 
@@ -385,7 +424,7 @@ mod tests {
         assert!(matches!(c.wait(b, 20), Wait::Pending));
         c.on_message(reply(a, 1, Code::Ok, b""));
         assert!(matches!(c.wait(a, 10), Wait::Done(Ok(_))));
-        assert_eq!(c.stop_reading(a), Some(20));
+        assert_eq!(c.stop_reading(a), Release::HandedTo(20));
         assert!(matches!(c.wait(b, 20), Wait::Read));
     }
 
@@ -396,7 +435,7 @@ mod tests {
         let b = sent(&mut c, 1);
         assert!(matches!(c.wait(a, 10), Wait::Read));
         assert!(matches!(c.wait(b, 20), Wait::Pending));
-        assert_eq!(c.abandon(a), (false, Some(20)));
+        assert_eq!(c.abandon(a), (false, Release::HandedTo(20)));
         assert!(matches!(c.wait(b, 20), Wait::Read));
     }
 
@@ -404,12 +443,15 @@ mod tests {
     fn a_late_reply_of_an_abandoned_call_reaches_nobody_and_frees_its_slot() {
         let mut c = Calls::<u32>::new(2, true);
         let a = sent(&mut c, 7);
-        assert_eq!(c.abandon(a), (false, None));
+        assert_eq!(c.abandon(a), (false, Release::NotReader));
         assert_eq!(c.take_cancels(), vec![(a, 7)]);
         // The slot is held until the answer: the window is still 1 of 2 taken.
         let b = sent(&mut c, 7);
-        assert!(matches!(c.begin(7), Err(Begin::Full)));
         assert!(matches!(c.wait(b, 20), Wait::Read));
+        assert!(
+            matches!(c.begin(7), Err(Begin::Full)),
+            "b reads: full, nothing to read"
+        );
         assert!(matches!(
             c.on_message(reply(a, 7, Code::Ok, b"late")),
             Incoming::Discarded
@@ -420,6 +462,59 @@ mod tests {
     }
 
     #[test]
+    fn a_caller_waiting_for_a_slot_reads_when_every_slot_is_given_up() {
+        let mut c = Calls::<u32>::new(2, true);
+        let a = sent(&mut c, 1);
+        let b = sent(&mut c, 1);
+        assert_eq!(c.abandon(a), (false, Release::NotReader));
+        assert_eq!(c.abandon(b), (false, Release::NotReader));
+        // Nobody is left to read the late answers but the caller that wants a slot.
+        assert!(matches!(c.begin(1), Err(Begin::Read)));
+        assert!(
+            matches!(c.begin(1), Err(Begin::Full)),
+            "one reader at a time"
+        );
+        assert!(matches!(
+            c.on_message(reply(a, 1, Code::Ok, b"")),
+            Incoming::Discarded
+        ));
+        let id = c.begin(1).expect("a slot was freed");
+        assert_eq!(c.stop_reading(WINDOW), Release::Released);
+        c.sent(id);
+        // The new call reads for itself, and clears the other tombstone on the way.
+        assert!(matches!(c.wait(id, 7), Wait::Read));
+        assert!(matches!(
+            c.on_message(reply(b, 1, Code::Ok, b"")),
+            Incoming::Discarded
+        ));
+        c.on_message(reply(id, 1, Code::Ok, b"mine"));
+        assert!(matches!(c.wait(id, 7), Wait::Done(Ok(ref r)) if &r[..] == b"mine"));
+        assert_eq!(c.open(), 0);
+    }
+
+    #[test]
+    fn a_window_reader_hands_the_role_to_a_waiting_call() {
+        let mut c = Calls::<u32>::new(2, true);
+        let a = sent(&mut c, 1);
+        let b = sent(&mut c, 1);
+        c.abandon(a);
+        assert!(matches!(c.begin(1), Err(Begin::Read)));
+        // b waits meanwhile: the window reader reads for it.
+        assert!(matches!(c.wait(b, 20), Wait::Pending));
+        assert!(matches!(
+            c.on_message(reply(b, 1, Code::Ok, b"")),
+            Incoming::Answer(Some(20))
+        ));
+        assert!(matches!(
+            c.on_message(reply(a, 1, Code::Ok, b"")),
+            Incoming::Discarded
+        ));
+        let _id = c.begin(1).unwrap();
+        assert_eq!(c.stop_reading(WINDOW), Release::Released);
+        assert!(matches!(c.wait(b, 20), Wait::Done(Ok(_))));
+    }
+
+    #[test]
     fn cancels_are_queued_only_when_asked_for_and_only_for_sent_requests() {
         let mut c = Calls::<u32>::new(4, false);
         let a = sent(&mut c, 1);
@@ -427,11 +522,19 @@ mod tests {
         assert!(c.take_cancels().is_empty());
         let mut c = Calls::<u32>::new(4, true);
         let u = c.begin(1).unwrap();
-        assert_eq!(c.abandon(u), (true, None), "unsent: freed at once");
+        assert_eq!(
+            c.abandon(u),
+            (true, Release::NotReader),
+            "unsent: freed at once"
+        );
         assert!(c.take_cancels().is_empty());
         let d = sent(&mut c, 1);
         c.on_message(reply(d, 1, Code::Ok, b""));
-        assert_eq!(c.abandon(d), (true, None), "answered: freed at once");
+        assert_eq!(
+            c.abandon(d),
+            (true, Release::NotReader),
+            "answered: freed at once"
+        );
         assert!(c.take_cancels().is_empty());
     }
 
@@ -452,7 +555,8 @@ mod tests {
     fn a_send_that_did_not_happen_frees_its_slot() {
         let mut c = Calls::<u32>::new(1, true);
         let a = c.begin(1).unwrap();
-        assert!(matches!(c.begin(1), Err(Begin::Full)));
+        assert!(matches!(c.begin(1), Err(Begin::Read)));
+        assert_eq!(c.stop_reading(WINDOW), Release::Released);
         assert!(c.unsent(a));
         assert!(c.begin(1).is_ok());
     }
@@ -545,6 +649,10 @@ mod tests {
                             }
                         }
                         Err(Begin::Full) => assert_eq!(c.open(), limit),
+                        Err(Begin::Read) => {
+                            assert_eq!(c.open(), limit);
+                            c.stop_reading(WINDOW);
+                        }
                         Err(Begin::Failed(_)) => unreachable!("never failed here"),
                     },
                     1 | 2 if !owed.is_empty() => {

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use event_listener::Event;
 use futures::future::{select, Either};
 
-use super::calls::{Begin, Calls, Incoming, Wait};
+use super::calls::{Begin, Calls, Incoming, Release, Wait, WINDOW};
 use super::status::Status;
 use super::wire::{Code, Header, Kind, HEADER_LEN};
 use crate::buffer::Buf;
@@ -290,13 +290,16 @@ impl<T: Transport> Client<T> {
         }
     }
 
-    /// Wait for a free slot; its request id.
+    /// Wait for a free slot; its request id. While every slot is taken and no call
+    /// reads the connection, this caller reads it (the answers of given-up calls are
+    /// what frees their slots).
     async fn reserve(&self, method: u16) -> Result<u64, Status> {
         loop {
             let first = self.inner.lock().begin(method);
             match first {
                 Ok(id) => return Ok(id),
                 Err(Begin::Failed(s)) => return Err(s),
+                Err(Begin::Read) => return self.read_for_a_slot(method).await,
                 Err(Begin::Full) => {}
             }
             let listener = self.inner.freed.listen();
@@ -304,9 +307,20 @@ impl<T: Transport> Client<T> {
             match again {
                 Ok(id) => return Ok(id),
                 Err(Begin::Failed(s)) => return Err(s),
+                Err(Begin::Read) => return self.read_for_a_slot(method).await,
                 Err(Begin::Full) => listener.await,
             }
         }
+    }
+
+    /// As the reader ([`WINDOW`]), read until a slot is free.
+    async fn read_for_a_slot(&self, method: u16) -> Result<u64, Status> {
+        let mut w = WindowReader {
+            inner: &self.inner,
+            reading: None,
+            active: true,
+        };
+        poll_fn(|cx| w.poll_slot(cx, method)).await
     }
 
     async fn exchange(&self, method: u16, buf: RequestBuf, budget: u32) -> Result<Bytes, Status> {
@@ -374,6 +388,48 @@ struct Exchange<'a, T: Transport> {
     done: bool,
 }
 
+impl<T> Inner<T> {
+    /// After a reader stopped: wake the call the role went to, or a caller waiting for
+    /// a slot if nobody reads now or (`freed`) a slot was freed.
+    fn released(&self, r: Release<Waker>, freed: bool) {
+        let wake_window = r.released() || freed;
+        if let Release::HandedTo(w) = r {
+            w.wake();
+        }
+        if wake_window {
+            self.freed.notify(1);
+        }
+    }
+
+    /// Hand what the reader's `recv` returned to the calls.
+    fn deliver(&self, got: crate::Result<Bytes>) {
+        match got {
+            Ok(msg) => {
+                let incoming = self.lock().on_message(msg);
+                match incoming {
+                    Incoming::Answer(w) => {
+                        if let Some(w) = w {
+                            w.wake();
+                        }
+                    }
+                    Incoming::Discarded => {
+                        self.freed.notify(1);
+                    }
+                    Incoming::Protocol(wakers) => {
+                        wakers.into_iter().for_each(Waker::wake);
+                        self.freed.notify(usize::MAX);
+                    }
+                }
+            }
+            Err(e) => {
+                let wakers = self.lock().fail(e);
+                wakers.into_iter().for_each(Waker::wake);
+                self.freed.notify(usize::MAX);
+            }
+        }
+    }
+}
+
 impl<T: Transport> Exchange<'_, T> {
     fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<Bytes, Status>> {
         loop {
@@ -381,14 +437,11 @@ impl<T: Transport> Exchange<'_, T> {
             match c.wait(self.id, cx.waker().clone()) {
                 Wait::Pending => return Poll::Pending,
                 Wait::Done(r) => {
-                    let handoff = c.stop_reading(self.id);
+                    let release = c.stop_reading(self.id);
                     drop(c);
                     self.done = true;
                     self.reading = None;
-                    if let Some(w) = handoff {
-                        w.wake();
-                    }
-                    self.inner.freed.notify(1);
+                    self.inner.released(release, true);
                     return Poll::Ready(r);
                 }
                 Wait::Read => {}
@@ -403,30 +456,7 @@ impl<T: Transport> Exchange<'_, T> {
                 Poll::Ready(got) => got,
             };
             self.reading = None;
-            match got {
-                Ok(msg) => {
-                    let incoming = self.inner.lock().on_message(msg);
-                    match incoming {
-                        Incoming::Answer(w) => {
-                            if let Some(w) = w {
-                                w.wake();
-                            }
-                        }
-                        Incoming::Discarded => {
-                            self.inner.freed.notify(1);
-                        }
-                        Incoming::Protocol(wakers) => {
-                            wakers.into_iter().for_each(Waker::wake);
-                            self.inner.freed.notify(usize::MAX);
-                        }
-                    }
-                }
-                Err(e) => {
-                    let wakers = self.inner.lock().fail(e);
-                    wakers.into_iter().for_each(Waker::wake);
-                    self.inner.freed.notify(usize::MAX);
-                }
-            }
+            self.inner.deliver(got);
         }
     }
 }
@@ -438,13 +468,67 @@ impl<T: Transport> Drop for Exchange<'_, T> {
         if self.done {
             return;
         }
-        let (freed, handoff) = self.inner.lock().abandon(self.id);
-        if let Some(w) = handoff {
-            w.wake();
+        let (freed, release) = self.inner.lock().abandon(self.id);
+        self.inner.released(release, freed);
+    }
+}
+
+/// A caller waiting for a slot while it reads the connection ([`WINDOW`]); dropping it
+/// gives the role up.
+struct WindowReader<'a, T: Transport> {
+    inner: &'a Inner<T>,
+    reading: Option<BoxFuture<'a, crate::Result<Bytes>>>,
+    /// Still the reader.
+    active: bool,
+}
+
+impl<T: Transport> WindowReader<'_, T> {
+    fn poll_slot(&mut self, cx: &mut Context<'_>, method: u16) -> Poll<Result<u64, Status>> {
+        loop {
+            let got = self.inner.lock().begin(method);
+            match got {
+                Ok(id) => {
+                    self.stop();
+                    return Poll::Ready(Ok(id));
+                }
+                Err(Begin::Failed(s)) => {
+                    self.stop();
+                    return Poll::Ready(Err(s));
+                }
+                // Still full; this caller still reads.
+                Err(Begin::Full | Begin::Read) => {}
+            }
+            let transport = &self.inner.transport;
+            let recv = self
+                .reading
+                .get_or_insert_with(|| Box::pin(transport.recv()));
+            let got = match recv.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(got) => got,
+            };
+            self.reading = None;
+            self.inner.deliver(got);
         }
-        if freed {
-            self.inner.freed.notify(1);
+    }
+
+    fn stop(&mut self) {
+        self.reading = None;
+        if std::mem::take(&mut self.active) {
+            let release = self.inner.lock().stop_reading(WINDOW);
+            self.inner.released(release, false);
         }
+    }
+}
+
+impl<T: Transport> Drop for WindowReader<'_, T> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl<T: Transport> fmt::Debug for WindowReader<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WindowReader").finish_non_exhaustive()
     }
 }
 

@@ -424,6 +424,66 @@ pub async fn calls_beyond_the_window_wait_for_a_slot(rt: Arc<dyn Runtime>) {
     .await
 }
 
+/// Every slot held by a given-up call: the late answers are read by the callers that
+/// wait for a slot (no call of the given-up ones is left to read them), so the client
+/// goes on. Both ways of giving up: the call's own timeout, and dropping the call.
+pub async fn a_window_of_given_up_calls_frees_itself(rt: Arc<dyn Runtime>) {
+    deadline(&rt, async {
+        let s = start_server(&rt, ServerConfig::default()).await;
+        for window in [1usize, 4, 256] {
+            let c = client(
+                &rt,
+                s.addr,
+                ClientConfig::default()
+                    .max_in_flight(window)
+                    .send_cancels(false),
+            )
+            .await;
+            let mut gone = Vec::new();
+            for k in 0..window {
+                let c2 = c.clone();
+                let rt2 = rt.clone();
+                gone.push(spawn(&rt, async move {
+                    // A timeout's budget reaches the server, which answers at once when
+                    // it runs out: those slots may come back sooner.
+                    if k == 0 {
+                        let r = c2
+                            .call_timeout(SLOW, &slow(100), Some(Duration::from_millis(20)))
+                            .await;
+                        assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
+                    } else {
+                        let p = slow(100);
+                        let call = std::pin::pin!(c2.call(SLOW, &p));
+                        let r = select(call, rt2.sleep(Duration::from_millis(20))).await;
+                        assert!(
+                            matches!(r, Either::Right(_)),
+                            "a 100 ms call returned in 20 ms"
+                        );
+                    }
+                }));
+            }
+            for g in gone {
+                g.await.unwrap();
+            }
+            // The answers come in some 80 ms later: nobody waits for them.
+            rt.sleep(Duration::from_millis(200)).await;
+            assert!(
+                c.in_flight() >= window.saturating_sub(1),
+                "{} slots taken",
+                c.in_flight()
+            );
+            let t = Instant::now();
+            assert_eq!(&c.call(ECHO, b"next").await.unwrap()[..], b"next");
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "window {window}: {:?}",
+                t.elapsed()
+            );
+        }
+    })
+    .await
+}
+
 /// The server's connection ends with calls pending: every one fails `Unavailable`
 /// (with the transport's error), and later calls fail at once.
 pub async fn a_lost_connection_fails_every_pending_call(rt: Arc<dyn Runtime>) {
@@ -775,7 +835,8 @@ macro_rules! rpc_suite {
             a_call_gets_its_reply many_tasks_one_connection_every_reply_to_its_own_call
             a_slow_handler_does_not_block_fast_ones a_timeout_ends_the_call_and_the_server_work
             a_dropped_call_is_cancelled_on_the_server a_request_past_its_deadline_is_not_started
-            calls_beyond_the_window_wait_for_a_slot a_lost_connection_fails_every_pending_call
+            calls_beyond_the_window_wait_for_a_slot a_window_of_given_up_calls_frees_itself
+            a_lost_connection_fails_every_pending_call
             a_lying_server_is_a_protocol_error graceful_shutdown_finishes_running_calls
             a_killed_server_every_call_ends_and_the_client_recovers);
         $crate::rpc_tower_cases!($run);

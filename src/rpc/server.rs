@@ -13,6 +13,7 @@ use bytes::Bytes;
 use event_listener::{Event, EventListener};
 use futures::future::{select, AbortHandle, AbortRegistration, Abortable, Either};
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 
 use super::status::Status;
 use super::wire::{Code, Header, Kind, HEADER_LEN};
@@ -53,7 +54,8 @@ impl Request {
 }
 
 /// What answers requests: an async function from [`Request`] to the reply's payload
-/// or a [`Status`]. Implemented for every `Fn(Request) -> impl Future<Output =
+/// or a [`Status`]. A handler that panics fails its own request with `Internal` (the
+/// panic is caught while its future is polled); the connection's other requests go on. Implemented for every `Fn(Request) -> impl Future<Output =
 /// Result<Bytes, Status>>` that is `Send + Sync + 'static` with a `Send + 'static` future.
 pub trait Handler: Send + Sync + 'static {
     /// Answer `req`. The future may be dropped before it completes: the caller's
@@ -489,7 +491,10 @@ async fn run<T: Transport, H: Handler>(
     reg: AbortRegistration,
 ) -> u64 {
     let deadline = req.deadline;
-    let mut work = std::pin::pin!(Abortable::new(handler.call(req), reg));
+    // A handler that panics fails its own request (`Internal`), not the connection's
+    // other requests.
+    let guarded = std::panic::AssertUnwindSafe(handler.call(req)).catch_unwind();
+    let mut work = std::pin::pin!(Abortable::new(guarded, reg));
     let timer = match (deadline, &shared.runtime) {
         (Some(d), Some(rt)) => Some(rt.sleep(d.saturating_duration_since(Instant::now()))),
         _ => None,
@@ -502,7 +507,15 @@ async fn run<T: Transport, H: Handler>(
         None => Some(work.as_mut().await),
     };
     let result = match outcome {
-        Some(Ok(r)) => r,
+        Some(Ok(Ok(r))) => r,
+        Some(Ok(Err(panic))) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(Status::internal(format!("the handler panicked: {what}")))
+        }
         Some(Err(_aborted)) => Err(Status::new(
             Code::Cancelled,
             "the client cancelled the request",

@@ -23,6 +23,8 @@ const SLOW: u16 = 2;
 /// Never answers by itself (only a cancel, a deadline or the end of the connection
 /// ends it); counts its drops.
 const HANG: u16 = 3;
+/// Panics in the handler.
+const PANIC: u16 = 4;
 
 fn config(rt: &Arc<dyn Runtime>) -> TcpConfig {
     TcpConfig::default().runtime(rt.clone())
@@ -73,6 +75,7 @@ fn handler(
                     futures::future::pending::<()>().await;
                     unreachable!()
                 }
+                PANIC => panic!("the handler fails on purpose"),
                 m => Err(Status::new(Code::Unimplemented, format!("no method {m}"))),
             }
         })
@@ -167,6 +170,11 @@ pub async fn a_call_gets_its_reply(rt: Arc<dyn Runtime>) {
         let e = c.call(99, b"x").await.unwrap_err();
         assert_eq!(e.code(), Code::Unimplemented, "{e}");
         assert_eq!(&c.call(ECHO, b"").await.unwrap()[..], b"");
+        // A handler that panics fails its own call; the connection goes on.
+        let e = c.call(PANIC, b"").await.unwrap_err();
+        assert_eq!(e.code(), Code::Internal, "{e}");
+        assert!(e.message().contains("on purpose"), "{e}");
+        assert_eq!(&c.call(ECHO, b"still").await.unwrap()[..], b"still");
         // A request in a buffer of the transport's memory: no copy.
         let mut buf = c.request_buf(3).unwrap();
         buf.copy_from_slice(b"abc");

@@ -81,6 +81,6 @@ pub use channel::Channel;
 pub use client::{Client, ClientConfig, RequestBuf};
 pub use server::{Handler, Request, Server, ServerConfig};
 #[cfg(feature = "tower")]
-pub use service::Call;
+pub use service::{Call, ServiceHandler};
 pub use status::Status;
 pub use wire::Code;

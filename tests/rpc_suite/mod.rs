@@ -817,10 +817,48 @@ pub async fn a_channel_with_retries_rides_out_a_server_restart(rt: Arc<dyn Runti
     );
 }
 
+/// A `tower::Service` as the server's handler (`ServiceHandler`).
+#[cfg(feature = "tower")]
+pub async fn a_tower_service_serves_requests(rt: Arc<dyn Runtime>) {
+    use net_rs::rpc::ServiceHandler;
+    deadline(&rt, async {
+        let l = TcpListener::bind_with("127.0.0.1:0", &config(&rt))
+            .await
+            .unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = Server::new(ServerConfig::default().runtime(rt.clone()));
+        let svc = tower::service_fn(|req: Request| async move {
+            match req.method() {
+                ECHO => Ok::<Bytes, Status>(req.into_payload()),
+                m => Err(Status::new(Code::Unimplemented, format!("no method {m}"))),
+            }
+        });
+        let serving = spawn(&rt, async move {
+            let conn = l.accept().await.unwrap();
+            server
+                .serve_connection(&conn, &ServiceHandler::new(svc))
+                .await
+        });
+        let c = client(&rt, addr, ClientConfig::default()).await;
+        assert_eq!(&c.call(ECHO, b"via tower").await.unwrap()[..], b"via tower");
+        assert_eq!(
+            c.call(9, b"").await.unwrap_err().code(),
+            Code::Unimplemented
+        );
+        c.transport().shutdown().await.unwrap();
+        serving.await.unwrap().unwrap();
+    })
+    .await
+}
+
 #[cfg(feature = "tower")]
 #[macro_export]
 macro_rules! rpc_tower_cases {
     ($run:path) => {
+        #[test]
+        fn a_tower_service_serves_requests() {
+            $run(|rt| Box::pin($crate::rpc_suite::a_tower_service_serves_requests(rt)));
+        }
         #[test]
         fn a_channel_with_retries_rides_out_a_server_restart() {
             $run(|rt| {

@@ -143,8 +143,6 @@ impl fmt::Debug for ServerConfig {
 enum Mode {
     /// Reading requests.
     Reading,
-    /// The client shut down its side: run what it sent, then end.
-    Draining,
     /// The server shuts down: finish what runs, start nothing, then end.
     Stopping,
 }
@@ -286,6 +284,11 @@ impl Server {
     /// Serve the requests of `transport` with `handler` until the peer closes it, the
     /// connection fails, or the server shuts down.
     ///
+    /// When the client closes the connection (or shuts its side down: on TCP the two
+    /// look the same), the requests still running or waiting are dropped (nobody is
+    /// left to take their answers) and this returns `Ok`: a client that goes away, even
+    /// without cancelling, frees its handlers and its share of the server's limits.
+    ///
     /// Requests are read ahead of the limits (at most `max_concurrent_per_connection`
     /// waiting, with the time each arrived), so a request whose caller's budget ran out
     /// while it waited is answered `DeadlineExceeded` without being started, and one
@@ -299,8 +302,7 @@ impl Server {
     /// never sent.
     ///
     /// # Errors
-    /// The connection's error (`Ok` when the peer shut down its side, or the server its
-    /// own); `InvalidData` when the client broke the protocol (a malformed message, a
+    /// The connection's error (`Ok` when the peer closed it, or the server shut down); `InvalidData` when the client broke the protocol (a malformed message, a
     /// reply where requests come, a request id already open), after which the
     /// connection is closed.
     pub async fn serve_connection<T: Transport, H: Handler>(
@@ -341,7 +343,7 @@ impl Server {
                 }
                 continue;
             }
-            if mode != Mode::Reading && queued.is_empty() && running.is_empty() {
+            if mode == Mode::Stopping && running.is_empty() {
                 return Poll::Ready(Ok(()));
             }
             // Hear a shutdown while waiting (check, listen, check again).
@@ -407,7 +409,7 @@ impl Server {
                 // Poll the new ones (they register our waker).
                 continue;
             }
-            if mode != Mode::Reading || queued.len() >= limit {
+            if mode == Mode::Stopping || queued.len() >= limit {
                 // Read no further: a request that ends or a permit wakes us.
                 return Poll::Pending;
             }
@@ -419,10 +421,13 @@ impl Server {
             recv = None;
             let msg = match got {
                 Ok(msg) => msg,
-                // The client shut down its side: answer what it sent, then end.
+                // The client closed the connection (or shut down its side: on TCP the
+                // two look the same): nobody is left to answer. What runs and waits is
+                // dropped, as HTTP/2 cancels the streams of a closed connection; a
+                // client that leaves must not pin handlers and the server's limits.
                 Err(e) if e.kind() == ErrorKind::Closed => {
-                    mode = Mode::Draining;
-                    continue;
+                    queued.clear();
+                    return Poll::Ready(Ok(()));
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             };

@@ -492,6 +492,39 @@ pub async fn a_window_of_given_up_calls_frees_itself(rt: Arc<dyn Runtime>) {
     .await
 }
 
+/// A client that goes away (its calls and itself dropped: the connection closed, no
+/// cancel sent) frees its running handlers and the server's limits.
+pub async fn a_client_that_leaves_frees_its_handlers(rt: Arc<dyn Runtime>) {
+    deadline(&rt, async {
+        let s = start_server(&rt, ServerConfig::default().max_concurrent(4)).await;
+        {
+            let c = client(&rt, s.addr, ClientConfig::default()).await;
+            let calls = futures::future::join_all((0..4).map(|_| c.call(HANG, b"")));
+            let calls = std::pin::pin!(calls);
+            let r = select(calls, rt.sleep(Duration::from_millis(200))).await;
+            assert!(matches!(r, Either::Right(_)));
+            drop(r);
+            assert_eq!(s.counts.started.load(Ordering::SeqCst), 4);
+        }
+        let t = Instant::now();
+        while s.counts.dropped.load(Ordering::SeqCst) < 4 || s.server.connections() > 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "a gone client's handlers still run: {} dropped, {} connections",
+                s.counts.dropped.load(Ordering::SeqCst),
+                s.server.connections()
+            );
+            rt.sleep(Duration::from_millis(10)).await;
+        }
+        // The server-wide limit is free again.
+        let c2 = client(&rt, s.addr, ClientConfig::default()).await;
+        assert_eq!(&c2.call(ECHO, b"served").await.unwrap()[..], b"served");
+        drop(c2);
+        s.server.shutdown().await;
+    })
+    .await
+}
+
 /// The server's connection ends with calls pending: every one fails `Unavailable`
 /// (with the transport's error), and later calls fail at once.
 pub async fn a_lost_connection_fails_every_pending_call(rt: Arc<dyn Runtime>) {
@@ -882,6 +915,7 @@ macro_rules! rpc_suite {
             a_slow_handler_does_not_block_fast_ones a_timeout_ends_the_call_and_the_server_work
             a_dropped_call_is_cancelled_on_the_server a_request_past_its_deadline_is_not_started
             calls_beyond_the_window_wait_for_a_slot a_window_of_given_up_calls_frees_itself
+            a_client_that_leaves_frees_its_handlers
             a_lost_connection_fails_every_pending_call
             a_lying_server_is_a_protocol_error graceful_shutdown_finishes_running_calls
             a_killed_server_every_call_ends_and_the_client_recovers);

@@ -61,6 +61,8 @@ mod raw;
 mod rdma;
 mod rpc_baselines;
 mod rpc_netrs;
+#[cfg(feature = "rdma")]
+mod rpc_rdma;
 
 use contender::{Contender, Sender};
 
@@ -196,11 +198,11 @@ fn parse_args() -> Args {
     if a.rpc && !sizes_given {
         a.sizes = vec![64, 4 << 10];
     }
-    if a.rpc && (a.transport != "tcp" || a.remote || a.serve) {
-        eprintln!("--only rpc runs on loopback only (--transport tcp, no --remote or --serve)");
+    if a.rpc && (a.remote || a.serve) {
+        eprintln!("--only rpc runs on one host (loopback TCP, or one RDMA device): no --remote or --serve");
         std::process::exit(2);
     }
-    if a.transport == "rdma" && !sizes_given {
+    if a.transport == "rdma" && !sizes_given && !a.rpc {
         a.sizes = vec![64, 4 << 10, 64 << 10];
     }
     if a.sizes.iter().any(|&s| s == 0 || s > MAX) {
@@ -217,7 +219,11 @@ fn main() {
         "tcp" => run_tcp(&args),
         "rdma" => {
             #[cfg(feature = "rdma")]
-            if let Err(e) = rdma::run(&args) {
+            if let Err(e) = if args.rpc {
+                rpc_rdma::run(&args)
+            } else {
+                rdma::run(&args)
+            } {
                 eprintln!("netperf: {e}");
                 std::process::exit(1);
             }
@@ -231,7 +237,7 @@ fn main() {
     }
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

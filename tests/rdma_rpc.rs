@@ -119,7 +119,10 @@ fn handler(
                     if p.len() > 1 && p[p.len() - 1] % 8 == 0 {
                         rt.sleep(Duration::from_millis(1)).await;
                     }
-                    Ok(p)
+                    // The reply built in registered memory: it goes out as it is.
+                    let mut r = req.reply_buf(p.len())?;
+                    r.copy_from_slice(&p);
+                    Ok(r.freeze())
                 }
                 SLOW => {
                     rt.sleep(Duration::from_millis(1500)).await;
@@ -150,7 +153,8 @@ fn serve(rt: &Arc<dyn Runtime>, listener: RdmaListener, stop: Arc<AtomicBool>) {
                 rt2.clone(),
             );
             rt2.spawn(Box::pin(async move {
-                let serving = std::pin::pin!(s.serve_connection(&conn, &h));
+                let conn = Arc::new(conn);
+                let serving = std::pin::pin!(s.serve_shared(conn.clone(), &h));
                 let stopped = std::pin::pin!(async {
                     while !st.load(Ordering::SeqCst) {
                         rt3.sleep(Duration::from_millis(10)).await;

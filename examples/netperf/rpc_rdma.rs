@@ -43,9 +43,17 @@ fn cell(
                 .await
                 .map_err(|e| format!("accept: {e}"))?;
             if rpc {
-                let echo = |req: Request| async move { Ok::<_, Status>(req.into_payload()) };
+                // The reply built in registered memory (`reply_buf`): one copy of the
+                // payload, by the handler (the bare echo sends back the received
+                // message itself).
+                let echo = |req: Request| async move {
+                    let mut r = req.reply_buf(req.payload().len())?;
+                    r.copy_from_slice(req.payload());
+                    Ok::<_, Status>(r.freeze())
+                };
+                let conn = Arc::new(conn);
                 // Ends when the client closes its side.
-                let _ = Server::default().serve_connection(&conn, &echo).await;
+                let _ = Server::default().serve_shared(conn.clone(), &echo).await;
             } else {
                 while let Ok(m) = conn.recv().await {
                     if conn.send(m).await.is_err() {

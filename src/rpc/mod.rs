@@ -14,6 +14,10 @@
 //!   reconnect policy and back-off) when they fail.
 //! * With feature `tower`: `Client` and `Channel` are `tower::Service<Call>`, so
 //!   tower's timeout, retry, rate-limit and load-balance layers apply.
+//! * Zero-copy both ways: received payloads are slices of the received message;
+//!   [`Client::request_buf`] and [`Request::reply_buf`] (with
+//!   [`Server::serve_shared`]) build requests and replies in the transport's memory
+//!   (registered memory on RDMA) behind the header's room.
 //! * [`Server`]: runs a [`Handler`] (an async function) on each connection's requests
 //!   concurrently, within a per-connection and a server-wide limit; a request whose
 //!   budget ran out is not started; graceful shutdown finishes what runs.
@@ -79,7 +83,7 @@ pub mod wire;
 
 pub use channel::Channel;
 pub use client::{Client, ClientConfig, RequestBuf};
-pub use server::{Handler, Request, Server, ServerConfig};
+pub use server::{Handler, ReplyBuf, Request, Server, ServerConfig};
 #[cfg(feature = "tower")]
 pub use service::{Call, ServiceHandler};
 pub use status::Status;

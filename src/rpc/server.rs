@@ -17,16 +17,79 @@ use futures::FutureExt;
 
 use super::status::Status;
 use super::wire::{Code, Header, Kind, HEADER_LEN};
+use crate::buffer::Buf;
 use crate::error::{Error, ErrorKind, Result};
 use crate::runtime::Runtime;
 use crate::transport::{BoxFuture, Transport};
 
+/// Allocates message buffers from the connection's transport (`Transport::alloc_buf`).
+type Alloc = Arc<dyn Fn(usize) -> Result<Buf> + Send + Sync>;
+
 /// One request, as a [`Handler`] gets it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Request {
+    id: u64,
     method: u16,
     payload: Bytes,
     deadline: Option<Instant>,
+    /// The transport's allocator, when the server has a handle it can keep
+    /// ([`Server::serve_shared`]).
+    alloc: Option<Alloc>,
+    /// The whole reply message (header and payload) of the last [`ReplyBuf`] frozen for
+    /// this request: sent as it is if the handler returns its payload.
+    made: Arc<Mutex<Option<Bytes>>>,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("method", &self.method)
+            .field("len", &self.payload.len())
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reply's payload built in place, with room for the RPC header in front, from
+/// [`Request::reply_buf`]: return [`freeze`](ReplyBuf::freeze)'s `Bytes` from the
+/// handler and the reply goes out without another copy. Derefs to the payload.
+pub struct ReplyBuf {
+    buf: Buf,
+    head: Header,
+    made: Arc<Mutex<Option<Bytes>>>,
+}
+
+impl ReplyBuf {
+    /// The payload as `Bytes`, to return from the handler (`Ok(buf.freeze())`).
+    pub fn freeze(self) -> Bytes {
+        let mut buf = self.buf;
+        self.head.write(&mut buf);
+        let whole = buf.freeze();
+        let payload = whole.slice(HEADER_LEN..);
+        *self.made.lock().unwrap_or_else(|p| p.into_inner()) = Some(whole);
+        payload
+    }
+}
+
+impl std::ops::Deref for ReplyBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[HEADER_LEN..]
+    }
+}
+
+impl std::ops::DerefMut for ReplyBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[HEADER_LEN..]
+    }
+}
+
+impl fmt::Debug for ReplyBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplyBuf")
+            .field("len", &(self.buf.len() - HEADER_LEN))
+            .finish()
+    }
 }
 
 impl Request {
@@ -50,6 +113,33 @@ impl Request {
     /// handler's future if it is still running.
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
+    }
+
+    /// A zeroed buffer for a reply of `len` bytes, in the transport's memory when the
+    /// connection is served with [`Server::serve_shared`] (registered memory on RDMA;
+    /// heap memory otherwise), with the header's room in front: fill it and return
+    /// `Ok(buf.freeze())`, and the reply is sent without another copy. (Any other
+    /// `Bytes` a handler returns is copied once behind the header.)
+    ///
+    /// # Errors
+    /// `ResourceExhausted` for a reply over the transport's `max_message_size`, or the
+    /// allocation's error.
+    pub fn reply_buf(&self, len: usize) -> std::result::Result<ReplyBuf, Status> {
+        let total = HEADER_LEN.saturating_add(len);
+        let buf = match &self.alloc {
+            Some(alloc) => alloc(total).map_err(Status::from_transport)?,
+            None => Buf::from_storage(Box::new(vec![0u8; total]), total),
+        };
+        Ok(ReplyBuf {
+            buf,
+            head: Header {
+                kind: Kind::Reply,
+                method: self.method,
+                id: self.id,
+                word: 0,
+            },
+            made: self.made.clone(),
+        })
     }
 }
 
@@ -310,6 +400,31 @@ impl Server {
         transport: &T,
         handler: &H,
     ) -> Result<()> {
+        self.serve(transport, handler, None).await
+    }
+
+    /// [`serve_connection`](Server::serve_connection) on a transport in an `Arc`, which
+    /// lets handlers build replies in the transport's memory
+    /// ([`Request::reply_buf`]): zero-copy replies on RDMA.
+    ///
+    /// # Errors
+    /// As [`serve_connection`](Server::serve_connection).
+    pub async fn serve_shared<T: Transport, H: Handler>(
+        &self,
+        transport: Arc<T>,
+        handler: &H,
+    ) -> Result<()> {
+        let t = transport.clone();
+        let alloc: Alloc = Arc::new(move |len| t.alloc_buf(len));
+        self.serve(&*transport, handler, Some(alloc)).await
+    }
+
+    async fn serve<T: Transport, H: Handler>(
+        &self,
+        transport: &T,
+        handler: &H,
+        alloc: Option<Alloc>,
+    ) -> Result<()> {
         let shared = &*self.shared;
         shared.connections.fetch_add(1, Ordering::AcqRel);
         let _serving = Serving(shared);
@@ -397,9 +512,12 @@ impl Server {
                     open.insert(h.id, Some(abort));
                     let p = permit.take().expect("a permit is held");
                     let req = Request {
+                        id: h.id,
                         method: h.method,
                         payload,
                         deadline,
+                        alloc: alloc.clone(),
+                        made: Arc::default(),
                     };
                     running.push(Box::pin(run(transport, handler, shared, h, req, p, reg)));
                 }
@@ -496,6 +614,7 @@ async fn run<T: Transport, H: Handler>(
     reg: AbortRegistration,
 ) -> u64 {
     let deadline = req.deadline;
+    let made = req.made.clone();
     // A handler that panics fails its own request (`Internal`), not the connection's
     // other requests.
     let guarded = std::panic::AssertUnwindSafe(handler.call(req)).catch_unwind();
@@ -531,7 +650,22 @@ async fn run<T: Transport, H: Handler>(
         )),
     };
     drop(permit);
+    if let Some(whole) = built_in_place(&made, &result) {
+        let _ = transport.send(whole).await;
+        return h.id;
+    }
     send_answer(transport, h, result).await
+}
+
+/// The whole reply message a [`ReplyBuf`] made, if the handler returned its payload.
+fn built_in_place(
+    made: &Mutex<Option<Bytes>>,
+    result: &std::result::Result<Bytes, Status>,
+) -> Option<Bytes> {
+    let whole = made.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+    let b = result.as_ref().ok()?;
+    (whole.len() == HEADER_LEN + b.len() && whole[HEADER_LEN..].as_ptr() == b.as_ptr())
+        .then_some(whole)
 }
 
 /// Send the answer to request `h`; its id. A failed send means the connection failed:
@@ -597,5 +731,72 @@ fn reply<T: Transport>(
             v.extend_from_slice(&body);
             Bytes::from(v)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(alloc: Option<Alloc>) -> Request {
+        Request {
+            id: 42,
+            method: 7,
+            payload: Bytes::from_static(b"question"),
+            deadline: None,
+            alloc,
+            made: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn a_reply_built_in_place_goes_out_whole_with_its_header() {
+        let req = request(None);
+        let mut r = req.reply_buf(5).unwrap();
+        r.copy_from_slice(b"reply");
+        let payload = r.freeze();
+        assert_eq!(&payload[..], b"reply");
+        let whole = built_in_place(&req.made, &Ok(payload)).expect("in place");
+        let (h, body) = Header::decode(whole).unwrap();
+        assert_eq!((h.kind, h.id, h.method, h.word), (Kind::Reply, 42, 7, 0));
+        assert_eq!(&body[..], b"reply");
+    }
+
+    #[test]
+    fn another_reply_or_an_error_is_not_taken_for_the_one_built_in_place() {
+        let req = request(None);
+        let mut r = req.reply_buf(5).unwrap();
+        r.copy_from_slice(b"reply");
+        let payload = r.freeze();
+        // A slice of it, a copy of it, an error: the copy path.
+        assert!(built_in_place(&req.made, &Ok(payload.slice(1..))).is_none());
+        let req = request(None);
+        let payload = req.reply_buf(5).unwrap().freeze();
+        assert!(built_in_place(&req.made, &Ok(Bytes::copy_from_slice(&payload))).is_none());
+        let req = request(None);
+        let _ = req.reply_buf(5).unwrap().freeze();
+        assert!(built_in_place(&req.made, &Err(Status::internal("no"))).is_none());
+    }
+
+    #[test]
+    fn reply_buf_uses_the_transports_memory_and_its_limit() {
+        let alloc: Alloc = Arc::new(|len| {
+            if len > 64 {
+                Err(Error::new(
+                    ErrorKind::MessageTooLarge {
+                        size: len as u64,
+                        max: 64,
+                        received: false,
+                    },
+                    "too large",
+                ))
+            } else {
+                Ok(Buf::from_storage(Box::new(vec![0u8; 64]), len))
+            }
+        });
+        let req = request(Some(alloc));
+        assert_eq!(req.reply_buf(48).unwrap().len(), 48);
+        let e = req.reply_buf(49).unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted);
     }
 }

@@ -25,6 +25,8 @@ const SLOW: u16 = 2;
 const HANG: u16 = 3;
 /// Panics in the handler.
 const PANIC: u16 = 4;
+/// Replies with the payload reversed, built in place (`Request::reply_buf`).
+const IN_PLACE: u16 = 5;
 
 fn config(rt: &Arc<dyn Runtime>) -> TcpConfig {
     TcpConfig::default().runtime(rt.clone())
@@ -76,6 +78,13 @@ fn handler(
                     unreachable!()
                 }
                 PANIC => panic!("the handler fails on purpose"),
+                IN_PLACE => {
+                    let mut r = req.reply_buf(p.len())?;
+                    for (o, i) in r.iter_mut().zip(p.iter().rev()) {
+                        *o = *i;
+                    }
+                    Ok(r.freeze())
+                }
                 m => Err(Status::new(Code::Unimplemented, format!("no method {m}"))),
             }
         })
@@ -125,7 +134,9 @@ fn serve_on(rt: &Arc<dyn Runtime>, l: TcpListener, cfg: ServerConfig) -> TestSer
                 rt2.clone(),
             );
             rt2.spawn(Box::pin(async move {
-                let serve = std::pin::pin!(s.serve_connection(&conn, &h));
+                // Shared, so handlers can build replies in the transport's memory.
+                let conn = Arc::new(conn);
+                let serve = std::pin::pin!(s.serve_shared(conn.clone(), &h));
                 // Stopped: drop everything at once and reset the connection.
                 let stopped = async {
                     while !st.load(Ordering::SeqCst) {
@@ -170,6 +181,20 @@ pub async fn a_call_gets_its_reply(rt: Arc<dyn Runtime>) {
         let e = c.call(99, b"x").await.unwrap_err();
         assert_eq!(e.code(), Code::Unimplemented, "{e}");
         assert_eq!(&c.call(ECHO, b"").await.unwrap()[..], b"");
+        // A reply built in place, of every size up to the largest message.
+        for len in [0usize, 1, 100, 70_000, (8 << 20) - 16] {
+            let p: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let r = c.call(IN_PLACE, &p).await.unwrap();
+            assert!(
+                r.iter().eq(p.iter().rev()),
+                "a {len}-byte reply built in place"
+            );
+        }
+        let e = c
+            .call(IN_PLACE, &vec![0u8; (8 << 20) - 15])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
         // A handler that panics fails its own call; the connection goes on.
         let e = c.call(PANIC, b"").await.unwrap_err();
         assert_eq!(e.code(), Code::Internal, "{e}");

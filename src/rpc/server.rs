@@ -348,9 +348,12 @@ impl Server {
     }
 
     /// Start a graceful shutdown and wait until every connection's serving ended: no
-    /// connection reads another request; the requests running finish and their replies
-    /// are sent; then each connection is shut down (the client's calls that the server
-    /// never started fail with `Unavailable`: safe to retry elsewhere).
+    /// connection starts another request (those waiting, and those that still come,
+    /// are answered `Unavailable`: never started, safe to retry elsewhere); the
+    /// requests running finish (or end by their deadline, or a cancel from their
+    /// client) and their replies are sent; then each connection is shut down. A
+    /// handler that never ends keeps this waiting: bound it with a timer if that can
+    /// happen, and drop the `serve_connection` futures when it passes.
     pub async fn shutdown(&self) {
         self.shared.shutting_down.store(true, Ordering::Release);
         self.shared.changed.notify(usize::MAX);
@@ -446,7 +449,6 @@ impl Server {
             }
             if mode != Mode::Stopping && shared.shutting_down.load(Ordering::Acquire) {
                 mode = Mode::Stopping;
-                recv = None;
                 permit = None;
                 // Nothing more starts: what waits is answered `Unavailable`.
                 for (h, _, _) in queued.drain(..) {
@@ -527,7 +529,14 @@ impl Server {
                 // Poll the new ones (they register our waker).
                 continue;
             }
-            if mode == Mode::Stopping || queued.len() >= limit {
+            // While stopping, reading goes on (bounded by what is being answered): new
+            // requests are answered `Unavailable` at once, cancels still reach the
+            // running handlers, and a client that leaves ends the connection.
+            let may_read = match mode {
+                Mode::Reading => queued.len() < limit,
+                Mode::Stopping => running.len() < limit,
+            };
+            if !may_read {
                 // Read no further: a request that ends or a permit wakes us.
                 return Poll::Pending;
             }
@@ -554,6 +563,13 @@ impl Server {
                 Err(e) => return Poll::Ready(Err(protocol(format!("the client sent {e}")))),
             };
             match h.kind {
+                Kind::Request if mode == Mode::Stopping => {
+                    let s = Status::new(
+                        Code::Unavailable,
+                        "the server is shutting down: the request was not started",
+                    );
+                    running.push(Box::pin(send_answer(transport, h, Err(s))));
+                }
                 Kind::Request => {
                     if open.insert(h.id, None).is_some() {
                         return Poll::Ready(Err(protocol(format!(

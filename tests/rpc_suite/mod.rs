@@ -651,6 +651,39 @@ pub async fn graceful_shutdown_finishes_running_calls(rt: Arc<dyn Runtime>) {
     .await
 }
 
+/// During a shutdown the server still reads: a cancel ends a handler that nothing else
+/// would end (so the shutdown completes), and a new call is answered `Unavailable` at
+/// once instead of waiting.
+pub async fn a_shutdown_hears_cancels_and_answers_new_calls(rt: Arc<dyn Runtime>) {
+    deadline(&rt, async {
+        let s = start_server(&rt, ServerConfig::default()).await;
+        let c = client(&rt, s.addr, ClientConfig::default()).await;
+        let (c2, rt2) = (c.clone(), rt.clone());
+        let hang = spawn(&rt, async move {
+            let call = std::pin::pin!(c2.call(HANG, b""));
+            matches!(
+                select(call, rt2.sleep(Duration::from_millis(300))).await,
+                Either::Right(_)
+            )
+        });
+        rt.sleep(Duration::from_millis(100)).await;
+        let server = s.server.clone();
+        let stopping = spawn(&rt, async move { server.shutdown().await });
+        rt.sleep(Duration::from_millis(50)).await;
+        let t = Instant::now();
+        let e = c.call(ECHO, b"during").await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(hang.await.unwrap(), "the HANG call returned");
+        // Its cancel goes out with this call, which is refused too.
+        let e = c.call(ECHO, b"after").await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e}");
+        stopping.await.unwrap();
+        assert!(s.counts.dropped.load(Ordering::SeqCst) >= 1);
+    })
+    .await
+}
+
 /// The server is killed and started again on the same port while 16 tasks call in a
 /// loop, reconnecting as a user would: every call ends (a reply or an error), and
 /// calls succeed again after the restart.
@@ -943,6 +976,7 @@ macro_rules! rpc_suite {
             a_client_that_leaves_frees_its_handlers
             a_lost_connection_fails_every_pending_call
             a_lying_server_is_a_protocol_error graceful_shutdown_finishes_running_calls
+            a_shutdown_hears_cancels_and_answers_new_calls
             a_killed_server_every_call_ends_and_the_client_recovers);
         $crate::rpc_tower_cases!($run);
     };

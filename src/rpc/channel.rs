@@ -16,8 +16,12 @@ use crate::pool::{ConnectionPool, Connector, PooledConnection};
 enum Slot<C: Connector> {
     /// No connection (none yet, or the last one failed).
     Empty,
-    /// A call is getting a connection from the pool; the others wait for it.
-    Connecting,
+    /// A call is getting a connection from the pool (attempt `n`); the others wait for
+    /// it.
+    Connecting(u64),
+    /// Attempt `n` failed with this: the calls that waited for it fail with it too (each
+    /// call waits for one checkout at most); a new call starts another attempt.
+    Failed(u64, Status),
     /// A connection with its client.
     Ready(Client<PooledConnection<C>>),
 }
@@ -31,6 +35,8 @@ enum Slot<C: Connector> {
 /// connection broke, or the peer broke the protocol) is closed and given back, and the
 /// next call on its place checks out another: the pool's connect timeout, reconnect
 /// policy and back-off apply, so a server that restarts is reached again by itself.
+/// Calls that arrive while a place is being connected wait for that checkout and
+/// share its outcome (its error too), so a call waits for one checkout at most.
 /// Calls that were open on the failed connection fail with `Unavailable` (retry them
 /// if they are idempotent, e.g. with tower's retry layer).
 ///
@@ -53,6 +59,8 @@ struct Inner<C: Connector> {
     cfg: ClientConfig,
     slots: Vec<Mutex<Slot<C>>>,
     next: AtomicUsize,
+    /// Numbers the connect attempts.
+    attempts: std::sync::atomic::AtomicU64,
     /// Notified when a slot stops connecting.
     changed: Event,
 }
@@ -81,6 +89,7 @@ impl<C: Connector> Channel<C> {
                     .map(|_| Mutex::new(Slot::Empty))
                     .collect(),
                 next: AtomicUsize::new(0),
+                attempts: std::sync::atomic::AtomicU64::new(0),
                 changed: Event::new(),
             }),
         }
@@ -105,25 +114,30 @@ impl<C: Connector> Channel<C> {
     /// the reconnect policy gave up, the pool closed).
     pub async fn client(&self) -> Result<Client<PooledConnection<C>>, Status> {
         let k = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
+        // The attempt this call waited for, if it did.
+        let mut waited: Option<u64> = None;
         loop {
             let failed = {
                 let mut slot = self.lock(k);
                 match &*slot {
                     Slot::Ready(c) if c.failed().is_none() => return Ok(c.clone()),
-                    Slot::Ready(_) => match std::mem::replace(&mut *slot, Slot::Connecting) {
-                        Slot::Ready(old) => Ok(Some(old)),
-                        _ => unreachable!("just matched"),
-                    },
-                    Slot::Empty => {
-                        *slot = Slot::Connecting;
-                        Ok(None)
-                    }
+                    Slot::Failed(n, s) if waited == Some(*n) => return Err(s.clone()),
                     // Another call connects for this slot: wait for it (listening
                     // before the lock is released, so its notification is heard).
-                    Slot::Connecting => Err(self.inner.changed.listen()),
+                    Slot::Connecting(n) => {
+                        waited = Some(*n);
+                        Err(self.inner.changed.listen())
+                    }
+                    Slot::Ready(_) | Slot::Empty | Slot::Failed(..) => {
+                        let n = self.inner.attempts.fetch_add(1, Ordering::Relaxed);
+                        match std::mem::replace(&mut *slot, Slot::Connecting(n)) {
+                            Slot::Ready(old) => Ok((n, Some(old))),
+                            _ => Ok((n, None)),
+                        }
+                    }
                 }
             };
-            let failed = match failed {
+            let (n, failed) = match failed {
                 Ok(f) => f,
                 Err(listener) => {
                     listener.await;
@@ -135,20 +149,26 @@ impl<C: Connector> Channel<C> {
             let mut guard = Connecting {
                 channel: self,
                 k,
+                n,
                 done: None,
             };
             if let Some(old) = failed {
                 // Closed, so the pool discards it rather than lend it again.
                 let _ = old.transport().close().await;
             }
-            let conn = self.inner.pool.get().await.map_err(|e| {
-                Status::new(
-                    super::Code::Unavailable,
-                    format!("no connection from the pool: {e}"),
-                )
-            })?;
+            let conn = match self.inner.pool.get().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let s = Status::new(
+                        super::Code::Unavailable,
+                        format!("no connection from the pool: {e}"),
+                    );
+                    guard.done = Some(Err(s.clone()));
+                    return Err(s);
+                }
+            };
             let c = Client::with_config(conn, self.inner.cfg.clone());
-            guard.done = Some(c.clone());
+            guard.done = Some(Ok(c.clone()));
             return Ok(c);
         }
     }
@@ -162,17 +182,21 @@ impl<C: Connector> Channel<C> {
     }
 }
 
-/// Ends a slot's `Connecting`: the new client, or `Empty`; wakes the waiters.
+/// Ends a slot's `Connecting`: the new client, the attempt's error for those who
+/// waited for it, or `Empty` (the attempt was dropped: a waiter starts another);
+/// wakes the waiters.
 struct Connecting<'a, C: Connector> {
     channel: &'a Channel<C>,
     k: usize,
-    done: Option<Client<PooledConnection<C>>>,
+    n: u64,
+    done: Option<Result<Client<PooledConnection<C>>, Status>>,
 }
 
 impl<C: Connector> Drop for Connecting<'_, C> {
     fn drop(&mut self) {
         *self.channel.lock(self.k) = match self.done.take() {
-            Some(c) => Slot::Ready(c),
+            Some(Ok(c)) => Slot::Ready(c),
+            Some(Err(s)) => Slot::Failed(self.n, s),
             None => Slot::Empty,
         };
         self.channel.inner.changed.notify(usize::MAX);

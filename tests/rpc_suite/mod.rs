@@ -550,6 +550,44 @@ pub async fn a_client_that_leaves_frees_its_handlers(rt: Arc<dyn Runtime>) {
     .await
 }
 
+/// Calls through a `Channel` whose place is being connected share that checkout's
+/// outcome: with the pool's one connection held elsewhere, 6 concurrent calls all fail
+/// after one `checkout_timeout`, not one after another.
+pub async fn a_channel_call_waits_for_one_checkout_at_most(rt: Arc<dyn Runtime>) {
+    use net_rs::pool::{ConnectionPool, PoolConfig, TcpConnector};
+    use net_rs::rpc::Channel;
+    deadline(&rt, async {
+        let s = start_server(&rt, ServerConfig::default()).await;
+        let pool = ConnectionPool::new(
+            TcpConnector::with_config(s.addr, config(&rt)),
+            PoolConfig::default()
+                .max_size(1)
+                .checkout_timeout(Duration::from_millis(300))
+                .runtime(rt.clone()),
+        )
+        .unwrap();
+        let held = pool.get().await.unwrap();
+        let ch = Channel::new(pool.clone(), 1, ClientConfig::default());
+        let t = Instant::now();
+        let calls = (0..6).map(|_| {
+            let ch = ch.clone();
+            spawn(&rt, async move { ch.call(ECHO, b"x").await })
+        });
+        for r in futures::future::join_all(calls).await {
+            assert_eq!(r.unwrap().unwrap_err().code(), Code::Unavailable);
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "the calls took {:?}",
+            t.elapsed()
+        );
+        // The connection comes back: the channel uses it.
+        drop(held);
+        assert_eq!(&ch.call(ECHO, b"now").await.unwrap()[..], b"now");
+    })
+    .await
+}
+
 /// The server's connection ends with calls pending: every one fails `Unavailable`
 /// (with the transport's error), and later calls fail at once.
 pub async fn a_lost_connection_fails_every_pending_call(rt: Arc<dyn Runtime>) {
@@ -973,7 +1011,7 @@ macro_rules! rpc_suite {
             a_slow_handler_does_not_block_fast_ones a_timeout_ends_the_call_and_the_server_work
             a_dropped_call_is_cancelled_on_the_server a_request_past_its_deadline_is_not_started
             calls_beyond_the_window_wait_for_a_slot a_window_of_given_up_calls_frees_itself
-            a_client_that_leaves_frees_its_handlers
+            a_client_that_leaves_frees_its_handlers a_channel_call_waits_for_one_checkout_at_most
             a_lost_connection_fails_every_pending_call
             a_lying_server_is_a_protocol_error graceful_shutdown_finishes_running_calls
             a_shutdown_hears_cancels_and_answers_new_calls

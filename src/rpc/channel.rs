@@ -40,8 +40,11 @@ enum Slot<C: Connector> {
 /// Calls that were open on the failed connection fail with `Unavailable` (retry them
 /// if they are idempotent, e.g. with tower's retry layer).
 ///
-/// Give the pool a `max_size` of at least `connections`. Cheap to clone (an `Arc`):
-/// clones share the connections.
+/// `connections` is clamped to the pool's `max_size` (more places than the pool has
+/// connections would make the calls routed to the extra places fail their checkouts).
+/// The channel keeps its connections checked out: [`ConnectionPool::close`] waits for
+/// them, so drop the channel (and the clients it handed out) before closing the pool.
+/// Cheap to clone (an `Arc`): clones share the connections.
 pub struct Channel<C: Connector> {
     inner: Arc<Inner<C>>,
 }
@@ -74,9 +77,11 @@ impl<C: Connector> fmt::Debug for Channel<C> {
 }
 
 impl<C: Connector> Channel<C> {
-    /// A channel over `connections` (at least 1) connections of `pool`, each with a
-    /// [`Client`] made with `cfg`. Connects lazily, on the first calls.
+    /// A channel over `connections` (at least 1, at most the pool's `max_size`)
+    /// connections of `pool`, each with a [`Client`] made with `cfg`. Connects lazily,
+    /// on the first calls.
     pub fn new(pool: ConnectionPool<C>, connections: usize, cfg: ClientConfig) -> Self {
+        let connections = connections.min(pool.status().max_size).max(1);
         let cfg = match &cfg.runtime {
             Some(_) => cfg,
             None => cfg.runtime(pool.runtime().clone()),
@@ -85,9 +90,7 @@ impl<C: Connector> Channel<C> {
             inner: Arc::new(Inner {
                 pool,
                 cfg,
-                slots: (0..connections.max(1))
-                    .map(|_| Mutex::new(Slot::Empty))
-                    .collect(),
+                slots: (0..connections).map(|_| Mutex::new(Slot::Empty)).collect(),
                 next: AtomicUsize::new(0),
                 attempts: std::sync::atomic::AtomicU64::new(0),
                 changed: Event::new(),

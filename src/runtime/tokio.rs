@@ -18,32 +18,58 @@ use crate::transport::BoxFuture;
 /// [`Runtime`] on a tokio runtime handle.
 ///
 /// The runtime needs its I/O and time drivers (`enable_all()`, which `#[tokio::main]`
-/// and `#[tokio::test]` do). Each adapter parks one idle task on the runtime: when the
-/// runtime shuts down and drops it, the adapter knows, so its timers complete at once
-/// instead of panicking (tokio panics when a timer of a shut-down runtime is polled).
+/// and `#[tokio::test]` do). Each adapter parks one idle task on the runtime, for as
+/// long as the adapter or anything made through it lives: when the runtime shuts down
+/// and drops it, the adapter knows, so its timers complete at once instead of panicking
+/// (tokio panics when a timer of a shut-down runtime is polled).
 #[derive(Debug, Clone)]
 pub struct TokioRuntime {
     handle: Handle,
-    alive: Arc<AtomicBool>,
+    alive: Arc<Liveness>,
 }
 
-/// Dropped with the idle task when the runtime shuts down.
-struct Sentinel(Arc<AtomicBool>);
+/// Whether the runtime still runs, shared by an adapter, its clones and everything made
+/// through them (timers, sockets, listeners). While any of them lives, the adapter's
+/// idle task stays parked on the runtime (`keep` is the other end of what it waits
+/// for); when the last goes, the task ends, so connections that come and go leave no
+/// parked tasks behind.
+#[derive(Debug)]
+struct Liveness {
+    running: AtomicBool,
+    _keep: futures::channel::oneshot::Sender<()>,
+}
+
+impl Liveness {
+    fn load(&self, order: Ordering) -> bool {
+        self.running.load(order)
+    }
+}
+
+/// Dropped with the idle task: when the runtime shuts down (then it says so to whoever
+/// still holds the liveness), or when nobody holds it any more (then nobody is told).
+struct Sentinel(std::sync::Weak<Liveness>);
 
 impl Drop for Sentinel {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        if let Some(l) = self.0.upgrade() {
+            l.running.store(false, Ordering::Release);
+        }
     }
 }
 
 impl TokioRuntime {
     /// An adapter for the runtime behind `handle`.
     pub fn new(handle: Handle) -> Self {
-        let alive = Arc::new(AtomicBool::new(true));
-        let sentinel = Sentinel(alive.clone());
+        let (keep, gone) = futures::channel::oneshot::channel::<()>();
+        let alive = Arc::new(Liveness {
+            running: AtomicBool::new(true),
+            _keep: keep,
+        });
+        let sentinel = Sentinel(Arc::downgrade(&alive));
         drop(handle.spawn(async move {
             let _sentinel = sentinel;
-            std::future::pending::<()>().await;
+            // Ends when the last holder of the liveness is dropped (the sender with it).
+            let _ = gone.await;
         }));
         TokioRuntime { handle, alive }
     }
@@ -72,7 +98,7 @@ impl<F: Future> Future for Entered<F> {
 /// tokio's sleep that completes at once once its runtime has shut down.
 struct Sleep {
     inner: Pin<Box<::tokio::time::Sleep>>,
-    alive: Arc<AtomicBool>,
+    alive: Arc<Liveness>,
 }
 
 impl Future for Sleep {
@@ -160,7 +186,7 @@ fn reader_shut_down() -> io::Error {
 fn socket(
     stream: ::tokio::net::TcpStream,
     opts: SocketOptions,
-    alive: Arc<AtomicBool>,
+    alive: Arc<Liveness>,
 ) -> io::Result<TcpSocket> {
     crate::runtime::apply_socket_options(socket2::SockRef::from(&stream), &opts)?;
     let local_addr = stream.local_addr()?;
@@ -182,7 +208,7 @@ fn socket(
 struct Listener {
     listener: ::tokio::net::TcpListener,
     opts: SocketOptions,
-    alive: Arc<AtomicBool>,
+    alive: Arc<Liveness>,
 }
 
 impl AsyncListener for Listener {
@@ -204,7 +230,7 @@ impl AsyncListener for Listener {
 struct Reader {
     half: ::tokio::net::tcp::OwnedReadHalf,
     busy_poll: Duration,
-    alive: Arc<AtomicBool>,
+    alive: Arc<Liveness>,
 }
 
 impl Reader {

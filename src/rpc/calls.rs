@@ -214,11 +214,14 @@ impl<W> Calls<W> {
         }
     }
 
-    /// The reader `id` (a call's, or [`WINDOW`]) stops reading: it has its answer or
-    /// its slot, or it gave up. The role goes to a waiting call if there is one.
+    /// The caller `id` (a call's, or [`WINDOW`]) stops reading, or leaves: it has its
+    /// answer or its slot, or it gave up. If it was the reader, or nobody reads (it
+    /// may have been woken to take the role and left before taking it), the role goes
+    /// to a waiting call if there is one.
     pub(crate) fn stop_reading(&mut self, id: u64) -> Release<W> {
-        if self.reader != Some(id) {
-            return Release::NotReader;
+        match self.reader {
+            Some(r) if r != id => return Release::NotReader,
+            _ => {}
         }
         self.reader = None;
         // Wake one waiting call: it takes the role when polled.
@@ -440,10 +443,56 @@ mod tests {
     }
 
     #[test]
+    fn a_call_woken_to_read_that_leaves_before_reading_passes_the_role_on() {
+        let mut c = Calls::<u32>::new(8, true);
+        let a = sent(&mut c, 1);
+        let b = sent(&mut c, 1);
+        let d = sent(&mut c, 1);
+        assert!(matches!(c.wait(a, 10), Wait::Read));
+        assert!(matches!(c.wait(b, 20), Wait::Pending));
+        assert!(matches!(c.wait(d, 30), Wait::Pending));
+        c.on_message(reply(a, 1, Code::Ok, b""));
+        assert!(matches!(c.wait(a, 10), Wait::Done(Ok(_))));
+        let first = c.stop_reading(a);
+        let Release::HandedTo(w) = first else {
+            panic!("{first:?}")
+        };
+        // The woken call goes away without polling (its timer fired too): the role
+        // must reach the other waiting call, or nobody reads for it.
+        let gone = if w == 20 { b } else { d };
+        let (_, release) = c.abandon(gone);
+        let Release::HandedTo(next) = release else {
+            panic!("the role was lost: {release:?}")
+        };
+        assert_ne!(next, w);
+        // And the same when the woken call finds its answer there and leaves.
+        let mut c = Calls::<u32>::new(8, true);
+        let a = sent(&mut c, 1);
+        let b = sent(&mut c, 1);
+        let d = sent(&mut c, 1);
+        assert!(matches!(c.wait(a, 10), Wait::Read));
+        assert!(matches!(c.wait(b, 20), Wait::Pending));
+        assert!(matches!(c.wait(d, 30), Wait::Pending));
+        c.on_message(reply(b, 1, Code::Ok, b""));
+        c.on_message(reply(a, 1, Code::Ok, b""));
+        assert!(matches!(c.wait(a, 10), Wait::Done(Ok(_))));
+        assert_eq!(
+            c.stop_reading(a),
+            Release::HandedTo(30),
+            "b's waker went with its answer"
+        );
+        // d was woken to read; b, answered, is polled first and leaves: nobody reads
+        // until d is polled, which it will be (it was woken).
+        assert!(matches!(c.wait(b, 20), Wait::Done(Ok(_))));
+        assert_eq!(c.stop_reading(b), Release::Released);
+        assert!(matches!(c.wait(d, 30), Wait::Read));
+    }
+
+    #[test]
     fn a_late_reply_of_an_abandoned_call_reaches_nobody_and_frees_its_slot() {
         let mut c = Calls::<u32>::new(2, true);
         let a = sent(&mut c, 7);
-        assert_eq!(c.abandon(a), (false, Release::NotReader));
+        assert_eq!(c.abandon(a), (false, Release::Released));
         assert_eq!(c.take_cancels(), vec![(a, 7)]);
         // The slot is held until the answer: the window is still 1 of 2 taken.
         let b = sent(&mut c, 7);
@@ -466,8 +515,8 @@ mod tests {
         let mut c = Calls::<u32>::new(2, true);
         let a = sent(&mut c, 1);
         let b = sent(&mut c, 1);
-        assert_eq!(c.abandon(a), (false, Release::NotReader));
-        assert_eq!(c.abandon(b), (false, Release::NotReader));
+        assert_eq!(c.abandon(a), (false, Release::Released));
+        assert_eq!(c.abandon(b), (false, Release::Released));
         // Nobody is left to read the late answers but the caller that wants a slot.
         assert!(matches!(c.begin(1), Err(Begin::Read)));
         assert!(
@@ -524,7 +573,7 @@ mod tests {
         let u = c.begin(1).unwrap();
         assert_eq!(
             c.abandon(u),
-            (true, Release::NotReader),
+            (true, Release::Released),
             "unsent: freed at once"
         );
         assert!(c.take_cancels().is_empty());
@@ -532,7 +581,7 @@ mod tests {
         c.on_message(reply(d, 1, Code::Ok, b""));
         assert_eq!(
             c.abandon(d),
-            (true, Release::NotReader),
+            (true, Release::Released),
             "answered: freed at once"
         );
         assert!(c.take_cancels().is_empty());

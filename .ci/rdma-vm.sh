@@ -53,4 +53,4 @@ case "$table" in *FAILED*) echo "guest: an RDMA RPC cell failed"; rc=1 ;; esac
 exit $rc
 GUEST
 chmod +x target/rdma-run.sh
-"$vm" -t 900 -e NET_RS_RDMA_TESTS=1 -e RUST_BACKTRACE=1 "$PWD" target/rdma-run.sh
+"$vm" -t 1800 -e NET_RS_RDMA_TESTS=1 -e RUST_BACKTRACE=1 "$PWD" target/rdma-run.sh

@@ -45,7 +45,8 @@
 //! (exit code 1 if that took longer than the keepalive bound plus 1 s, or never came
 //! within 40 s); `CMD:outage:MS:HOLD` takes `eth0` down after MS milliseconds and up
 //! again HOLD milliseconds later, and once that connection ends answers one TCP
-//! connection on port + 1 with how it ended, then exits; `CMD:stop` has the process
+//! connection on port + 1 with how it ended, then exits; `CMD:flap:MS:HOLD` takes the
+//! link down and up the same way, and goes on serving; `CMD:stop` has the process
 //! stopped (SIGSTOP) for 25 s and end once it runs again.
 
 use std::io::{Read, Write};
@@ -202,10 +203,16 @@ fn serve(addr: SocketAddr) -> Res<()> {
                     std::thread::spawn(move || link_down_later(delay));
                 } else if cmd == "CMD:stop" {
                     std::thread::spawn(stop_for_a_while);
-                } else if let Some(rest) = cmd.strip_prefix("CMD:outage:") {
+                } else if let Some((outage, rest)) = cmd
+                    .strip_prefix("CMD:outage:")
+                    .map(|r| (true, r))
+                    .or_else(|| cmd.strip_prefix("CMD:flap:").map(|r| (false, r)))
+                {
                     let mut it = rest.split(':');
                     let (delay, hold) = (ms(it.next()), ms(it.next()));
-                    OUTAGE.store(true, Ordering::Relaxed);
+                    if outage {
+                        OUTAGE.store(true, Ordering::Relaxed);
+                    }
                     std::thread::spawn(move || {
                         std::thread::sleep(delay);
                         ip_link("down");
@@ -387,7 +394,7 @@ fn check(addr: SocketAddr, case: &str) -> Res<()> {
         "stale" => {
             round_trip(
                 &t,
-                Bytes::from_static(b"CMD:outage:300:8000"),
+                Bytes::from_static(b"CMD:flap:300:8000"),
                 Duration::from_secs(30),
             )?;
             close(&t)?;

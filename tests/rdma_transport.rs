@@ -307,3 +307,106 @@ fn an_impossible_chunk_is_an_error_not_a_crash() {
     });
     assert_eq!(server.join().unwrap(), 1);
 }
+
+/// How a server waits for its next connection in [`accepting_loses_no_connection`].
+#[derive(Clone, Copy, Debug)]
+enum AcceptStyle {
+    /// `accept` with a timeout of a few milliseconds, in a loop that checks a stop flag
+    /// in between (the usual shape of a server that can be stopped).
+    ShortTimeouts,
+    /// `accept` raced against a timer that wins after a few milliseconds: the accept
+    /// future is dropped (cancelled) mid-wait, again and again.
+    Cancelled,
+}
+
+/// A server whose accept gives up (a short timeout) or is cancelled (its future dropped)
+/// while connections arrive loses none of them: a connection RDMA-CM set up for the
+/// peer is returned by this or the next `accept`, never torn down behind the peer's
+/// back (which the peer saw as "RDMA-CM reported Disconnected" on its first message).
+fn accepting_loses_no_connection(port: u16, style: AcceptStyle) {
+    use futures::future::{select, Either};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let Some(ip) = device_ip() else { return };
+    let addr = SocketAddr::new(ip, port);
+    const CLIENTS: u8 = 6;
+    let listener = cm::listen(addr).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    let server = std::thread::spawn(move || {
+        futures::executor::block_on(async move {
+            let mut echoers = Vec::new();
+            let mut k = 0u64;
+            while !st.load(Ordering::SeqCst) {
+                k += 1;
+                let wait = Duration::from_millis(1 + k % 5);
+                let got = match style {
+                    AcceptStyle::ShortTimeouts => listener.accept(wait).await,
+                    AcceptStyle::Cancelled => {
+                        let accept = std::pin::pin!(listener.accept(Duration::from_millis(300)));
+                        match select(accept, rdma_env::timer(wait * 4)).await {
+                            Either::Left((r, _)) => r,
+                            Either::Right(_) => continue,
+                        }
+                    }
+                };
+                match got {
+                    Ok(t) => echoers.push(std::thread::spawn(move || {
+                        futures::executor::block_on(async move {
+                            let m = t.recv().await?;
+                            t.send(m).await?;
+                            t.close().await
+                        })
+                    })),
+                    Err(e) if e.kind() == ErrorKind::TimedOut => {}
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+            echoers.len()
+        })
+    });
+    let clients = std::panic::catch_unwind(move || {
+        rdma_env::within(120, &format!("{CLIENTS} clients ({style:?})"), move || {
+            futures::executor::block_on(async move {
+                for i in 0..CLIENTS {
+                    let t = cm::connect(addr, Duration::from_secs(10))
+                        .await
+                        .unwrap_or_else(|e| panic!("client {i} ({style:?}): connect: {e}"));
+                    let msg = pattern(1000, i);
+                    t.send(msg.clone())
+                        .await
+                        .unwrap_or_else(|e| panic!("client {i} ({style:?}): send: {e}"));
+                    let back = t
+                        .recv()
+                        .await
+                        .unwrap_or_else(|e| panic!("client {i} ({style:?}): recv: {e}"));
+                    assert!(back == msg, "client {i}: another payload came back");
+                    t.close().await.unwrap();
+                }
+            })
+        })
+    });
+    // The server's loop ends either way; a client's failure is the test's.
+    stop.store(true, Ordering::SeqCst);
+    if let Err(p) = clients {
+        std::panic::resume_unwind(p);
+    }
+    let accepted =
+        rdma_env::within(30, "the server's loop", move || server.join()).expect("server thread");
+    assert_eq!(
+        accepted,
+        usize::from(CLIENTS),
+        "connections accepted ({style:?})"
+    );
+}
+
+#[test]
+fn accepting_with_short_timeouts_loses_no_connection() {
+    accepting_loses_no_connection(18608, AcceptStyle::ShortTimeouts);
+}
+
+#[test]
+fn a_cancelled_accept_loses_no_connection() {
+    accepting_loses_no_connection(18609, AcceptStyle::Cancelled);
+}

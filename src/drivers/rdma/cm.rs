@@ -36,6 +36,10 @@ use crate::error::{Error, ErrorKind, Result};
 // re-exported here so the paths it always had keep working.
 pub use super::{connect, connect_with, listen, RdmaListener};
 
+/// How long [`CmListener::accept`] gives a taken request's handshake (the default of
+/// `RdmaConfig::handshake_timeout`).
+const ACCEPT_HANDSHAKE: Duration = Duration::from_secs(10);
+
 /// A connected RC queue pair and what it needs.
 pub struct CmConnection {
     /// The connected queue pair. Dropped first.
@@ -442,8 +446,10 @@ impl CmListener {
         Ok(CmListener { id, requests, stop })
     }
 
-    /// Accept the next connection, blocking the calling thread for at most `timeout`.
-    /// `before_accept` runs once the QP exists (INIT), e.g. to post receives.
+    /// Accept the next connection: wait at most `timeout` for a peer's request, then up
+    /// to 10 s more for that connection's handshake (giving up on it sooner would tear
+    /// down a connection its peer already sees as accepted). `before_accept` runs once
+    /// the QP exists (INIT), e.g. to post receives.
     ///
     /// # Errors
     /// `TimedOut`, or the error of setting up the QP or of `before_accept`.
@@ -454,6 +460,7 @@ impl CmListener {
     ) -> Result<CmConnection> {
         self.accept_with(
             timeout,
+            ACCEPT_HANDSHAKE,
             QpTiming::default(),
             |ctx| CqSource::new(ctx, CQ_ENTRIES),
             before_accept,
@@ -462,9 +469,18 @@ impl CmListener {
 
     /// [`accept`](CmListener::accept) with the retransmission `timing` and the CQ made
     /// by `make_cq`.
+    ///
+    /// `timeout` bounds only the wait for a request. Once one is taken, setting its
+    /// connection up (QP, memory, RDMA-CM's reply and the peer's confirmation) is
+    /// bounded by `handshake` on its own: giving up on it when the caller's `timeout`
+    /// runs out would destroy a connection the peer already sees as accepted (its
+    /// first message fails with "RDMA-CM reported Disconnected" or `Rejected`), and a
+    /// server that accepts in a loop with a short timeout (to check a stop flag) would
+    /// lose every connection whose setup took longer than that timeout.
     pub(crate) fn accept_with(
         &self,
         timeout: Duration,
+        handshake: Duration,
         timing: QpTiming,
         make_cq: impl FnOnce(&RdmaContext) -> Result<CqSource>,
         before_accept: impl FnOnce(&RdmaContext, &mut BasicQueuePair) -> Result<()>,
@@ -491,6 +507,7 @@ impl CmListener {
                 break id;
             }
         };
+        let deadline = crate::time::deadline(Instant::now(), handshake);
         let watch = Watch::attach(&id);
         let (context, source, mut qp) = make_qp(&id, make_cq)?;
         before_accept(&context, &mut qp)?;

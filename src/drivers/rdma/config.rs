@@ -66,6 +66,8 @@ pub struct RdmaConfig {
     /// net-rs protocol) before it fails with `TimedOut` (default 10 s): a peer that
     /// connected through RDMA-CM but does not speak net-rs (another tool, an old
     /// version) makes `send`, `recv` and `flush` fail then instead of waiting forever.
+    /// It also bounds the RDMA-CM handshake of a connection an `accept` has taken (the
+    /// accept's own timeout bounds only the wait for a request).
     pub handshake_timeout: Duration,
     /// How long the queue pair waits for the peer's acknowledgement of a packet before
     /// it sends it again (default 1.07 s). The device takes it as 4.096 µs × 2^n

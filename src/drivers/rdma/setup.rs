@@ -236,9 +236,9 @@ impl RdmaTransport {
         timeout: Duration,
         cfg: RdmaConfig,
     ) -> Result<Self> {
-        let timing = cfg.qp_timing();
+        let (timing, handshake) = (cfg.qp_timing(), cfg.handshake_timeout);
         Self::open(cfg, None, |make_cq, before| {
-            listener.accept_with(timeout, timing, make_cq, before)
+            listener.accept_with(timeout, handshake, timing, make_cq, before)
         })
     }
 

@@ -37,6 +37,8 @@ pub mod buffer;
 pub mod codec;
 pub mod drivers;
 pub mod error;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 mod linger;
 // `unsafe` is allowed here (disjoint slots of large regions) and in the RDMA driver only.
 #[allow(unsafe_code)]
@@ -46,6 +48,7 @@ pub mod prelude;
 pub mod reactor;
 pub mod rpc;
 pub mod runtime;
+pub mod stream;
 mod sync;
 mod time;
 pub mod transport;

@@ -6,6 +6,7 @@
 //! cargo run --release --example netperf -- --sizes 64,1048576 --duration-ms 1000
 //! cargo run --release --example netperf -- --only latency --impl netrs,raw
 //! cargo run --release --example netperf -- --only rpc              # RPC baselines
+//! cargo run --release --example netperf -- --only stream           # byte streams
 //! cargo run --release --example netperf --features rdma -- --transport rdma \
 //!     --addr <device IP>:18700 [--perftest rxe0:<gid index>]     # see rdma.rs
 //! ```
@@ -63,6 +64,9 @@ mod rpc_baselines;
 mod rpc_netrs;
 #[cfg(feature = "rdma")]
 mod rpc_rdma;
+// The byte stream's tokio traits (its futures-io ones are always there).
+#[cfg(feature = "tokio")]
+mod stream;
 
 use contender::{Contender, Sender};
 
@@ -78,6 +82,8 @@ pub struct Args {
     throughput: bool,
     /// The RPC table (`--only rpc`).
     rpc: bool,
+    /// The byte stream table (`--only stream`).
+    stream: bool,
     /// Which throughput tables: the send side, the receive side.
     send_side: bool,
     recv_side: bool,
@@ -111,7 +117,7 @@ fn contender(key: &str) -> Option<Box<dyn Contender>> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: netperf [--sizes 64,1024,...] [--duration-ms N] [--only latency|throughput|send|recv|rpc]\n\
+        "usage: netperf [--sizes 64,1024,...] [--duration-ms N] [--only latency|throughput|send|recv|rpc|stream]\n\
          \x20              [--impl netrs,netrs-lat,framed,raw] [--transport tcp|rdma]\n\
          \x20              [--addr IP:PORT] [--perftest DEVICE:GID_INDEX]   (rdma)\n\
          \x20              [--serve IP:PORT | --addr SERVER_IP:PORT --remote]  (two hosts)"
@@ -126,6 +132,7 @@ fn parse_args() -> Args {
         latency: true,
         throughput: true,
         rpc: false,
+        stream: false,
         send_side: true,
         recv_side: true,
         impls: ["netrs", "netrs-lat", "framed", "raw"]
@@ -167,6 +174,11 @@ fn parse_args() -> Args {
                     a.latency = false;
                     a.throughput = false;
                     a.rpc = true;
+                }
+                "stream" => {
+                    a.latency = false;
+                    a.throughput = false;
+                    a.stream = true;
                 }
                 _ => usage(),
             },
@@ -371,6 +383,12 @@ fn run_tcp(args: &Args) {
     }
     if args.rpc {
         rpc_baselines::run(args);
+    }
+    if args.stream {
+        #[cfg(feature = "tokio")]
+        stream::run(args);
+        #[cfg(not(feature = "tokio"))]
+        eprintln!("netperf: --only stream needs the `tokio` feature");
     }
     if !args.latency && !args.throughput {
         return;

@@ -1,0 +1,170 @@
+//! gRPC with tonic over any net-rs transport (feature `grpc`): a client connector and
+//! a server's incoming stream, both of [`ByteStream`]s.
+//!
+//! * [`GrpcConnector`] is the `tower::Service<Uri>` tonic's
+//!   `Endpoint::connect_with_connector` takes. Each connection tonic asks for is
+//!   checked out of a [`ConnectionPool`] and taken out of it for good
+//!   ([`PooledConnection::detach`](crate::pool::PooledConnection::detach): an HTTP/2
+//!   connection is never handed to another user), so the pool's connect timeout,
+//!   [`ReconnectPolicy`](crate::pool::ReconnectPolicy) and back-off apply: a refused or
+//!   rejected connect is retried by the policy until the pool's checkout timeout, and
+//!   tonic's channel asks again after a connection it had was lost. The URI tonic
+//!   passes is not used: the pool's connector knows the peer (TCP or RDMA).
+//! * [`tcp_incoming`] and `rdma_incoming` (feature `rdma`) turn a net-rs listener into
+//!   the stream `Server::serve_with_incoming` takes. [`ByteStream`] implements tonic's
+//!   `Connected` with tonic's own `TcpConnectInfo`, so `Request::remote_addr` works in
+//!   handlers on either transport.
+//!
+//! tonic runs on tokio (its channel and server spawn tokio tasks), so gRPC needs a
+//! tokio runtime; the net-rs transports under it need nothing else.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use net_rs::grpc::GrpcConnector;
+//! use net_rs::pool::{ConnectionPool, PoolConfig, ReconnectPolicy, TcpConnector};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = ConnectionPool::new(
+//!     TcpConnector::new("127.0.0.1:50051"),
+//!     PoolConfig::default()
+//!         .checkout_timeout(Duration::from_secs(10))
+//!         .reconnect(ReconnectPolicy::exponential(
+//!             Duration::from_millis(50),
+//!             Duration::from_secs(2),
+//!         )),
+//! )?;
+//! // The URI is for HTTP/2 (`:authority`); the pool's connector picks the peer.
+//! let channel = tonic::transport::Endpoint::from_static("http://greeter")
+//!     .connect_with_connector(GrpcConnector::new(pool))
+//!     .await?;
+//! // Use `channel` with a generated client: `GreeterClient::new(channel)`.
+//! # drop(channel);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::io;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use tonic::codegen::http::Uri;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::drivers::tcp::{TcpListener, TcpTransport};
+use crate::error::{Error, Result};
+use crate::pool::{ConnectionPool, Connector};
+use crate::stream::{ByteStream, StreamConfig};
+use crate::transport::{BoxFuture, Transport};
+
+/// A tonic connector over a [`ConnectionPool`]: see the [module documentation](self).
+pub struct GrpcConnector<C: Connector> {
+    pool: ConnectionPool<C>,
+    config: StreamConfig,
+}
+
+impl<C: Connector> GrpcConnector<C> {
+    /// Open tonic's connections through `pool`.
+    pub fn new(pool: ConnectionPool<C>) -> Self {
+        GrpcConnector {
+            pool,
+            config: StreamConfig::default(),
+        }
+    }
+
+    /// The settings of each connection's [`ByteStream`].
+    pub fn stream_config(mut self, config: StreamConfig) -> Self {
+        self.config = config;
+        self
+    }
+}
+
+impl<C: Connector> Clone for GrpcConnector<C> {
+    fn clone(&self) -> Self {
+        GrpcConnector {
+            pool: self.pool.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<C: Connector> std::fmt::Debug for GrpcConnector<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcConnector")
+            .field("pool", &self.pool.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Connector> tower_service::Service<Uri> for GrpcConnector<C> {
+    type Response = ByteStream<C::Transport>;
+    type Error = Error;
+    type Future = BoxFuture<'static, Result<ByteStream<C::Transport>>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// # Errors
+    /// The pool's checkout error (the last connect error once the policy gave up, or
+    /// `TimedOut`).
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let (pool, config) = (self.pool.clone(), self.config.clone());
+        Box::pin(async move {
+            let conn = pool.get().await?.detach();
+            Ok(ByteStream::with_config(Box::new(conn), config))
+        })
+    }
+}
+
+impl<T: Transport> Connected for ByteStream<T> {
+    type ConnectInfo = TcpConnectInfo;
+
+    /// The connection's addresses (an RDMA connection's are its IP addresses and
+    /// RDMA-CM ports).
+    fn connect_info(&self) -> TcpConnectInfo {
+        TcpConnectInfo {
+            local_addr: self.transport().local_addr().ok(),
+            remote_addr: self.transport().peer_addr().ok(),
+        }
+    }
+}
+
+/// The connections `listener` accepts, as byte streams, for tonic's
+/// `Server::serve_with_incoming`. An accept error is yielded (tonic logs it and goes
+/// on accepting); the stream never ends by itself.
+pub fn tcp_incoming(
+    listener: TcpListener,
+) -> impl Stream<Item = io::Result<ByteStream<TcpTransport>>> + Send + 'static {
+    futures::stream::unfold(listener, |l| async move {
+        let next = l
+            .accept()
+            .await
+            .map(ByteStream::new)
+            .map_err(io::Error::from);
+        Some((next, l))
+    })
+}
+
+/// The connections an RDMA `listener` accepts, as byte streams, for tonic's
+/// `Server::serve_with_incoming`. The accept runs on a thread of its own (RDMA-CM
+/// blocks) and waits in rounds of a second, so dropping the stream (the server
+/// stopped) ends it within a second; a connection set up meanwhile is kept by the
+/// listener for its next accept. A failed setup of one connection is yielded as an
+/// error (tonic logs it and goes on).
+#[cfg(feature = "rdma")]
+pub fn rdma_incoming(
+    listener: crate::drivers::rdma::RdmaListener,
+) -> impl Stream<Item = io::Result<ByteStream<crate::drivers::rdma::transport::RdmaTransport>>>
+       + Send
+       + 'static {
+    futures::stream::unfold(listener, |l| async move {
+        loop {
+            match l.accept(std::time::Duration::from_secs(1)).await {
+                Err(e) if e.kind() == crate::ErrorKind::TimedOut => continue,
+                next => {
+                    return Some((next.map(ByteStream::new).map_err(io::Error::from), l));
+                }
+            }
+        }
+    })
+}

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 vm=../shared/softroce/softroce-vm.sh
 [ -x "$vm" ] || { echo "rdma-vm: $vm not found (the CI checkout has ../shared beside it)" >&2; exit 1; }
 
-cargo test --features rdma,async-std --tests --no-run --message-format=json \
+cargo test --features rdma,async-std,hyper,grpc --tests --no-run --message-format=json \
   | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -21,6 +21,7 @@ for line in sys.stdin:
 ' > target/rdma-tests.txt
 [ -s target/rdma-tests.txt ] || { echo "rdma-vm: no rdma test binaries were built" >&2; exit 1; }
 cargo build --features rdma --example rdma_echo_server --example rdma_echo_client --example rdma_seed
+cargo build --features rdma,async-std,hyper,grpc --example http_echo --example grpc_greeter
 cargo build --release --features rdma --example netperf
 
 cat > target/rdma-run.sh <<'GUEST'
@@ -41,6 +42,11 @@ out=$("$ex/rdma_seed" "$SOFTROCE_IP:18515") || { echo "guest: rdma_seed failed";
 echo "guest: rdma_seed said: $out"
 [ "$out" = "got 4 bytes" ] || { echo "guest: unexpected rdma_seed output"; rc=1; }
 kill $srv 2>/dev/null
+# HTTP (hyper, under smol) and gRPC (tonic) over RDMA, as a user runs the examples.
+timeout 120 "$ex/http_echo" demo --transport rdma --addr "$SOFTROCE_IP:18900" \
+  || { echo "guest: http_echo over RDMA failed"; rc=1; }
+timeout 120 "$ex/grpc_greeter" demo --transport rdma --addr "$SOFTROCE_IP:18910" \
+  || { echo "guest: grpc_greeter over RDMA failed"; rc=1; }
 # The benchmark: net-rs over RDMA next to perftest on the same device (ratios only).
 target/release/examples/netperf --transport rdma --addr "$SOFTROCE_IP:18700" \
   --perftest "$SOFTROCE_DEV:$SOFTROCE_GID_INDEX" || { echo "guest: netperf rdma failed"; rc=1; }

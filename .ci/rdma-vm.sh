@@ -22,7 +22,7 @@ for line in sys.stdin:
 [ -s target/rdma-tests.txt ] || { echo "rdma-vm: no rdma test binaries were built" >&2; exit 1; }
 cargo build --features rdma --example rdma_echo_server --example rdma_echo_client --example rdma_seed
 cargo build --features rdma,async-std,hyper,grpc --example http_echo --example grpc_greeter
-cargo build --release --features rdma --example netperf
+cargo build --release --features rdma,grpc --example netperf
 
 cat > target/rdma-run.sh <<'GUEST'
 #!/bin/sh
@@ -56,6 +56,11 @@ table=$(target/release/examples/netperf --transport rdma --only rpc \
   --addr "$SOFTROCE_IP:18800" --duration-ms 500 2>&1) || { echo "guest: netperf rdma rpc failed"; rc=1; }
 echo "$table"
 case "$table" in *FAILED*) echo "guest: an RDMA RPC cell failed"; rc=1 ;; esac
+# gRPC (tonic) over net-rs RDMA and TCP next to tonic's own TCP and the bare echoes.
+table=$(target/release/examples/netperf --transport rdma --only grpc \
+  --addr "$SOFTROCE_IP:18950" --duration-ms 500 2>&1) || { echo "guest: netperf grpc failed"; rc=1; }
+echo "$table"
+case "$table" in *FAILED*) echo "guest: a gRPC cell failed"; rc=1 ;; esac
 exit $rc
 GUEST
 chmod +x target/rdma-run.sh

@@ -7,6 +7,7 @@
 //! cargo run --release --example netperf -- --only latency --impl netrs,raw
 //! cargo run --release --example netperf -- --only rpc              # RPC baselines
 //! cargo run --release --example netperf -- --only stream           # byte streams
+//! cargo run --release --example netperf --features grpc -- --only grpc   # gRPC (tonic)
 //! cargo run --release --example netperf --features rdma -- --transport rdma \
 //!     --addr <device IP>:18700 [--perftest rxe0:<gid index>]     # see rdma.rs
 //! ```
@@ -65,8 +66,22 @@ mod rpc_netrs;
 #[cfg(feature = "rdma")]
 mod rpc_rdma;
 // The byte stream's tokio traits (its futures-io ones are always there).
+#[cfg(feature = "grpc")]
+mod grpc;
 #[cfg(feature = "tokio")]
 mod stream;
+
+/// The gRPC table, if built with the `grpc` feature.
+fn run_grpc(args: &Args) {
+    #[cfg(feature = "grpc")]
+    grpc::run(args);
+    #[cfg(not(feature = "grpc"))]
+    {
+        let _ = args;
+        eprintln!("netperf: --only grpc needs --features grpc");
+        std::process::exit(2);
+    }
+}
 
 use contender::{Contender, Sender};
 
@@ -84,6 +99,8 @@ pub struct Args {
     rpc: bool,
     /// The byte stream table (`--only stream`).
     stream: bool,
+    /// The gRPC table (`--only grpc`).
+    grpc: bool,
     /// Which throughput tables: the send side, the receive side.
     send_side: bool,
     recv_side: bool,
@@ -117,7 +134,7 @@ fn contender(key: &str) -> Option<Box<dyn Contender>> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: netperf [--sizes 64,1024,...] [--duration-ms N] [--only latency|throughput|send|recv|rpc|stream]\n\
+        "usage: netperf [--sizes 64,1024,...] [--duration-ms N] [--only latency|throughput|send|recv|rpc|stream|grpc]\n\
          \x20              [--impl netrs,netrs-lat,framed,raw] [--transport tcp|rdma]\n\
          \x20              [--addr IP:PORT] [--perftest DEVICE:GID_INDEX]   (rdma)\n\
          \x20              [--serve IP:PORT | --addr SERVER_IP:PORT --remote]  (two hosts)"
@@ -133,6 +150,7 @@ fn parse_args() -> Args {
         throughput: true,
         rpc: false,
         stream: false,
+        grpc: false,
         send_side: true,
         recv_side: true,
         impls: ["netrs", "netrs-lat", "framed", "raw"]
@@ -180,6 +198,11 @@ fn parse_args() -> Args {
                     a.throughput = false;
                     a.stream = true;
                 }
+                "grpc" => {
+                    a.latency = false;
+                    a.throughput = false;
+                    a.grpc = true;
+                }
                 _ => usage(),
             },
             "--impl" => {
@@ -210,11 +233,14 @@ fn parse_args() -> Args {
     if a.rpc && !sizes_given {
         a.sizes = vec![64, 4 << 10];
     }
-    if a.rpc && (a.remote || a.serve) {
-        eprintln!("--only rpc runs on one host (loopback TCP, or one RDMA device): no --remote or --serve");
+    if a.grpc && !sizes_given {
+        a.sizes = vec![64, 8 << 10];
+    }
+    if (a.rpc || a.grpc || a.stream) && (a.remote || a.serve) {
+        eprintln!("--only rpc, grpc and stream run on one host (loopback TCP, or one RDMA device): no --remote or --serve");
         std::process::exit(2);
     }
-    if a.transport == "rdma" && !sizes_given && !a.rpc {
+    if a.transport == "rdma" && !sizes_given && !a.rpc && !a.grpc {
         a.sizes = vec![64, 4 << 10, 64 << 10];
     }
     if a.sizes.iter().any(|&s| s == 0 || s > MAX) {
@@ -231,7 +257,10 @@ fn main() {
         "tcp" => run_tcp(&args),
         "rdma" => {
             #[cfg(feature = "rdma")]
-            if let Err(e) = if args.rpc {
+            if let Err(e) = if args.grpc {
+                run_grpc(&args);
+                Ok(())
+            } else if args.rpc {
                 rpc_rdma::run(&args)
             } else {
                 rdma::run(&args)
@@ -389,6 +418,9 @@ fn run_tcp(args: &Args) {
         stream::run(args);
         #[cfg(not(feature = "tokio"))]
         eprintln!("netperf: --only stream needs the `tokio` feature");
+    }
+    if args.grpc {
+        run_grpc(args);
     }
     if !args.latency && !args.throughput {
         return;

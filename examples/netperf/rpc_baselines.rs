@@ -83,6 +83,9 @@ pub struct RpcResult {
     pub p50_us: f64,
     pub p99_us: f64,
     pub calls: u64,
+    /// Every call made, warm-up included (for CPU time per call).
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
+    pub all_calls: u64,
 }
 
 /// A cell: (size, in flight, duration) to its result.
@@ -336,11 +339,13 @@ where
         let msg = msg.clone();
         tasks.spawn(async move {
             let mut lat = Vec::new();
+            let mut made = 0u64;
             loop {
                 let t0 = Instant::now();
                 if t0 >= end {
-                    return Ok::<_, String>(lat);
+                    return Ok::<_, String>((lat, made));
                 }
+                made += 1;
                 let reply = match tokio::time::timeout(CALL_TIMEOUT, call(msg.clone())).await {
                     Ok(r) => r?,
                     Err(_) => return Err(format!("a call took more than {CALL_TIMEOUT:?}")),
@@ -360,9 +365,13 @@ where
         });
     }
     let mut all = Vec::new();
+    let mut all_calls = 0;
     while let Some(r) = tasks.join_next().await {
         match r {
-            Ok(Ok(lat)) => all.extend(lat),
+            Ok(Ok((lat, made))) => {
+                all.extend(lat);
+                all_calls += made;
+            }
             Ok(Err(e)) => return Err(e),
             Err(e) => return Err(format!("a calling task failed: {e}")),
         }
@@ -378,11 +387,12 @@ where
         p50_us: lat.median_us,
         p99_us: lat.p99_us,
         calls,
+        all_calls,
     })
 }
 
 /// tonic: the codec, the hand-written service, the server and the client.
-mod tonic_echo {
+pub mod tonic_echo {
     use std::convert::Infallible;
     use std::future::{ready, Ready};
     use std::net::SocketAddr;
@@ -495,12 +505,30 @@ mod tonic_echo {
     /// `stop`.
     pub async fn serve(l: tokio::net::TcpListener, mut stop: Stop) -> Result<(), String> {
         let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+        serve_incoming(incoming, async move { stop.wait().await }).await
+    }
+
+    /// Serves the echo service on the connections of `incoming` until `stop`.
+    pub async fn serve_incoming<I, IO, IE>(
+        incoming: I,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), String>
+    where
+        I: futures::Stream<Item = Result<IO, IE>>,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         Server::builder()
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONN_WINDOW)
             .max_concurrent_streams(H2_MAX_STREAMS)
             .add_service(EchoServer)
-            .serve_with_incoming_shutdown(incoming, async move { stop.wait().await })
+            .serve_with_incoming_shutdown(incoming, stop)
             .await
             .map_err(|e| format!("tonic server: {e}"))
     }
@@ -510,15 +538,27 @@ mod tonic_echo {
     pub async fn connect(
         addr: SocketAddr,
     ) -> Result<impl Fn(Bytes) -> BoxFuture<Bytes, String> + Clone + Send + 'static, String> {
-        let channel: Channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
+        let channel: Channel = endpoint(&format!("http://{addr}"))?
             .tcp_nodelay(true)
-            .initial_stream_window_size(H2_STREAM_WINDOW)
-            .initial_connection_window_size(H2_CONN_WINDOW)
             .connect()
             .await
             .map_err(|e| format!("tonic connect: {e}"))?;
-        Ok(move |msg: Bytes| -> BoxFuture<Bytes, String> {
+        Ok(caller(channel))
+    }
+
+    /// The client's endpoint, with the table's HTTP/2 windows.
+    pub fn endpoint(uri: &str) -> Result<Endpoint, String> {
+        Ok(Endpoint::from_shared(uri.to_string())
+            .map_err(|e| e.to_string())?
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONN_WINDOW))
+    }
+
+    /// The call on `channel`: one unary echo request on a clone of it.
+    pub fn caller(
+        channel: Channel,
+    ) -> impl Fn(Bytes) -> BoxFuture<Bytes, String> + Clone + Send + 'static {
+        move |msg: Bytes| -> BoxFuture<Bytes, String> {
             let mut grpc = tonic::client::Grpc::new(channel.clone())
                 .max_decoding_message_size(MAX)
                 .max_encoding_message_size(MAX);
@@ -533,7 +573,7 @@ mod tonic_echo {
                     .map_err(|s| format!("tonic call: {s}"))?;
                 Ok(reply.into_inner())
             })
-        })
+        }
     }
 }
 

@@ -22,22 +22,29 @@
 //! `std::io::BufWriter`. `flush` returning `Ok` means every byte written so far was
 //! accepted by the transport's [`send`](Transport::send), and the transport then
 //! delivers it or reports an error (see there); `shutdown` (`poll_close` in
-//! futures-io) flushes first. Dropping the stream with unflushed bytes hands them to
-//! `send` if the transport has room for them at once (as `BufWriter`'s drop does),
-//! else they are lost: flush or shut down to know.
+//! futures-io) flushes first. [`ByteStream::buffered`] counts the written bytes `send`
+//! has not accepted yet. Dropping the stream with such bytes hands them to `send` if
+//! the transport has room for them at once (as `BufWriter`'s drop does), else they
+//! are lost (at most `buffered()` bytes, the last ones written): flush or shut down to
+//! know.
 //!
 //! # Ends and errors
 //! * `shutdown` (futures-io's `poll_close`, tokio's `poll_shutdown`) sends what is
 //!   buffered and then [`Transport::shutdown`]: the peer reads the end of the stream
 //!   and may still write back, which this side still reads. Writes after it fail with
-//!   `BrokenPipe`.
+//!   `BrokenPipe`; `flush` and `shutdown` again return `Ok` (nothing is left to send).
+//! * A message of 0 bytes carries no bytes: reads go on to the next message (only the
+//!   end of the stream reads as 0).
 //! * Reads after the peer's shutdown (the transport's `recv` failing with
 //!   [`Closed`](ErrorKind::Closed)) return 0 bytes, every time.
 //! * Any other transport error becomes the matching [`std::io::Error`] (its kind from
 //!   [`ErrorKind::io_kind`], the net-rs [`Error`] inside, see [`Error::from_io`]). An
 //!   error of the receiving side is returned by every later read, one of the sending
 //!   side by every later write, flush and shutdown: a broken stream does not turn into
-//!   a clean end.
+//!   a clean end. A peer that drops its transport without a shutdown ends it as the
+//!   transport does: its last messages are still delivered (within its `linger`), then
+//!   this side reads the end; writes meanwhile succeed as long as the connection
+//!   takes them.
 //!
 //! # Cancellation
 //! The operation in progress (a `recv`, a `send` of a full buffer, a `flush`) lives in
@@ -101,7 +108,7 @@ impl Default for StreamConfig {
 }
 
 impl StreamConfig {
-    /// Set [`write_chunk`](StreamConfig::write_chunk) (at least 1 byte).
+    /// Set [`write_chunk`](StreamConfig::write_chunk) in bytes (0 is taken as 1).
     pub fn write_chunk(mut self, bytes: usize) -> Self {
         self.write_chunk = bytes.max(1);
         self
@@ -161,6 +168,8 @@ pub struct ByteStream<T: Transport> {
     next_buf: usize,
     /// A full buffer's `send`, still waiting for room in the transport.
     send: Option<BoxFuture<'static, Result<()>>>,
+    /// The bytes of the message `send` holds (0 without one).
+    sending: usize,
     flush: Option<BoxFuture<'static, Result<()>>>,
     shutdown: Option<BoxFuture<'static, Result<()>>>,
     write: WriteState,
@@ -189,6 +198,7 @@ impl<T: Transport> ByteStream<T> {
             buf: None,
             next_buf: MIN_WRITE_BUF,
             send: None,
+            sending: 0,
             flush: None,
             shutdown: None,
             write: WriteState::Open,
@@ -200,9 +210,12 @@ impl<T: Transport> ByteStream<T> {
         &self.transport
     }
 
-    /// Bytes written and not yet handed to the transport's `send`.
+    /// Bytes written that the transport's `send` has not accepted yet: those in the
+    /// buffer being filled and those of a full buffer whose `send` waits for room.
+    /// These are what a drop may lose (see the module documentation); 0 after a
+    /// successful `flush`.
     pub fn buffered(&self) -> usize {
-        self.buf.as_ref().map_or(0, |b| b.len())
+        self.buf.as_ref().map_or(0, |b| b.len()) + self.sending
     }
 
     /// The next received bytes, in place: the rest of the current message, or the
@@ -276,6 +289,8 @@ impl<T: Transport> ByteStream<T> {
     fn fail_write(&mut self, e: Error) -> io::Error {
         self.write = WriteState::Failed(e.clone());
         self.buf = None;
+        self.send = None;
+        self.sending = 0;
         self.flush = None;
         self.shutdown = None;
         e.into()
@@ -286,6 +301,7 @@ impl<T: Transport> ByteStream<T> {
         if let Some(send) = self.send.as_mut() {
             let res = ready!(send.as_mut().poll(cx));
             self.send = None;
+            self.sending = 0;
             if let Err(e) = res {
                 return Poll::Ready(Err(self.fail_write(e)));
             }
@@ -299,6 +315,7 @@ impl<T: Transport> ByteStream<T> {
             // A `flush` begun before this message (and left by a cancelled caller)
             // would not cover it: the next flush starts a new one.
             self.flush = None;
+            self.sending = buf.len();
             let (t, msg) = (self.transport.clone(), buf.freeze());
             self.send = Some(Box::pin(async move { t.send(msg).await }));
         }
@@ -381,8 +398,11 @@ impl<T: Transport> ByteStream<T> {
 
     /// Send what is buffered, then the transport's `flush`.
     fn poll_flush_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(e) = self.write_error() {
-            return Poll::Ready(Err(e));
+        match &self.write {
+            // Nothing can be buffered after a shutdown, which flushed.
+            WriteState::ShutDown => return Poll::Ready(Ok(())),
+            WriteState::Failed(e) => return Poll::Ready(Err(e.clone().into())),
+            WriteState::Open => {}
         }
         ready!(self.poll_send_buffered(cx))?;
         self.next_buf = MIN_WRITE_BUF;

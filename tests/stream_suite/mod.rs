@@ -195,6 +195,9 @@ pub async fn half_close_both_ways(rt: Arc<dyn Runtime>) {
     deadline(&rt, a.close()).await.unwrap();
     let e = a.write_all(b"more").await.unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
+    // Nothing is left to send: flush and shutdown again are fine.
+    deadline(&rt, a.flush()).await.unwrap();
+    deadline(&rt, a.close()).await.unwrap();
     let mut q = Vec::new();
     deadline(&rt, b.read_to_end(&mut q)).await.unwrap();
     assert_eq!(q, b"question");
@@ -325,6 +328,42 @@ pub async fn a_dropped_stream_delivers_what_it_buffered(rt: Arc<dyn Runtime>) {
     assert_eq!(
         &deadline(&rt, s.recv()).await.unwrap()[..],
         b"written, never flushed"
+    );
+}
+
+/// A stream dropped while the transport has no room (its peer does not read, a write
+/// waits and is given up on) may lose only what `buffered()` reported: the peer gets
+/// every earlier byte, in order.
+pub async fn a_drop_loses_at_most_what_buffered_reports(rt: Arc<dyn Runtime>) {
+    let (c, s) = pair_with(&rt, config(&rt).send_buffer(100_000)).await;
+    let data = pattern(20 << 20, 9);
+    let mut w = ByteStream::new(c);
+    let mut written = 0;
+    loop {
+        let write = std::pin::pin!(w.write(&data[written..]));
+        match select(write, rt.sleep(Duration::from_millis(100))).await {
+            Either::Left((r, _)) => written += r.unwrap(),
+            Either::Right(_) => break,
+        }
+        assert!(written < data.len(), "the peer's socket took 20 MiB unread");
+    }
+    let buffered = w.buffered();
+    assert!(
+        buffered > 0,
+        "a write waits for room: some bytes are not yet accepted"
+    );
+    drop(w);
+    let mut r = ByteStream::new(s);
+    let mut got = Vec::new();
+    deadline(&rt, r.read_to_end(&mut got)).await.unwrap();
+    assert!(
+        got[..] == data[..got.len()],
+        "the bytes that came are not a prefix"
+    );
+    assert!(
+        written - got.len() <= buffered,
+        "{} written bytes lost, buffered() said {buffered}",
+        written - got.len()
     );
 }
 
@@ -481,6 +520,7 @@ macro_rules! stream_suite {
             half_close_both_ways cancelled_reads_lose_nothing
             cancelled_writes_and_flushes_lose_nothing
             a_dropped_stream_delivers_what_it_buffered
+            a_drop_loses_at_most_what_buffered_reports
             a_peer_that_dies_mid_stream_is_an_error writes_to_a_vanished_peer_fail
             chunks_come_as_received_bytes ping_pong_rounds_of_random_sizes);
     };

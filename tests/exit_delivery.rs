@@ -6,6 +6,7 @@
 //! exit kills), or `std::process::exit` with the transport still alive. A plain `std`
 //! server counts the bytes until EOF and must get every one, every run, under every
 //! runtime and for sizes from 4 bytes to 8 MiB (far more than the socket buffer takes).
+//! The same for bytes written through a `ByteStream` and flushed.
 #![cfg(feature = "tokio")]
 
 use std::io::Read;
@@ -26,6 +27,10 @@ enum End {
     Return,
     /// `std::process::exit(0)` right after `send`, the transport still alive.
     Exit,
+    /// The bytes written through a `ByteStream` and flushed, then `main` returns.
+    StreamReturn,
+    /// The same, then `std::process::exit(0)`, the stream still alive.
+    StreamExit,
 }
 
 fn payload(size: usize) -> Bytes {
@@ -40,6 +45,16 @@ async fn seed(addr: SocketAddr, size: usize, end: End) {
     let transport = TcpTransport::connect_with(addr, &TcpConfig::default())
         .await
         .expect("connect");
+    if let End::StreamReturn | End::StreamExit = end {
+        use futures::AsyncWriteExt;
+        let mut stream = net_rs::stream::ByteStream::new(transport);
+        stream.write_all(&payload(size)).await.expect("write");
+        stream.flush().await.expect("flush");
+        if let End::StreamExit = end {
+            std::process::exit(0);
+        }
+        return;
+    }
     transport.send(payload(size)).await.expect("send");
     if let End::Exit = end {
         std::process::exit(0);
@@ -58,6 +73,8 @@ fn child() {
     let size: usize = it.next().unwrap().parse().unwrap();
     let end = match it.next().unwrap() {
         "return" => End::Return,
+        "stream-return" => End::StreamReturn,
+        "stream-exit" => End::StreamExit,
         _ => End::Exit,
     };
     match runtime.as_str() {
@@ -86,15 +103,17 @@ fn child() {
 /// socket closed with unread input answers with a reset, which would lose what is
 /// still in flight).
 fn run_once(runtime: &str, size: usize, end: End) -> usize {
-    run_with(runtime, size, end, false)
+    run_with(runtime, size, end, false).len()
 }
 
-fn run_with(runtime: &str, size: usize, end: End, speak: bool) -> usize {
+fn run_with(runtime: &str, size: usize, end: End, speak: bool) -> Vec<u8> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let end_word = match end {
         End::Return => "return",
         End::Exit => "exit",
+        End::StreamReturn => "stream-return",
+        End::StreamExit => "stream-exit",
     };
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child", "--test-threads=1", "--quiet"])
@@ -125,18 +144,32 @@ fn run_with(runtime: &str, size: usize, end: End, speak: bool) -> usize {
     }
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let mut got = 0usize;
+    let mut got = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
         match sock.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) => panic!("{runtime}, {size} B: read after {got} bytes: {e}"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("{runtime}, {size} B: read after {} bytes: {e}", got.len()),
         }
     }
     let status = child.wait().unwrap();
     assert!(status.success(), "{runtime}: the child failed: {status}");
     got
+}
+
+/// The payloads of the length-prefixed frames in `raw`, joined (a cut frame ends it).
+fn unframe(raw: &[u8]) -> Vec<u8> {
+    let (mut out, mut at) = (Vec::new(), 0);
+    while at + 4 <= raw.len() {
+        let n = u32::from_be_bytes(raw[at..at + 4].try_into().unwrap()) as usize;
+        if at + 4 + n > raw.len() {
+            break;
+        }
+        out.extend_from_slice(&raw[at + 4..at + 4 + n]);
+        at += 4 + n;
+    }
+    out
 }
 
 fn runtimes() -> Vec<&'static str> {
@@ -188,13 +221,40 @@ fn delivered_even_with_input_left_unread() {
     for end in [End::Return, End::Exit] {
         for runtime in runtimes() {
             for size in [1usize << 20, 8 << 20] {
-                let got = run_with(runtime, size, end, true);
+                let got = run_with(runtime, size, end, true).len();
                 assert_eq!(
                     got,
                     4 + size,
                     "{runtime}, {size} B, {end:?}, peer spoke first: the server got {got} of {}",
                     4 + size
                 );
+            }
+        }
+    }
+}
+
+/// Bytes written through a `ByteStream` and flushed reach the peer, whole and in
+/// order, when `main` returns or the process exits right after the flush.
+#[test]
+fn bytes_flushed_right_before_the_program_ends_are_delivered() {
+    if std::env::var(CHILD).is_ok() {
+        return;
+    }
+    for end in [End::StreamReturn, End::StreamExit] {
+        for runtime in runtimes() {
+            for size in [4usize, 100_000, 8 << 20] {
+                for round in 0..2 {
+                    let got = unframe(&run_with(runtime, size, end, false));
+                    assert_eq!(
+                        got.len(),
+                        size,
+                        "{runtime}, {size} B through a ByteStream, {end:?}, round {round}"
+                    );
+                    assert!(
+                        got[..] == payload(size)[..],
+                        "{runtime}, {size} B: bytes differ"
+                    );
+                }
             }
         }
     }

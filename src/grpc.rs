@@ -13,7 +13,8 @@
 //! * [`tcp_incoming`] and `rdma_incoming` (feature `rdma`) turn a net-rs listener into
 //!   the stream `Server::serve_with_incoming` takes. [`ByteStream`] implements tonic's
 //!   `Connected` with tonic's own `TcpConnectInfo`, so `Request::remote_addr` works in
-//!   handlers on either transport.
+//!   handlers over TCP; over RDMA it is `None` (sideway 0.4.3 exposes no address of an
+//!   RDMA-CM connection, see `RdmaTransport::peer_addr`).
 //!
 //! tonic runs on tokio (its channel and server spawn tokio tasks), so gRPC needs a
 //! tokio runtime; the net-rs transports under it need nothing else.
@@ -119,8 +120,8 @@ impl<C: Connector> tower_service::Service<Uri> for GrpcConnector<C> {
 impl<T: Transport> Connected for ByteStream<T> {
     type ConnectInfo = TcpConnectInfo;
 
-    /// The connection's addresses (an RDMA connection's are its IP addresses and
-    /// RDMA-CM ports).
+    /// The connection's addresses, as far as the transport knows them (an RDMA
+    /// connection knows none on the accepting side: `None`).
     fn connect_info(&self) -> TcpConnectInfo {
         TcpConnectInfo {
             local_addr: self.transport().local_addr().ok(),

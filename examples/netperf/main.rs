@@ -240,7 +240,7 @@ fn parse_args() -> Args {
         eprintln!("--only rpc, grpc and stream run on one host (loopback TCP, or one RDMA device): no --remote or --serve");
         std::process::exit(2);
     }
-    if a.transport == "rdma" && !sizes_given && !a.rpc && !a.grpc {
+    if a.transport == "rdma" && !sizes_given && !a.rpc && !a.grpc && !a.stream {
         a.sizes = vec![64, 4 << 10, 64 << 10];
     }
     if a.sizes.iter().any(|&s| s == 0 || s > MAX) {
@@ -259,6 +259,9 @@ fn main() {
             #[cfg(feature = "rdma")]
             if let Err(e) = if args.grpc {
                 run_grpc(&args);
+                Ok(())
+            } else if args.stream {
+                stream::run(&args);
                 Ok(())
             } else if args.rpc {
                 rpc_rdma::run(&args)

@@ -263,7 +263,13 @@ fn ping_pong<K: Kind>(kind: K, size: usize, duration: Duration) -> Vec<Duration>
 fn bulk_row<K: Kind>(kind: K, piece: usize, d: Duration, base: Option<f64>) -> f64 {
     let r = bulk(kind, piece, d);
     let ratio = base.map_or("1.00x".to_string(), |b| format!("{:.2}x", r / b));
-    println!("{:>8} | {:>24} | {:>9.0} | {:>8}", fmt_size(piece), kind.name(), r, ratio);
+    println!(
+        "{:>8} | {:>24} | {:>9.0} | {:>8}",
+        fmt_size(piece),
+        kind.name(),
+        r,
+        ratio
+    );
     r
 }
 
@@ -300,13 +306,20 @@ pub fn run(args: &Args) {
     println!(
         "\nbyte streams: net-rs ByteStream over TCP (rows by write_chunk){} next to tokio's \
          TcpStream, and TLS (tokio-rustls, TLS 1.3) over each, {} ms per cell",
-        if args.transport == "rdma" { " and RDMA" } else { "" },
+        if args.transport == "rdma" {
+            " and RDMA"
+        } else {
+            ""
+        },
         d.as_millis()
     );
     // (what, plain, with TLS) for the summary.
     let mut tls: Vec<(String, f64, f64)> = Vec::new();
     println!("\nbulk, one way (write_all of `piece` bytes, reads of 64 KiB)");
-    println!("{:>8} | {:>24} | {:>9} | {:>8}", "piece", "stream", "MB/s", "ratio");
+    println!(
+        "{:>8} | {:>24} | {:>9} | {:>8}",
+        "piece", "stream", "MB/s", "ratio"
+    );
     let net = NetRs { chunk: 64 << 10 };
     for piece in [8 << 10, 1 << 20] {
         let base = bulk_row(Tokio, piece, d, None);
@@ -318,14 +331,26 @@ pub fn run(args: &Args) {
             }
         }
         let t = bulk_row(Tls(Tokio), piece, d, Some(base));
-        tls.push((format!("bulk {} pieces, tokio TcpStream", fmt_size(piece)), base, t));
+        tls.push((
+            format!("bulk {} pieces, tokio TcpStream", fmt_size(piece)),
+            base,
+            t,
+        ));
         let t = bulk_row(Tls(net), piece, d, Some(base));
-        tls.push((format!("bulk {} pieces, net-rs TCP", fmt_size(piece)), plain, t));
+        tls.push((
+            format!("bulk {} pieces, net-rs TCP", fmt_size(piece)),
+            plain,
+            t,
+        ));
         #[cfg(feature = "rdma")]
         if let Some(r) = rdma {
             let plain = bulk_row(r, piece, d, Some(base));
             let t = bulk_row(Tls(r), piece, d, Some(base));
-            tls.push((format!("bulk {} pieces, net-rs RDMA", fmt_size(piece)), plain, t));
+            tls.push((
+                format!("bulk {} pieces, net-rs RDMA", fmt_size(piece)),
+                plain,
+                t,
+            ));
         }
     }
     println!("\nping-pong (write + flush, read_exact), round trip in µs");
@@ -337,14 +362,26 @@ pub fn run(args: &Args) {
         let base = ping_row(Tokio, size, d, None);
         let plain = ping_row(net, size, d, Some(base));
         let t = ping_row(Tls(Tokio), size, d, Some(base));
-        tls.push((format!("ping-pong {}, tokio TcpStream", fmt_size(size)), base, t));
+        tls.push((
+            format!("ping-pong {}, tokio TcpStream", fmt_size(size)),
+            base,
+            t,
+        ));
         let t = ping_row(Tls(net), size, d, Some(base));
-        tls.push((format!("ping-pong {}, net-rs TCP", fmt_size(size)), plain, t));
+        tls.push((
+            format!("ping-pong {}, net-rs TCP", fmt_size(size)),
+            plain,
+            t,
+        ));
         #[cfg(feature = "rdma")]
         if let Some(r) = rdma {
             let plain = ping_row(r, size, d, Some(base));
             let t = ping_row(Tls(r), size, d, Some(base));
-            tls.push((format!("ping-pong {}, net-rs RDMA", fmt_size(size)), plain, t));
+            tls.push((
+                format!("ping-pong {}, net-rs RDMA", fmt_size(size)),
+                plain,
+                t,
+            ));
         }
     }
     println!("\nwhat TLS costs (TLS over a stream against the same stream without it, this run):");

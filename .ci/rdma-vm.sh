@@ -61,6 +61,9 @@ table=$(target/release/examples/netperf --transport rdma --only grpc \
   --addr "$SOFTROCE_IP:18950" --duration-ms 500 2>&1) || { echo "guest: netperf grpc failed"; rc=1; }
 echo "$table"
 case "$table" in *FAILED*) echo "guest: a gRPC cell failed"; rc=1 ;; esac
+# Byte streams and TLS over net-rs RDMA next to TCP (a panic fails the run).
+target/release/examples/netperf --transport rdma --only stream \
+  --addr "$SOFTROCE_IP:19300" --duration-ms 300 || { echo "guest: netperf stream failed"; rc=1; }
 exit $rc
 GUEST
 chmod +x target/rdma-run.sh

@@ -7,54 +7,21 @@
 #![cfg(feature = "grpc")]
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
 use net_rs::grpc::GrpcConnector;
 use net_rs::pool::{ConnectionPool, PoolConfig, ReconnectPolicy, TcpConnector};
 use tonic::transport::{Channel, Endpoint, Server};
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::Code;
 
-#[allow(clippy::all, missing_docs, unreachable_pub, dead_code)]
-mod helloworld {
-    include!("../examples/grpc_greeter/helloworld.rs");
-}
+mod stream_env;
 
-use helloworld::greeter_client::GreeterClient;
-use helloworld::greeter_server::{Greeter, GreeterServer};
-use helloworld::{HelloReply, HelloRequest};
-
-struct MyGreeter;
-
-#[tonic::async_trait]
-impl Greeter for MyGreeter {
-    async fn say_hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
-        let from = req
-            .remote_addr()
-            .expect("the connection's address, from ByteStream");
-        assert!(from.ip().is_loopback(), "{from}");
-        Ok(Response::new(HelloReply {
-            message: format!("Hello {}", req.into_inner().name),
-        }))
-    }
-
-    type ChatStream = Pin<Box<dyn Stream<Item = Result<HelloReply, Status>> + Send>>;
-
-    async fn chat(
-        &self,
-        req: Request<Streaming<HelloRequest>>,
-    ) -> Result<Response<Self::ChatStream>, Status> {
-        let replies = req.into_inner().map(|r| {
-            r.map(|h| HelloReply {
-                message: format!("Hello {}", h.name),
-            })
-        });
-        Ok(Response::new(Box::pin(replies)))
-    }
-}
+use stream_env::helloworld::greeter_client::GreeterClient;
+use stream_env::helloworld::greeter_server::GreeterServer;
+use stream_env::helloworld::HelloRequest;
+use stream_env::MyGreeter;
 
 async fn bounded<T>(secs: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
     match tokio::time::timeout(Duration::from_secs(secs), f).await {
@@ -87,7 +54,9 @@ fn start_server(addr: SocketAddr) -> (tokio::runtime::Runtime, SocketAddr) {
     let bound = l.local_addr().unwrap();
     rt.spawn(async move {
         Server::builder()
-            .add_service(GreeterServer::new(MyGreeter))
+            .add_service(GreeterServer::new(MyGreeter {
+                loopback_peer: true,
+            }))
             .serve_with_incoming(net_rs::grpc::tcp_incoming(l))
             .await
             .unwrap();

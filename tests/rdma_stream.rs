@@ -22,13 +22,11 @@ use rdma_env::{device_ip, within};
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
 use http_body_util::{BodyExt, Full};
 use net_rs::drivers::rdma::{self, RdmaListener};
 use net_rs::grpc::GrpcConnector;
@@ -36,13 +34,11 @@ use net_rs::pool::{ConnectionPool, PoolConfig, RdmaConnector, ReconnectPolicy};
 use net_rs::runtime::Runtime;
 use net_rs::stream::{ByteStream, HyperExecutor};
 
-#[allow(clippy::all, missing_docs, unreachable_pub, dead_code)]
-mod helloworld {
-    include!("../examples/grpc_greeter/helloworld.rs");
-}
-use helloworld::greeter_client::GreeterClient;
-use helloworld::greeter_server::{Greeter, GreeterServer};
-use helloworld::{HelloReply, HelloRequest};
+mod stream_env;
+use stream_env::helloworld::greeter_client::GreeterClient;
+use stream_env::helloworld::greeter_server::GreeterServer;
+use stream_env::helloworld::HelloRequest;
+use stream_env::MyGreeter;
 
 fn listen_on(addr: SocketAddr) -> RdmaListener {
     let start = Instant::now();
@@ -227,28 +223,11 @@ fn hyper_http1_and_http2_over_rdma_under_smol() {
 #[test]
 fn rustls_over_rdma() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-    use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
+    use tokio_rustls::rustls::pki_types::ServerName;
     let Some(ip) = device_ip() else { return };
     let addr = SocketAddr::new(ip, 19203);
     within(180, "TLS over RDMA", move || {
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        let cert = ck.cert.der().clone();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let server_cfg = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        let mut roots = RootCertStore::empty();
-        roots.add(cert).unwrap();
-        let client_cfg = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let (server_cfg, client_cfg) = stream_env::tls_configs();
         let listener = listen_on(addr);
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -258,7 +237,7 @@ fn rustls_over_rdma() {
             .block_on(async move {
                 let server = tokio::spawn(async move {
                     let t = listener.accept(Duration::from_secs(30)).await.unwrap();
-                    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
+                    let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
                     let mut tls = acceptor.accept(ByteStream::new(t)).await.unwrap();
                     let mut got = Vec::new();
                     tls.read_to_end(&mut got).await.unwrap();
@@ -267,7 +246,7 @@ fn rustls_over_rdma() {
                     got.len()
                 });
                 let t = rdma::connect(addr, Duration::from_secs(20)).await.unwrap();
-                let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+                let connector = tokio_rustls::TlsConnector::from(client_cfg);
                 let name = ServerName::try_from("localhost").unwrap();
                 let mut tls = connector.connect(name, ByteStream::new(t)).await.unwrap();
                 let data = pattern(3 << 20, 1);
@@ -281,34 +260,6 @@ fn rustls_over_rdma() {
     });
 }
 
-struct MyGreeter;
-
-#[tonic::async_trait]
-impl Greeter for MyGreeter {
-    async fn say_hello(
-        &self,
-        req: tonic::Request<HelloRequest>,
-    ) -> Result<tonic::Response<HelloReply>, tonic::Status> {
-        Ok(tonic::Response::new(HelloReply {
-            message: format!("Hello {}", req.into_inner().name),
-        }))
-    }
-
-    type ChatStream = Pin<Box<dyn Stream<Item = Result<HelloReply, tonic::Status>> + Send>>;
-
-    async fn chat(
-        &self,
-        req: tonic::Request<tonic::Streaming<HelloRequest>>,
-    ) -> Result<tonic::Response<Self::ChatStream>, tonic::Status> {
-        let replies = req.into_inner().map(|r| {
-            r.map(|h| HelloReply {
-                message: format!("Hello {}", h.name),
-            })
-        });
-        Ok(tonic::Response::new(Box::pin(replies)))
-    }
-}
-
 /// A gRPC server on a runtime of its own (dropping it kills the server and its
 /// connections).
 fn grpc_server(addr: SocketAddr) -> tokio::runtime::Runtime {
@@ -320,7 +271,9 @@ fn grpc_server(addr: SocketAddr) -> tokio::runtime::Runtime {
     let l = listen_on(addr);
     rt.spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(GreeterServer::new(MyGreeter))
+            .add_service(GreeterServer::new(MyGreeter {
+                loopback_peer: false,
+            }))
             .serve_with_incoming(net_rs::grpc::rdma_incoming(l))
             .await
             .unwrap();

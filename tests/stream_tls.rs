@@ -6,37 +6,15 @@
 #![cfg(all(feature = "tokio", feature = "async-std"))]
 
 mod common;
+mod stream_env;
 
 use std::sync::Arc;
 
 use net_rs::drivers::tcp::{TcpConfig, TcpListener, TcpTransport};
 use net_rs::runtime::Runtime;
 use net_rs::stream::ByteStream;
-use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
-
-/// A server and a client configuration sharing a fresh self-signed certificate for
-/// `localhost`.
-fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert = ck.cert.der().clone();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key)
-        .unwrap();
-    let mut roots = RootCertStore::empty();
-    roots.add(cert).unwrap();
-    let client = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    (Arc::new(server), Arc::new(client))
-}
+use stream_env::tls_configs as configs;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 fn payload(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 + 3) as u8).collect()

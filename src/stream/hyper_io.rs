@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::ready;
 use hyper::rt::{Read, ReadBufCursor, Write};
 
 use super::ByteStream;
@@ -21,15 +20,10 @@ impl<T: Transport> Read for ByteStream<T> {
         cx: &mut Context<'_>,
         mut out: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if out.remaining() == 0 {
-            return Poll::Ready(Ok(()));
-        }
-        let got = ready!(this.poll_fill(cx))?;
-        let n = got.len().min(out.remaining());
-        out.put_slice(&got[..n]);
-        this.consume(n);
-        Poll::Ready(Ok(()))
+        let room = out.remaining();
+        self.get_mut()
+            .poll_read_into(cx, room, |got| out.put_slice(got))
+            .map_ok(|_| ())
     }
 }
 

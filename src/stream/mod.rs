@@ -249,6 +249,24 @@ impl<T: Transport> ByteStream<T> {
         }
     }
 
+    /// The reads of every I/O trait: hand at most `room` received bytes to `put` (none
+    /// at the end of the stream, or if `room` is 0) and consume them; their count.
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        room: usize,
+        put: impl FnOnce(&[u8]),
+    ) -> Poll<io::Result<usize>> {
+        if room == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let got = ready!(self.poll_fill(cx))?;
+        let n = got.len().min(room);
+        put(&got[..n]);
+        self.consume(n);
+        Poll::Ready(Ok(n))
+    }
+
     /// Mark `n` bytes of what [`poll_fill`](ByteStream::poll_fill) returned as read.
     pub fn consume(&mut self, n: usize) {
         self.read.advance(n.min(self.read.len()));
@@ -455,15 +473,9 @@ impl<T: Transport> AsyncRead for ByteStream<T> {
         cx: &mut Context<'_>,
         out: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if out.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let got = ready!(this.poll_fill(cx))?;
-        let n = got.len().min(out.len());
-        out[..n].copy_from_slice(&got[..n]);
-        this.consume(n);
-        Poll::Ready(Ok(n))
+        let room = out.len();
+        self.get_mut()
+            .poll_read_into(cx, room, |got| out[..got.len()].copy_from_slice(got))
     }
 }
 

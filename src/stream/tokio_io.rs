@@ -5,7 +5,6 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures::ready;
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
 use super::ByteStream;
@@ -17,15 +16,10 @@ impl<T: Transport> AsyncRead for ByteStream<T> {
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if out.remaining() == 0 {
-            return Poll::Ready(Ok(()));
-        }
-        let got = ready!(this.poll_fill(cx))?;
-        let n = got.len().min(out.remaining());
-        out.put_slice(&got[..n]);
-        this.consume(n);
-        Poll::Ready(Ok(()))
+        let room = out.remaining();
+        self.get_mut()
+            .poll_read_into(cx, room, |got| out.put_slice(got))
+            .map_ok(|_| ())
     }
 }
 

@@ -7,7 +7,8 @@
 //! 3. rustls (tokio-rustls) with a certificate made in the test;
 //! 4. tonic: unary and bidirectional streaming, then the server killed (its runtime
 //!    dropped, every connection with it) and started again mid-load: every call ends
-//!    in bounded time and the client recovers through its pool by itself.
+//!    in bounded time and the client recovers through its pool by itself; over RDMA
+//!    and, for comparison on the same device address, over net-rs TCP.
 //!
 //! Every wait is bounded: a regression fails, it does not hang.
 #![cfg(all(
@@ -30,7 +31,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use net_rs::drivers::rdma::{self, RdmaListener};
 use net_rs::grpc::GrpcConnector;
-use net_rs::pool::{ConnectionPool, PoolConfig, RdmaConnector, ReconnectPolicy};
+use net_rs::pool::{ConnectionPool, PoolConfig, RdmaConnector, ReconnectPolicy, TcpConnector};
 use net_rs::runtime::Runtime;
 use net_rs::stream::{ByteStream, HyperExecutor};
 
@@ -260,49 +261,102 @@ fn rustls_over_rdma() {
     });
 }
 
+/// Which transport a gRPC test runs over (both on the device's address in the VM).
+#[derive(Clone, Copy, Debug)]
+enum Wire {
+    Rdma,
+    Tcp,
+}
+
 /// A gRPC server on a runtime of its own (dropping it kills the server and its
 /// connections).
-fn grpc_server(addr: SocketAddr) -> tokio::runtime::Runtime {
+fn grpc_server(addr: SocketAddr, wire: Wire) -> tokio::runtime::Runtime {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let l = listen_on(addr);
-    rt.spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(GreeterServer::new(MyGreeter {
-                loopback_peer: false,
-            }))
-            .serve_with_incoming(net_rs::grpc::rdma_incoming(l))
-            .await
-            .unwrap();
-    });
+    let router = tonic::transport::Server::builder().add_service(GreeterServer::new(MyGreeter {
+        loopback_peer: false,
+    }));
+    match wire {
+        Wire::Rdma => {
+            let l = listen_on(addr);
+            rt.spawn(async move {
+                router
+                    .serve_with_incoming(net_rs::grpc::rdma_incoming(l))
+                    .await
+                    .unwrap();
+            });
+        }
+        Wire::Tcp => {
+            let l = rt.block_on(async {
+                let start = Instant::now();
+                loop {
+                    match net_rs::drivers::tcp::TcpListener::bind(addr).await {
+                        Ok(l) => return l,
+                        Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                            eprintln!("bind {addr}: {e}; again");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("bind {addr}: {e}"),
+                    }
+                }
+            });
+            rt.spawn(async move {
+                router
+                    .serve_with_incoming(net_rs::grpc::tcp_incoming(l))
+                    .await
+                    .unwrap();
+            });
+        }
+    }
     rt
+}
+
+/// A tonic channel to `addr` through a net-rs pool over `wire`.
+fn grpc_channel(addr: SocketAddr, wire: Wire) -> tonic::transport::Channel {
+    let config = PoolConfig::default()
+        .checkout_timeout(Duration::from_secs(10))
+        .reconnect(ReconnectPolicy::fixed(Duration::from_millis(50)));
+    let endpoint = tonic::transport::Endpoint::from_static("http://greeter");
+    match wire {
+        Wire::Rdma => {
+            let pool =
+                ConnectionPool::new(RdmaConnector::new(addr, Duration::from_secs(5)), config)
+                    .unwrap();
+            endpoint.connect_with_connector_lazy(GrpcConnector::new(pool))
+        }
+        Wire::Tcp => {
+            let pool = ConnectionPool::new(TcpConnector::new(addr), config).unwrap();
+            endpoint.connect_with_connector_lazy(GrpcConnector::new(pool))
+        }
+    }
 }
 
 #[test]
 fn tonic_over_rdma_unary_streaming_and_a_server_restart() {
     let Some(ip) = device_ip() else { return };
-    let addr = SocketAddr::new(ip, 19204);
-    within(300, "gRPC over RDMA", move || {
-        let server = grpc_server(addr);
+    tonic_unary_streaming_and_a_server_restart(SocketAddr::new(ip, 19204), Wire::Rdma);
+}
+
+/// The same over net-rs TCP on the VM's device address, next to the RDMA runs.
+#[test]
+fn tonic_over_tcp_unary_streaming_and_a_server_restart() {
+    let Some(ip) = device_ip() else { return };
+    tonic_unary_streaming_and_a_server_restart(SocketAddr::new(ip, 19206), Wire::Tcp);
+}
+
+fn tonic_unary_streaming_and_a_server_restart(addr: SocketAddr, wire: Wire) {
+    within(300, &format!("gRPC over {wire:?}"), move || {
+        let server = grpc_server(addr, wire);
         let client_rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
         client_rt.block_on(async move {
-            let pool = ConnectionPool::new(
-                RdmaConnector::new(addr, Duration::from_secs(5)),
-                PoolConfig::default()
-                    .checkout_timeout(Duration::from_secs(10))
-                    .reconnect(ReconnectPolicy::fixed(Duration::from_millis(50))),
-            )
-            .unwrap();
-            let channel = tonic::transport::Endpoint::from_static("http://greeter")
-                .connect_with_connector_lazy(GrpcConnector::new(pool));
-            let mut greeter = GreeterClient::new(channel);
+            let mut greeter = GreeterClient::new(grpc_channel(addr, wire));
             for i in 0..20 {
                 let r = greeter
                     .say_hello(HelloRequest {
@@ -374,7 +428,7 @@ fn tonic_over_rdma_unary_streaming_and_a_server_restart() {
             tokio::time::sleep(Duration::from_millis(1000)).await;
             server.shutdown_background();
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let server = tokio::task::spawn_blocking(move || grpc_server(addr))
+            let server = tokio::task::spawn_blocking(move || grpc_server(addr, wire))
                 .await
                 .unwrap();
             restarted.store(true, Ordering::SeqCst);
@@ -394,7 +448,7 @@ fn tonic_over_rdma_unary_streaming_and_a_server_restart() {
                     .unwrap();
             }
             eprintln!(
-                "gRPC over RDMA, server killed and restarted: {} calls failed, {} replies after",
+                "gRPC over {wire:?}, server killed and restarted: {} calls failed, {} replies after",
                 failed.load(Ordering::SeqCst),
                 ok_after.load(Ordering::SeqCst)
             );

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use event_listener::Event;
 use futures::future::{select, Either};
+use futures::ready;
 
 use super::calls::{Begin, Calls, Incoming, Release, Wait, WINDOW};
 use super::status::Status;
@@ -162,6 +163,22 @@ impl<T: Transport> fmt::Debug for Client<T> {
             .field("open", &c.open())
             .field("failed", &c.failed())
             .finish_non_exhaustive()
+    }
+}
+
+impl<T: Transport> Inner<T> {
+    /// As the connection's reader: poll the pending `recv` in `reading` (starting one
+    /// if none) and hand what it got to the call it answers.
+    fn poll_read_one<'a>(
+        &'a self,
+        reading: &mut Option<BoxFuture<'a, crate::Result<Bytes>>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        let recv = reading.get_or_insert_with(|| Box::pin(self.transport.recv()));
+        let got = ready!(recv.as_mut().poll(cx));
+        *reading = None;
+        self.deliver(got);
+        Poll::Ready(())
     }
 }
 
@@ -447,16 +464,7 @@ impl<T: Transport> Exchange<'_, T> {
                 Wait::Read => {}
             }
             drop(c);
-            let transport = &self.inner.transport;
-            let recv = self
-                .reading
-                .get_or_insert_with(|| Box::pin(transport.recv()));
-            let got = match recv.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(got) => got,
-            };
-            self.reading = None;
-            self.inner.deliver(got);
+            ready!(self.inner.poll_read_one(&mut self.reading, cx));
         }
     }
 }
@@ -498,16 +506,7 @@ impl<T: Transport> WindowReader<'_, T> {
                 // Still full; this caller still reads.
                 Err(Begin::Full | Begin::Read) => {}
             }
-            let transport = &self.inner.transport;
-            let recv = self
-                .reading
-                .get_or_insert_with(|| Box::pin(transport.recv()));
-            let got = match recv.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(got) => got,
-            };
-            self.reading = None;
-            self.inner.deliver(got);
+            ready!(self.inner.poll_read_one(&mut self.reading, cx));
         }
     }
 

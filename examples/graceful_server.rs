@@ -27,8 +27,12 @@ async fn serve(listener: TcpListener, mut stop: watch::Receiver<bool>) -> Result
                 Ok(conn) => {
                     conns.spawn(handle(conn, stop.clone()));
                 }
-                // EMFILE and friends: log and keep the listener.
-                Err(e) => eprintln!("accept: {e}"),
+                // EMFILE and friends: log and keep the listener, after a pause (such
+                // an error lasts until connections close: retrying at once would spin).
+                Err(e) => {
+                    eprintln!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             },
             _ = stop.changed() => break,
         }

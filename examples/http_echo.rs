@@ -101,7 +101,11 @@ async fn rdma_server(addr: SocketAddr, opts: Opts, exec: HyperExecutor) -> Resul
         match l.accept(Duration::from_secs(1)).await {
             Ok(t) => exec.spawn(serve(t, opts.http2, exec.clone())),
             Err(e) if e.kind() == net_rs::ErrorKind::TimedOut => {}
-            Err(e) => eprintln!("server: accept: {e}"),
+            Err(e) => {
+                // Pause before the next accept: an error that lasts must not spin.
+                eprintln!("server: accept: {e}");
+                smol::Timer::after(Duration::from_millis(50)).await;
+            }
         }
     }
 }

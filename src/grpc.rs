@@ -46,6 +46,7 @@
 
 use std::io;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::Stream;
 use tonic::codegen::http::Uri;
@@ -130,19 +131,37 @@ impl<T: Transport> Connected for ByteStream<T> {
     }
 }
 
+/// The wait before the next accept after an accept error, doubled for each error in a
+/// row up to [`ACCEPT_BACKOFF_MAX`] and forgotten after a connection is accepted. An
+/// error such as `EMFILE` (out of file descriptors) lasts until connections close, and
+/// tonic asks for the next connection at once: without the wait a server out of
+/// descriptors would spin a core on failed accepts.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+/// The longest wait after accept errors (see [`ACCEPT_BACKOFF`]).
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The wait after another accept error, when the last wait was `last`.
+fn backoff_after(last: Option<Duration>) -> Duration {
+    last.map_or(ACCEPT_BACKOFF, |d| (d * 2).min(ACCEPT_BACKOFF_MAX))
+}
+
 /// The connections `listener` accepts, as byte streams, for tonic's
 /// `Server::serve_with_incoming`. An accept error is yielded (tonic logs it and goes
-/// on accepting); the stream never ends by itself.
+/// on accepting); the stream never ends by itself. After an error the next accept
+/// waits 5 ms, doubling with each error in a row up to 1 s, so an error that lasts
+/// (`EMFILE`: out of file descriptors) costs no CPU while connections still come in
+/// as soon as it clears.
 pub fn tcp_incoming(
     listener: TcpListener,
 ) -> impl Stream<Item = io::Result<ByteStream<TcpTransport>>> + Send + 'static {
-    futures::stream::unfold(listener, |l| async move {
-        let next = l
-            .accept()
-            .await
-            .map(ByteStream::new)
-            .map_err(io::Error::from);
-        Some((next, l))
+    futures::stream::unfold((listener, None), |(l, backoff)| async move {
+        if let Some(wait) = backoff {
+            l.runtime().sleep(wait).await;
+        }
+        match l.accept().await {
+            Ok(t) => Some((Ok(ByteStream::new(t)), (l, None))),
+            Err(e) => Some((Err(io::Error::from(e)), (l, Some(backoff_after(backoff))))),
+        }
     })
 }
 
@@ -151,19 +170,28 @@ pub fn tcp_incoming(
 /// blocks) and waits in rounds of a second, so dropping the stream (the server
 /// stopped) ends it within a second; a connection set up meanwhile is kept by the
 /// listener for its next accept. A failed setup of one connection is yielded as an
-/// error (tonic logs it and goes on).
+/// error (tonic logs it and goes on), and the next accept waits as after an error of
+/// [`tcp_incoming`].
 #[cfg(feature = "rdma")]
 pub fn rdma_incoming(
     listener: crate::drivers::rdma::RdmaListener,
 ) -> impl Stream<Item = io::Result<ByteStream<crate::drivers::rdma::transport::RdmaTransport>>>
        + Send
        + 'static {
-    futures::stream::unfold(listener, |l| async move {
+    futures::stream::unfold((listener, None), |(l, backoff)| async move {
+        if let Some(wait) = backoff {
+            // tonic runs on tokio: its timer (none outside a runtime: no wait then).
+            if let Ok(rt) = crate::runtime::default_runtime() {
+                rt.sleep(wait).await;
+            }
+        }
         loop {
-            match l.accept(std::time::Duration::from_secs(1)).await {
+            match l.accept(Duration::from_secs(1)).await {
                 Err(e) if e.kind() == crate::ErrorKind::TimedOut => continue,
-                next => {
-                    return Some((next.map(ByteStream::new).map_err(io::Error::from), l));
+                Ok(t) => return Some((Ok(ByteStream::new(t)), (l, None))),
+                Err(e) => {
+                    let next = Some(backoff_after(backoff));
+                    return Some((Err(io::Error::from(e)), (l, next)));
                 }
             }
         }

@@ -35,6 +35,7 @@
 
 pub mod buffer;
 pub mod codec;
+mod coop;
 pub mod drivers;
 pub mod error;
 #[cfg(feature = "grpc")]

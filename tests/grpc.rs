@@ -235,3 +235,99 @@ async fn a_killed_server_every_call_ends_and_the_client_recovers() {
     );
     server.shutdown_background();
 }
+
+/// The child of [`an_accept_error_that_lasts_costs_no_cpu`]: a server limited to 64
+/// file descriptors, its address on stdout, until its stdin closes.
+#[cfg(target_os = "linux")]
+fn emfile_child() {
+    use rustix::process::{setrlimit, Resource, Rlimit};
+    use std::io::{Read as _, Write as _};
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(64),
+            maximum: Some(64),
+        },
+    )
+    .unwrap();
+    let (_rt, addr) = start_server("127.0.0.1:0".parse().unwrap());
+    println!("ADDR={addr}");
+    std::io::stdout().flush().unwrap();
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    std::process::exit(0);
+}
+
+/// The CPU time (user + system, in clock ticks of 10 ms) process `pid` used so far.
+#[cfg(target_os = "linux")]
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A server out of file descriptors (`EMFILE` on every accept while connections wait
+/// in the backlog) does not spin on failed accepts (tonic asks for the next connection
+/// at once after an error: `tcp_incoming` waits), and serves again once connections
+/// close. The server runs in a child process (this test binary again) with a limit of
+/// 64 descriptors, and 150 clients connect to it.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_accept_error_that_lasts_costs_no_cpu() {
+    use std::io::BufRead as _;
+    const CHILD: &str = "NET_RS_GRPC_EMFILE_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        return emfile_child();
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "an_accept_error_that_lasts_costs_no_cpu",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let addr: SocketAddr = loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the child ended");
+        // The harness may have written the test's name on the same line.
+        if let Some(k) = line.find("ADDR=") {
+            break line[k + 5..].trim().parse().unwrap();
+        }
+    };
+    let clients: Vec<_> = (0..150)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(pid) - t0;
+    drop(clients);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let served = rt.block_on(async {
+        let mut greeter = GreeterClient::new(channel(addr));
+        let start = Instant::now();
+        loop {
+            let call = greeter.say_hello(HelloRequest { name: "e".into() });
+            match tokio::time::timeout(Duration::from_secs(5), call).await {
+                Ok(Ok(r)) => return Ok(r.into_inner().message),
+                other if start.elapsed() > Duration::from_secs(20) => {
+                    return Err(format!("{other:?}"))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    drop(child.stdin.take());
+    let _ = child.wait();
+    assert!(
+        spent < 50,
+        "the server out of descriptors used {spent} ticks of CPU (of 10 ms) in 2 s"
+    );
+    assert_eq!(served.expect("served again"), "Hello e");
+}

@@ -13,11 +13,12 @@ use bytes::Bytes;
 use event_listener::{Event, EventListener};
 use futures::future::{select, AbortHandle, AbortRegistration, Abortable, Either};
 use futures::stream::{FuturesUnordered, StreamExt};
-use futures::FutureExt;
+use futures::{ready, FutureExt};
 
 use super::status::Status;
 use super::wire::{Code, Header, Kind, HEADER_LEN};
 use crate::buffer::Buf;
+use crate::coop::Budget;
 use crate::error::{Error, ErrorKind, Result};
 use crate::runtime::Runtime;
 use crate::transport::{BoxFuture, Transport};
@@ -443,161 +444,171 @@ impl Server {
         let mut permit_wait: Option<EventListener> = None;
         let mut shutdown_wait: Option<EventListener> = None;
         let mut mode = Mode::Reading;
-        let end = poll_fn(|cx| loop {
-            while let Poll::Ready(Some(id)) = running.poll_next_unpin(cx) {
-                open.remove(&id);
-            }
-            if mode != Mode::Stopping && shared.shutting_down.load(Ordering::Acquire) {
-                mode = Mode::Stopping;
-                permit = None;
-                // Nothing more starts: what waits is answered `Unavailable`.
-                for (h, _, _) in queued.drain(..) {
-                    let s = Status::new(
-                        Code::Unavailable,
-                        "the server is shutting down: the request was not started",
-                    );
-                    running.push(Box::pin(send_answer(transport, h, Err(s))));
+        let end = poll_fn(|cx| {
+            // Messages that need no work (cancels of answered requests) must not keep
+            // this poll, and the task's thread, busy for as long as a client sends them.
+            let mut budget = Budget::new();
+            loop {
+                while let Poll::Ready(Some(id)) = running.poll_next_unpin(cx) {
+                    open.remove(&id);
                 }
-                continue;
-            }
-            if mode == Mode::Stopping && running.is_empty() {
-                return Poll::Ready(Ok(()));
-            }
-            // Hear a shutdown while waiting (check, listen, check again).
-            match &mut shutdown_wait {
-                None => {
-                    shutdown_wait = Some(shared.changed.listen());
+                if mode != Mode::Stopping && shared.shutting_down.load(Ordering::Acquire) {
+                    mode = Mode::Stopping;
+                    permit = None;
+                    // Nothing more starts: what waits is answered `Unavailable`.
+                    for (h, _, _) in queued.drain(..) {
+                        let s = Status::new(
+                            Code::Unavailable,
+                            "the server is shutting down: the request was not started",
+                        );
+                        running.push(Box::pin(send_answer(transport, h, Err(s))));
+                    }
                     continue;
                 }
-                Some(l) => {
-                    if Pin::new(l).poll(cx).is_ready() {
-                        shutdown_wait = None;
-                        continue;
-                    }
-                }
-            }
-            // Start what waits, within both limits.
-            let mut started = false;
-            while !queued.is_empty() && running.len() < limit {
-                if permit.is_none() {
-                    if shared.limit.try_take() {
-                        permit = Some(Permit(&shared.limit));
-                        permit_wait = None;
-                    } else {
-                        match &mut permit_wait {
-                            None => {
-                                permit_wait = Some(shared.limit.freed.listen());
-                                continue;
-                            }
-                            Some(l) => {
-                                if Pin::new(l).poll(cx).is_ready() {
-                                    permit_wait = None;
-                                    continue;
-                                }
-                                break;
-                            }
-                        }
-                    }
-                }
-                let (h, payload, arrived) = queued.pop_front().expect("not empty");
-                let deadline = (h.word > 0).then(|| {
-                    crate::time::deadline(arrived, Duration::from_millis(u64::from(h.word)))
-                });
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    let s = Status::new(
-                        Code::DeadlineExceeded,
-                        "the caller's time budget ran out before the request started",
-                    );
-                    running.push(Box::pin(send_answer(transport, h, Err(s))));
-                } else {
-                    let (abort, reg) = AbortHandle::new_pair();
-                    open.insert(h.id, Some(abort));
-                    let p = permit.take().expect("a permit is held");
-                    let req = Request {
-                        id: h.id,
-                        method: h.method,
-                        payload,
-                        deadline,
-                        alloc: alloc.clone(),
-                        made: Arc::default(),
-                    };
-                    running.push(Box::pin(run(transport, handler, shared, h, req, p, reg)));
-                }
-                started = true;
-            }
-            if started {
-                // Poll the new ones (they register our waker).
-                continue;
-            }
-            // While stopping, reading goes on (bounded by what is being answered): new
-            // requests are answered `Unavailable` at once, cancels still reach the
-            // running handlers, and a client that leaves ends the connection.
-            let may_read = match mode {
-                Mode::Reading => queued.len() < limit,
-                Mode::Stopping => running.len() < limit,
-            };
-            if !may_read {
-                // Read no further: a request that ends or a permit wakes us.
-                return Poll::Pending;
-            }
-            let f = recv.get_or_insert_with(|| Box::pin(transport.recv()));
-            let got = match f.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(got) => got,
-            };
-            recv = None;
-            let msg = match got {
-                Ok(msg) => msg,
-                // The client closed the connection (or shut down its side: on TCP the
-                // two look the same): nobody is left to answer. What runs and waits is
-                // dropped, as HTTP/2 cancels the streams of a closed connection; a
-                // client that leaves must not pin handlers and the server's limits.
-                Err(e) if e.kind() == ErrorKind::Closed => {
-                    queued.clear();
+                if mode == Mode::Stopping && running.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
-                Err(e) => return Poll::Ready(Err(e)),
-            };
-            let (h, payload) = match Header::decode(msg) {
-                Ok(x) => x,
-                Err(e) => return Poll::Ready(Err(protocol(format!("the client sent {e}")))),
-            };
-            match h.kind {
-                Kind::Request if mode == Mode::Stopping => {
-                    let s = Status::new(
-                        Code::Unavailable,
-                        "the server is shutting down: the request was not started",
-                    );
-                    running.push(Box::pin(send_answer(transport, h, Err(s))));
-                }
-                Kind::Request => {
-                    if open.insert(h.id, None).is_some() {
-                        return Poll::Ready(Err(protocol(format!(
-                            "the client sent request {} while it was still open",
-                            h.id
-                        ))));
+                // Hear a shutdown while waiting (check, listen, check again).
+                match &mut shutdown_wait {
+                    None => {
+                        shutdown_wait = Some(shared.changed.listen());
+                        continue;
                     }
-                    queued.push_back((h, payload, Instant::now()));
-                }
-                Kind::Cancel => match open.get(&h.id) {
-                    Some(Some(abort)) => abort.abort(),
-                    Some(None) => {
-                        // Still waiting: answer it without starting it.
-                        if let Some(k) = queued.iter().position(|(q, _, _)| q.id == h.id) {
-                            let (q, _, _) = queued.remove(k).expect("found");
-                            let s =
-                                Status::new(Code::Cancelled, "the client cancelled the request");
-                            running.push(Box::pin(send_answer(transport, q, Err(s))));
+                    Some(l) => {
+                        if Pin::new(l).poll(cx).is_ready() {
+                            shutdown_wait = None;
+                            continue;
                         }
                     }
-                    // Already answered: nothing to do.
-                    None => {}
-                },
-                Kind::Reply => {
-                    return Poll::Ready(Err(protocol(format!(
-                        "the client sent a reply (id {})",
-                        h.id
-                    ))))
+                }
+                // Start what waits, within both limits.
+                let mut started = false;
+                while !queued.is_empty() && running.len() < limit {
+                    if permit.is_none() {
+                        if shared.limit.try_take() {
+                            permit = Some(Permit(&shared.limit));
+                            permit_wait = None;
+                        } else {
+                            match &mut permit_wait {
+                                None => {
+                                    permit_wait = Some(shared.limit.freed.listen());
+                                    continue;
+                                }
+                                Some(l) => {
+                                    if Pin::new(l).poll(cx).is_ready() {
+                                        permit_wait = None;
+                                        continue;
+                                    }
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let (h, payload, arrived) = queued.pop_front().expect("not empty");
+                    let deadline = (h.word > 0).then(|| {
+                        crate::time::deadline(arrived, Duration::from_millis(u64::from(h.word)))
+                    });
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        let s = Status::new(
+                            Code::DeadlineExceeded,
+                            "the caller's time budget ran out before the request started",
+                        );
+                        running.push(Box::pin(send_answer(transport, h, Err(s))));
+                    } else {
+                        let (abort, reg) = AbortHandle::new_pair();
+                        open.insert(h.id, Some(abort));
+                        let p = permit.take().expect("a permit is held");
+                        let req = Request {
+                            id: h.id,
+                            method: h.method,
+                            payload,
+                            deadline,
+                            alloc: alloc.clone(),
+                            made: Arc::default(),
+                        };
+                        running.push(Box::pin(run(transport, handler, shared, h, req, p, reg)));
+                    }
+                    started = true;
+                }
+                if started {
+                    // Poll the new ones (they register our waker).
+                    continue;
+                }
+                // While stopping, reading goes on (bounded by what is being answered): new
+                // requests are answered `Unavailable` at once, cancels still reach the
+                // running handlers, and a client that leaves ends the connection.
+                let may_read = match mode {
+                    Mode::Reading => queued.len() < limit,
+                    Mode::Stopping => running.len() < limit,
+                };
+                if !may_read {
+                    // Read no further: a request that ends or a permit wakes us.
+                    return Poll::Pending;
+                }
+                if recv.is_none() {
+                    ready!(budget.spend(cx));
+                }
+                let f = recv.get_or_insert_with(|| Box::pin(transport.recv()));
+                let got = match f.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(got) => got,
+                };
+                recv = None;
+                let msg = match got {
+                    Ok(msg) => msg,
+                    // The client closed the connection (or shut down its side: on TCP the
+                    // two look the same): nobody is left to answer. What runs and waits is
+                    // dropped, as HTTP/2 cancels the streams of a closed connection; a
+                    // client that leaves must not pin handlers and the server's limits.
+                    Err(e) if e.kind() == ErrorKind::Closed => {
+                        queued.clear();
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                };
+                let (h, payload) = match Header::decode(msg) {
+                    Ok(x) => x,
+                    Err(e) => return Poll::Ready(Err(protocol(format!("the client sent {e}")))),
+                };
+                match h.kind {
+                    Kind::Request if mode == Mode::Stopping => {
+                        let s = Status::new(
+                            Code::Unavailable,
+                            "the server is shutting down: the request was not started",
+                        );
+                        running.push(Box::pin(send_answer(transport, h, Err(s))));
+                    }
+                    Kind::Request => {
+                        if open.insert(h.id, None).is_some() {
+                            return Poll::Ready(Err(protocol(format!(
+                                "the client sent request {} while it was still open",
+                                h.id
+                            ))));
+                        }
+                        queued.push_back((h, payload, Instant::now()));
+                    }
+                    Kind::Cancel => match open.get(&h.id) {
+                        Some(Some(abort)) => abort.abort(),
+                        Some(None) => {
+                            // Still waiting: answer it without starting it.
+                            if let Some(k) = queued.iter().position(|(q, _, _)| q.id == h.id) {
+                                let (q, _, _) = queued.remove(k).expect("found");
+                                let s = Status::new(
+                                    Code::Cancelled,
+                                    "the client cancelled the request",
+                                );
+                                running.push(Box::pin(send_answer(transport, q, Err(s))));
+                            }
+                        }
+                        // Already answered: nothing to do.
+                        None => {}
+                    },
+                    Kind::Reply => {
+                        return Poll::Ready(Err(protocol(format!(
+                            "the client sent a reply (id {})",
+                            h.id
+                        ))))
+                    }
                 }
             }
         })

@@ -37,7 +37,9 @@
 //!   and may still write back, which this side still reads. Writes after it fail with
 //!   `BrokenPipe`; `flush` and `shutdown` again return `Ok` (nothing is left to send).
 //! * A message of 0 bytes carries no bytes: reads go on to the next message (only the
-//!   end of the stream reads as 0).
+//!   end of the stream reads as 0). A read that skips many of them in a row yields to
+//!   the executor every 64 messages (and then goes on), so a peer that sends nothing
+//!   else cannot hold the task's thread or outlast its timeouts.
 //! * Reads after the peer's shutdown (the transport's `recv` failing with
 //!   [`Closed`](ErrorKind::Closed)) return 0 bytes, every time.
 //! * Any other transport error becomes the matching [`std::io::Error`] (its kind from
@@ -85,6 +87,7 @@ use futures::io::{AsyncBufRead, AsyncRead, AsyncWrite};
 use futures::ready;
 
 use crate::buffer::Buf;
+use crate::coop::Budget;
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{BoxFuture, Handle, Transport};
 
@@ -225,6 +228,9 @@ impl<T: Transport> ByteStream<T> {
     /// # Errors
     /// The receiving side's error (again on every later call).
     pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        // Empty messages carry nothing to return: a peer sending only those must not
+        // keep this poll (and the task's thread) busy for as long as it sends.
+        let mut budget = Budget::new();
         loop {
             if !self.read.is_empty() {
                 return Poll::Ready(Ok(&self.read[..]));
@@ -233,6 +239,9 @@ impl<T: Transport> ByteStream<T> {
                 Some(ReadEnd::Eof) => return Poll::Ready(Ok(&[])),
                 Some(ReadEnd::Failed(e)) => return Poll::Ready(Err(e.clone().into())),
                 None => {}
+            }
+            if self.recv.is_none() {
+                ready!(budget.spend(cx));
             }
             let recv = self.recv.get_or_insert_with(|| {
                 let t = self.transport.clone();

@@ -1005,6 +1005,156 @@ macro_rules! rpc_tower_cases {
 macro_rules! rpc_tower_cases {
     ($run:path) => {};
 }
+/// A client connection that never runs out of input, as a hostile client on a fast
+/// link looks to the server: every `recv` is ready at once with a cancel of a request
+/// that was never made (a message the server has nothing to do for), until `stop`;
+/// then one request (id 1, `ECHO` of "hi"); then nothing more. What the server sends is
+/// kept. Should serving never yield, the cancels stop after 5 s (and the test fails on
+/// the time it took) rather than hang the test.
+struct EndlessCancels {
+    stop: AtomicBool,
+    requested: AtomicBool,
+    next: AtomicU64,
+    since: Instant,
+    sent: std::sync::Mutex<Vec<Bytes>>,
+    pool: net_rs::buffer::HeapPool,
+}
+
+impl EndlessCancels {
+    fn new() -> Self {
+        EndlessCancels {
+            stop: AtomicBool::new(false),
+            requested: AtomicBool::new(false),
+            next: AtomicU64::new(1_000_000),
+            since: Instant::now(),
+            sent: Default::default(),
+            pool: net_rs::buffer::HeapPool::new(0),
+        }
+    }
+
+    fn message(kind: Kind, id: u64, payload: &[u8]) -> Bytes {
+        let h = Header {
+            kind,
+            method: ECHO,
+            id,
+            word: 0,
+        };
+        [&h.to_bytes()[..], payload].concat().into()
+    }
+}
+
+use net_rs::rpc::wire::{Header, Kind};
+
+impl Transport for EndlessCancels {
+    fn send(
+        &self,
+        msg: Bytes,
+    ) -> impl std::future::Future<Output = net_rs::Result<()>> + Send + '_ {
+        self.sent.lock().unwrap().push(msg);
+        futures::future::ready(Ok(()))
+    }
+
+    fn recv(&self) -> impl std::future::Future<Output = net_rs::Result<Bytes>> + Send + '_ {
+        let next = if !self.stop.load(Ordering::SeqCst) {
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            (self.since.elapsed() < Duration::from_secs(5))
+                .then(|| Self::message(Kind::Cancel, id, b""))
+        } else if !self.requested.swap(true, Ordering::SeqCst) {
+            Some(Self::message(Kind::Request, 1, b"hi"))
+        } else {
+            None
+        };
+        async move {
+            match next {
+                Some(m) => Ok(m),
+                None => futures::future::pending().await,
+            }
+        }
+    }
+
+    async fn flush(&self) -> net_rs::Result<()> {
+        Ok(())
+    }
+
+    async fn shutdown(&self) -> net_rs::Result<()> {
+        Ok(())
+    }
+
+    async fn close(&self) -> net_rs::Result<()> {
+        Ok(())
+    }
+
+    fn alloc_buf(&self, len: usize) -> net_rs::Result<net_rs::buffer::Buf> {
+        use net_rs::transport::BufferPool as _;
+        self.pool.alloc(len)
+    }
+
+    fn max_message_size(&self) -> usize {
+        1 << 20
+    }
+
+    fn is_closed(&self) -> bool {
+        false
+    }
+
+    fn has_unread(&self) -> bool {
+        false
+    }
+
+    fn local_addr(&self) -> net_rs::Result<std::net::SocketAddr> {
+        Ok(([127, 0, 0, 1], 1).into())
+    }
+
+    fn peer_addr(&self) -> net_rs::Result<std::net::SocketAddr> {
+        Ok(([127, 0, 0, 1], 2).into())
+    }
+}
+
+/// A client that sends nothing but cancels of requests that are not open (messages
+/// the server reads and has nothing to do for), faster than the server reads them,
+/// does not hold the connection's serving: a timer raced against `serve_connection`
+/// fires on time, again and again (serving yields to the executor while it reads
+/// them), and a request after them is answered.
+pub async fn a_flood_of_stray_cancels_does_not_hold_the_server(rt: Arc<dyn Runtime>) {
+    let conn = EndlessCancels::new();
+    let server = Server::new(ServerConfig::default().runtime(rt.clone()));
+    let h = handler(rt.clone(), Arc::new(Counts::default()));
+    let mut serve = std::pin::pin!(server.serve_connection(&conn, &h));
+    for round in 0..3 {
+        let t0 = Instant::now();
+        if let Either::Left((r, _)) =
+            select(serve.as_mut(), rt.sleep(Duration::from_millis(100))).await
+        {
+            panic!("round {round}: serving ended during the flood: {r:?}");
+        }
+        let took = t0.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "round {round}: a 100 ms timer raced against serving fired after {took:?}"
+        );
+    }
+    conn.stop.store(true, Ordering::SeqCst);
+    let answered = async {
+        loop {
+            if let Some(reply) = conn.sent.lock().unwrap().first().cloned() {
+                return reply;
+            }
+            rt.sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let reply = match select(serve, std::pin::pin!(deadline(&rt, answered))).await {
+        Either::Right((reply, _)) => reply,
+        Either::Left((r, _)) => panic!("serving ended before the request was answered: {r:?}"),
+    };
+    let (head, payload) = Header::decode(reply).unwrap();
+    assert_eq!((head.kind, head.id, head.word), (Kind::Reply, 1, 0));
+    assert_eq!(&payload[..], b"hi");
+    assert_eq!(
+        conn.sent.lock().unwrap().len(),
+        1,
+        "one answer, to the request"
+    );
+}
 
 #[macro_export]
 macro_rules! rpc_suite {
@@ -1018,7 +1168,8 @@ macro_rules! rpc_suite {
             a_lost_connection_fails_every_pending_call
             a_lying_server_is_a_protocol_error graceful_shutdown_finishes_running_calls
             a_shutdown_hears_cancels_and_answers_new_calls
-            a_killed_server_every_call_ends_and_the_client_recovers);
+            a_killed_server_every_call_ends_and_the_client_recovers
+            a_flood_of_stray_cancels_does_not_hold_the_server);
         $crate::rpc_tower_cases!($run);
     };
     (@each $run:path; $($name:ident)*) => {

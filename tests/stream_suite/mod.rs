@@ -5,8 +5,9 @@
 #![allow(dead_code)]
 
 use std::io::{self, Read as _, Write as _};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::{select, Either};
@@ -510,6 +511,52 @@ pub async fn ping_pong_rounds_of_random_sizes(rt: Arc<dyn Runtime>) {
     assert_eq!(deadline(&rt, echo).await.unwrap(), 300);
 }
 
+/// A peer that sends nothing but empty messages (a flood of zero-length frames) does
+/// not hold a read: a timer raced against the read fires on time, again and again (the
+/// read yields to the executor while it skips them), and once the flood ends the read
+/// returns the bytes that follow it.
+pub async fn a_flood_of_empty_messages_does_not_hold_a_read(rt: Arc<dyn Runtime>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let peer = std::thread::spawn(move || {
+        let (mut sock, _) = l.accept().unwrap();
+        // 16,384 empty frames per write, for as long as the test wants (at most 20 s).
+        let empties = vec![0u8; 64 << 10];
+        let t0 = Instant::now();
+        while !stop2.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(20) {
+            if sock.write_all(&empties).is_err() {
+                return;
+            }
+        }
+        sock.write_all(&[0, 0, 0, 3]).unwrap();
+        sock.write_all(b"end").unwrap();
+    });
+    let t = TcpTransport::connect_with(addr, &config(&rt))
+        .await
+        .unwrap();
+    let mut stream = ByteStream::new(t);
+    let mut buf = [0u8; 16];
+    for round in 0..3 {
+        let t0 = Instant::now();
+        let read = std::pin::pin!(stream.read(&mut buf));
+        if let Either::Left((r, _)) = select(read, rt.sleep(Duration::from_millis(100))).await {
+            panic!("round {round}: the read returned {r:?} during the flood");
+        }
+        let took = t0.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "round {round}: a 100 ms timer raced against the read fired after {took:?}"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut end = [0u8; 3];
+    deadline(&rt, stream.read_exact(&mut end)).await.unwrap();
+    assert_eq!(&end, b"end");
+    peer.join().unwrap();
+}
+
 #[macro_export]
 macro_rules! stream_suite {
     ($run:path) => {
@@ -522,7 +569,8 @@ macro_rules! stream_suite {
             a_dropped_stream_delivers_what_it_buffered
             a_drop_loses_at_most_what_buffered_reports
             a_peer_that_dies_mid_stream_is_an_error writes_to_a_vanished_peer_fail
-            chunks_come_as_received_bytes ping_pong_rounds_of_random_sizes);
+            chunks_come_as_received_bytes ping_pong_rounds_of_random_sizes
+            a_flood_of_empty_messages_does_not_hold_a_read);
     };
     (@each $run:path; $($name:ident)*) => {
         $(

@@ -78,7 +78,11 @@ impl TcpListener {
     /// Wait for the next connection.
     ///
     /// # Errors
-    /// The accept error. The listener stays usable after errors such as `EMFILE`.
+    /// The accept error. The listener stays usable after errors such as `EMFILE` (out
+    /// of file descriptors), which last until connections close: a loop that goes on
+    /// accepting after an error should wait a little first (a few ms, longer while
+    /// errors follow each other), or it spins a core on failed accepts.
+    /// `net_rs::grpc::tcp_incoming` does so.
     pub async fn accept(&self) -> Result<TcpTransport> {
         let sock = futures::future::poll_fn(|cx| self.inner.poll_accept(cx)).await?;
         Ok(TcpTransport::from_socket(
@@ -86,6 +90,12 @@ impl TcpListener {
             &self.config,
             self.rt.clone(),
         ))
+    }
+
+    /// The runtime the listener and its connections run on.
+    #[cfg(feature = "grpc")]
+    pub(crate) fn runtime(&self) -> &Arc<dyn Runtime> {
+        &self.rt
     }
 
     /// The bound address (with the port the OS chose for port 0).

@@ -38,19 +38,7 @@ fn start_server(addr: SocketAddr) -> (tokio::runtime::Runtime, SocketAddr) {
         .enable_all()
         .build()
         .unwrap();
-    let l = rt.block_on(async {
-        let start = Instant::now();
-        loop {
-            match net_rs::drivers::tcp::TcpListener::bind(addr).await {
-                Ok(l) => return l,
-                Err(e) if start.elapsed() < Duration::from_secs(10) => {
-                    eprintln!("bind {addr}: {e}; again");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("bind {addr}: {e}"),
-            }
-        }
-    });
+    let l = rt.block_on(stream_env::bind_retrying(addr));
     let bound = l.local_addr().unwrap();
     rt.spawn(async move {
         Server::builder()

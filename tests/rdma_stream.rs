@@ -290,19 +290,7 @@ fn grpc_server(addr: SocketAddr, wire: Wire) -> tokio::runtime::Runtime {
             });
         }
         Wire::Tcp => {
-            let l = rt.block_on(async {
-                let start = Instant::now();
-                loop {
-                    match net_rs::drivers::tcp::TcpListener::bind(addr).await {
-                        Ok(l) => return l,
-                        Err(e) if start.elapsed() < Duration::from_secs(10) => {
-                            eprintln!("bind {addr}: {e}; again");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        Err(e) => panic!("bind {addr}: {e}"),
-                    }
-                }
-            });
+            let l = rt.block_on(stream_env::bind_retrying(addr));
             rt.spawn(async move {
                 router
                     .serve_with_incoming(net_rs::grpc::tcp_incoming(l))

@@ -1,6 +1,7 @@
 //! What the byte-stream test binaries share: a TLS server and client configuration
 //! around a certificate made in the test, and (feature `grpc`) the greeter service of
-//! `examples/grpc_greeter` with its generated code.
+//! `examples/grpc_greeter` with its generated code, and a TCP bind that waits for a
+//! restarted server's port.
 // Each test binary uses some of the helpers.
 #![allow(dead_code)]
 
@@ -88,6 +89,23 @@ mod greeter {
                 })
             });
             Ok(Response::new(Box::pin(replies)))
+        }
+    }
+}
+
+/// A net-rs TCP listener on `addr`, the bind retried for up to 10 s while the address
+/// is still taken (a server restarted on its old port).
+#[cfg(feature = "grpc")]
+pub async fn bind_retrying(addr: std::net::SocketAddr) -> net_rs::drivers::tcp::TcpListener {
+    let start = std::time::Instant::now();
+    loop {
+        match net_rs::drivers::tcp::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if start.elapsed() < std::time::Duration::from_secs(10) => {
+                eprintln!("bind {addr}: {e}; again");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("bind {addr}: {e}"),
         }
     }
 }
